@@ -1,0 +1,367 @@
+"""BERT-style text encoder, fusion encoder and MLM head with Hugging Face parameter names.
+
+One :class:`TransformerLayer` serves every text block: bidirectional text layers, fusion layers
+(self-attention + cross-attention to image tokens), and causal decoder layers (``causal=True``)
+with cross-attention to any encoder states of width ``encoder_width``. Post-LN like BERT; attention
+through :func:`torch.nn.functional.scaled_dot_product_attention` with boolean masks.
+
+Parameter names follow ``transformers``' ``BertModel`` so that a local ``bert-base-uncased``
+directory loads through :func:`load_bert_weights` with an explicit key map and a
+:class:`~models.weights.LoadReport`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from models.weights import LoadReport, copy_into, read_state_dict
+
+__all__ = ["TextConfig", "TransformerLayer", "TextEmbeddings", "TextTransformer", "MLMHead",
+           "load_bert_weights", "bert_key_map", "attention_mask_4d"]
+
+
+@dataclass
+class TextConfig:
+    """Text / fusion encoder configuration (defaults: BERT-base split 6 + 6)."""
+
+    vocab_size: int = field(default=30522, metadata={"help": "WordPiece vocabulary size"})
+    hidden_size: int = field(default=768, metadata={"help": "text hidden width"})
+    num_text_layers: int = field(default=6, metadata={"help": "bidirectional text layers (BERT layers 0..n-1)"})
+    num_fusion_layers: int = field(default=6, metadata={"help": "fusion layers with cross-attention (next BERT layers)"})
+    num_heads: int = field(default=12, metadata={"help": "attention heads"})
+    intermediate_size: int = field(default=3072, metadata={"help": "FFN width"})
+    max_position_embeddings: int = field(default=512, metadata={"help": "maximum text length"})
+    type_vocab_size: int = field(default=2, metadata={"help": "token type vocabulary (BERT: 2)"})
+    hidden_dropout: float = field(default=0.1, metadata={"help": "dropout on embeddings and block outputs"})
+    attention_dropout: float = field(default=0.1, metadata={"help": "dropout on attention probabilities"})
+    layer_norm_eps: float = field(default=1e-12, metadata={"help": "LayerNorm epsilon (BERT: 1e-12)"})
+    pad_token_id: int = field(default=0, metadata={"help": "padding token id"})
+    encoder_width: int = field(default=768, metadata={"help": "width of the image tokens read by cross-attention"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each layer in backward (saves memory)"})
+
+
+def attention_mask_4d(key_mask: Optional[Tensor], q_len: int, causal: bool,
+                      device: Optional[torch.device] = None) -> Optional[Tensor]:
+    """Boolean SDPA mask (True = attend) from a ``(B, K)`` key mask (1 = token, 0 = pad).
+
+    Returns None when nothing is masked (SDPA's fast path), else a mask broadcastable to
+    ``(B, heads, Q, K)``. With ``causal`` the queries are the last ``q_len`` key positions.
+    Query rows that would see no key at all (an all-padding sequence) attend to every key instead
+    of producing NaN; their outputs are padding and meaningless anyway.
+    """
+    if key_mask is None and not causal:
+        return None
+    mask = None if key_mask is None else key_mask.bool()[:, None, None, :]
+    if causal:
+        k_len = q_len if key_mask is None else key_mask.shape[1]
+        tri = torch.ones(q_len, k_len, dtype=torch.bool, device=device if mask is None else mask.device)
+        tri = tri.tril(diagonal=k_len - q_len)[None, None]
+        mask = tri if mask is None else mask & tri
+    return mask | ~mask.any(dim=-1, keepdim=True)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with BERT names: ``self.{query,key,value}``, ``output.{dense,LayerNorm}``.
+
+    ``kv_width`` is the width of the key/value input (``encoder_width`` for cross-attention).
+    """
+
+    def __init__(self, hidden: int, heads: int, kv_width: int, attention_dropout: float,
+                 hidden_dropout: float, layer_norm_eps: float) -> None:
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not a multiple of the number of heads {heads}")
+        self.heads = heads
+        self.attention_dropout = attention_dropout
+        self.self = nn.Module()
+        self.self.query = nn.Linear(hidden, hidden)
+        self.self.key = nn.Linear(kv_width, hidden)
+        self.self.value = nn.Linear(kv_width, hidden)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(hidden, hidden)
+        self.output.LayerNorm = nn.LayerNorm(hidden, eps=layer_norm_eps)
+        self.output.dropout = nn.Dropout(hidden_dropout)
+
+    def forward(self, x: Tensor, kv: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """``x`` (B, Q, H) attends to ``kv`` (B, K, W); ``mask`` boolean, broadcastable to (B, h, Q, K)."""
+        B, Q, H = x.shape
+
+        def split(t: Tensor) -> Tensor:  # (B, T, H) -> (B, heads, T, H / heads)
+            return t.view(B, t.shape[1], self.heads, H // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.self.query(x)), split(self.self.key(kv)), split(self.self.value(kv))
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask,
+            dropout_p=self.attention_dropout if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(B, Q, H)
+        return self.output.LayerNorm(x + self.output.dropout(self.output.dense(out)))
+
+
+class TransformerLayer(nn.Module):
+    """One BERT block: self-attention (optionally causal), optional cross-attention, FFN; post-LN.
+
+    Parameter names: ``attention.self.{query,key,value}``, ``attention.output.{dense,LayerNorm}``,
+    ``crossattention.*`` likewise (key/value read ``encoder_width``), ``intermediate.dense``,
+    ``output.{dense,LayerNorm}``.
+    """
+
+    def __init__(self, hidden: int, heads: int, intermediate: int, cross_attention: bool = False,
+                 causal: bool = False, encoder_width: Optional[int] = None, hidden_dropout: float = 0.1,
+                 attention_dropout: float = 0.1, layer_norm_eps: float = 1e-12) -> None:
+        super().__init__()
+        self.causal = causal
+        self.has_cross_attention = cross_attention
+        self.attention = Attention(hidden, heads, hidden, attention_dropout, hidden_dropout, layer_norm_eps)
+        if cross_attention:
+            self.crossattention = Attention(hidden, heads, encoder_width or hidden, attention_dropout,
+                                            hidden_dropout, layer_norm_eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(hidden, intermediate)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(intermediate, hidden)
+        self.output.LayerNorm = nn.LayerNorm(hidden, eps=layer_norm_eps)
+        self.output.dropout = nn.Dropout(hidden_dropout)
+
+    def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None,
+                encoder_hidden: Optional[Tensor] = None, encoder_mask: Optional[Tensor] = None,
+                causal: Optional[bool] = None) -> Tensor:
+        """Run the block.
+
+        Args:
+            hidden: (B, L, H) input states.
+            attention_mask: (B, L) with 1 = token, 0 = pad, or None (no padding).
+            encoder_hidden: (B, N, encoder_width) states for cross-attention (required iff the
+                layer has cross-attention).
+            encoder_mask: (B, N) with 1 = token, 0 = pad, or None.
+            causal: override the layer's default (``self.causal``) for this call.
+        """
+        causal = self.causal if causal is None else causal
+        self_mask = attention_mask_4d(attention_mask, hidden.shape[1], causal, hidden.device)
+        x = self.attention(hidden, hidden, self_mask)
+        if self.has_cross_attention:
+            if encoder_hidden is None:
+                raise ValueError("this layer has cross-attention: pass encoder_hidden (image tokens)")
+            x = self.crossattention(x, encoder_hidden, attention_mask_4d(encoder_mask, x.shape[1], False))
+        h = F.gelu(self.intermediate.dense(x))
+        return self.output.LayerNorm(x + self.output.dropout(self.output.dense(h)))
+
+
+class TextEmbeddings(nn.Module):
+    """BERT embeddings: word + absolute position + token type, then LayerNorm and dropout."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor] = None, past_length: int = 0) -> Tensor:
+        """(B, L) token ids -> (B, L, H); positions start at ``past_length`` (for cached decoding)."""
+        L = input_ids.shape[1]
+        if past_length + L > self.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence length {past_length + L} exceeds max_position_embeddings "
+                             f"{self.position_embeddings.num_embeddings}; truncate the text")
+        pos = torch.arange(past_length, past_length + L, device=input_ids.device)
+        x = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None]
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class TextTransformer(nn.Module):
+    """Embeddings + ``encoder.layer``: ``num_text_layers`` text layers, then fusion layers with
+    cross-attention to image tokens of width ``cfg.encoder_width``."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = TextEmbeddings(cfg)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            TransformerLayer(cfg.hidden_size, cfg.num_heads, cfg.intermediate_size,
+                             cross_attention=i >= cfg.num_text_layers, causal=False,
+                             encoder_width=cfg.encoder_width, hidden_dropout=cfg.hidden_dropout,
+                             attention_dropout=cfg.attention_dropout, layer_norm_eps=cfg.layer_norm_eps)
+            for i in range(cfg.num_text_layers + cfg.num_fusion_layers))
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """BERT initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorm."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                nn.init.zeros_(m.weight[m.padding_idx])
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward_layers(self, hidden: Tensor, attention_mask: Optional[Tensor], start: int, end: int,
+                       image_embeds: Optional[Tensor] = None, image_atts: Optional[Tensor] = None,
+                       causal: bool = False) -> Tensor:
+        """Run ``encoder.layer[start:end]`` (the shared implementation of every text path).
+
+        ``causal=True`` makes the self-attention causal (a decoder reusing these layers).
+        Gradient checkpointing applies per layer when ``cfg.grad_checkpointing`` and training.
+        """
+        for layer in self.encoder.layer[start:end]:
+            args = (hidden, attention_mask, image_embeds, image_atts, causal)
+            if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, *args, use_reentrant=False)
+            else:
+                hidden = layer(*args)
+        return hidden
+
+    def forward_text(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+        """Embeddings + bidirectional text layers: (B, L) ids -> (B, L, H)."""
+        hidden = self.embeddings(input_ids)
+        return self.forward_layers(hidden, attention_mask, 0, self.cfg.num_text_layers)
+
+    def forward_fusion(self, hidden: Tensor, attention_mask: Optional[Tensor], image_embeds: Tensor,
+                       image_atts: Optional[Tensor] = None) -> Tensor:
+        """Fusion layers (self-attention + cross-attention to ``image_embeds`` (B, N, encoder_width))."""
+        n = self.cfg.num_text_layers
+        return self.forward_layers(hidden, attention_mask, n, n + self.cfg.num_fusion_layers,
+                                   image_embeds, image_atts)
+
+
+class MLMHead(nn.Module):
+    """BERT's ``cls.predictions``: dense, GELU, LayerNorm, decoder (tie it to the word embeddings), bias."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.transform.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        TextTransformer._init_weights(self.transform.dense)
+        TextTransformer._init_weights(self.decoder)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        """(M, H) states at the masked positions -> (M, V) logits."""
+        h = self.transform.LayerNorm(F.gelu(self.transform.dense(hidden)))
+        return self.decoder(h) + self.bias
+
+
+# ----------------------------------------------------------------------------- BERT weights
+
+_CONFIG_FIELDS = (  # (TextConfig field, config.json field)
+    ("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"),
+    ("intermediate_size", "intermediate_size"), ("vocab_size", "vocab_size"))
+
+
+def bert_key_map(key: str, num_layers: int, has_mlm_head: bool) -> Tuple[Optional[str], str]:
+    """Map one HF BERT checkpoint key to our name.
+
+    Returns ``(target, "")`` for a used key (targets of the MLM head start with ``mlm_head.``), or
+    ``(None, reason)`` for a key that is deliberately not used.
+    """
+    k = key[len("bert."):] if key.startswith("bert.") else key
+    k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
+    k = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)
+    if k.startswith("pooler."):
+        return None, "BERT pooler (unused)"
+    if k.startswith("cls.seq_relationship."):
+        return None, "NSP head (unused)"
+    if k == "embeddings.position_ids":
+        return None, "position_ids buffer (recomputed)"
+    m = re.match(r"encoder\.layer\.(\d+)\.", k)
+    if m and int(m.group(1)) >= num_layers:
+        return None, f"BERT layers beyond the model's {num_layers} layers (unused)"
+    if k.startswith("cls.predictions."):
+        if not has_mlm_head:
+            return None, "MLM head weights (no MLM head given)"
+        if k == "cls.predictions.decoder.bias":
+            return None, "alias of cls.predictions.bias"
+        return "mlm_head." + k[len("cls.predictions."):], ""
+    return k, ""
+
+
+def _read_bert_dir(path: str | os.PathLike) -> Tuple[dict, Dict[str, Tensor]]:
+    """Read ``config.json`` and the weights of a local HF BERT directory."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"BERT directory not found: {path} (a local bert-base-uncased-style "
+                                "directory with config.json and model.safetensors; nothing is downloaded)")
+    cfg_file = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"BERT directory {path} has no config.json ({cfg_file} not found); "
+                                "pass a local bert-base-uncased-style directory (nothing is downloaded)")
+    with open(cfg_file) as f:
+        hf_cfg = json.load(f)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, name)):
+            return hf_cfg, read_state_dict(os.path.join(path, name))
+    raise FileNotFoundError(f"no weights in BERT directory {path}: expected "
+                            f"{os.path.join(path, 'model.safetensors')} or pytorch_model.bin")
+
+
+@torch.no_grad()
+def load_bert_weights(text: TextTransformer, mlm_head: Optional[MLMHead], path: str | os.PathLike) -> LoadReport:
+    """Initialise ``text`` (and ``mlm_head``) from a local HF BERT directory.
+
+    Text layer ``i`` and fusion layer ``num_text_layers + j`` take BERT layer ``i`` and
+    ``num_text_layers + j`` (a 6 + 6 model takes all 12 layers of bert-base); cross-attention is
+    new (expected-missing). The pooler and NSP head are reported as ignored. When ``mlm_head.decoder``
+    is tied to the word embeddings it is loaded through them.
+
+    Raises:
+        FileNotFoundError: the directory, its config.json or its weights are missing.
+        ValueError: the BERT config does not match ``text.cfg`` (the message names the field).
+    """
+    cfg = text.cfg
+    hf_cfg, sd = _read_bert_dir(path)
+    for ours, theirs in _CONFIG_FIELDS:
+        if theirs in hf_cfg and hf_cfg[theirs] != getattr(cfg, ours):
+            raise ValueError(f"BERT checkpoint {path} has {theirs}={hf_cfg[theirs]} but "
+                             f"TextConfig.{ours}={getattr(cfg, ours)}; set text.{ours}={hf_cfg[theirs]}")
+    if hf_cfg.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"BERT checkpoint {path} uses hidden_act={hf_cfg['hidden_act']!r}; only 'gelu' is supported")
+
+    if "cls.predictions.decoder.bias" in sd and "cls.predictions.bias" not in sd:
+        sd = dict(sd)
+        sd["cls.predictions.bias"] = sd.pop("cls.predictions.decoder.bias")
+    report = LoadReport()
+    num_layers = cfg.num_text_layers + cfg.num_fusion_layers
+    source: Dict[str, Tensor] = {}
+    for key, tensor in sd.items():
+        target, reason = bert_key_map(key, num_layers, mlm_head is not None)
+        if target is None:
+            report.unexpected.append(key)
+            report.expected_unexpected[key] = reason
+        else:
+            source[target] = tensor
+
+    targets = dict(text.state_dict())
+    tied = False
+    if mlm_head is not None:
+        tied = mlm_head.decoder.weight is text.embeddings.word_embeddings.weight
+        targets.update({"mlm_head." + k: v for k, v in mlm_head.state_dict().items()
+                        if not (tied and k == "decoder.weight")})
+        if "mlm_head.decoder.weight" not in source and "embeddings.word_embeddings.weight" in source:
+            source["mlm_head.decoder.weight"] = source["embeddings.word_embeddings.weight"]  # BERT ties them
+        if tied and "mlm_head.decoder.weight" in source:
+            source.pop("mlm_head.decoder.weight")
+            if "cls.predictions.decoder.weight" in sd:
+                report.unexpected.append("cls.predictions.decoder.weight")
+                report.expected_unexpected["cls.predictions.decoder.weight"] = "tied to the word embeddings"
+    copy_into(targets, source, report)
+    for k in report.missing:
+        if ".crossattention." in k:
+            report.expected_missing[k] = "new cross-attention"
+    return report
