@@ -1,0 +1,394 @@
+"""The one training loop. Tasks supply the data, the step and the evaluation; this module does the
+rest: DDP, gradient accumulation, autocast, optimiser and schedule, logging, checkpoints, resume,
+signals and non-finite losses.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Optional, Protocol
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from engine import distributed as D
+from engine.checkpoint import atomic_torch_save, find_resume, load_checkpoint, rng_state, set_rng_state
+from engine.config import opt, to_dict
+
+log = logging.getLogger("engine")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-4, "peak learning rate of the text, fusion and head parameters")
+    lr_vision: float = opt(1e-5, "peak learning rate of the ViT image encoder")
+    weight_decay: float = opt(0.02, "AdamW weight decay (not applied to biases, norms, temperature)")
+    betas: tuple[float, float] = opt((0.9, 0.999), "AdamW betas")
+    eps: float = opt(1e-8, "AdamW epsilon")
+    fused: Literal["auto", "on", "off"] = opt("auto", "fused AdamW kernel: auto = on for CUDA")
+    grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0 = off)")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "constant"] = opt("cosine", "learning-rate schedule after warm-up")
+    warmup_steps: int = opt(1000, "linear warm-up from warmup_start_factor * lr over this many optimiser steps")
+    warmup_start_factor: float = opt(0.01, "learning-rate factor at step 0")
+    min_lr_ratio: float = opt(0.01, "final learning rate as a fraction of the peak")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = opt("output/run", "where checkpoints, the resolved config and log.jsonl go")
+    epochs: int = opt(30, "passes over the training data")
+    max_steps: Optional[int] = opt(None, "stop after this many optimiser steps (overrides epochs when smaller)")
+    batch_size: int = opt(512, "GLOBAL batch per optimiser step, over all processes and accumulation steps")
+    grad_accum: int = opt(1, "micro-batches per optimiser step (the contrastive batch is one micro-batch)")
+    precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast precision (fp16 uses a gradient scaler)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = the local GPU when present")
+    seed: int = opt(42, "seed for the model, data order, augmentation and masking")
+    num_threads: int = opt(0, "torch CPU threads per process (0 = leave torch's default)")
+    log_every: int = opt(50, "optimiser steps between log.jsonl lines")
+    save_every: int = opt(1000, "optimiser steps between checkpoint_last.pth writes (also at each epoch end)")
+    keep_epoch_checkpoints: bool = opt(True, "also keep checkpoint_XX.pth at each epoch end")
+    nan_policy: Literal["stop", "skip"] = opt("stop", "a non-finite loss: stop the run, or skip the step")
+    max_nan_skips: int = opt(10, "with nan_policy skip: consecutive skipped steps before stopping")
+    compile: bool = opt(False, "torch.compile the model")
+    progress: bool = opt(True, "show a progress bar (main process)")
+
+    def validate(self) -> None:
+        if self.batch_size <= 0 or self.grad_accum <= 0 or self.epochs <= 0:
+            raise ValueError("train.batch_size, train.grad_accum and train.epochs must be positive")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})")
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss part was NaN or infinite."""
+
+
+class Task(Protocol):
+    """What a task gives the loop."""
+
+    def steps_per_epoch(self) -> int: ...
+    def train_batches(self, epoch: int, start_step: int) -> Iterable[list[dict]]:
+        """Micro-batches grouped per optimiser step (``grad_accum`` each), from ``start_step`` on."""
+    def train_step(self, model: nn.Module, batch: dict, state: "TrainState") -> dict:
+        """Forward on one micro-batch; returns ``loss`` (tensor) and other scalars to log."""
+    def evaluate(self, model: nn.Module, epoch: int) -> Optional[dict]: ...
+    def checkpoint_extra(self) -> dict: ...
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    total_steps: int = 1
+    best_metric: Optional[float] = None
+    nan_skips: int = 0
+
+    @property
+    def progress(self) -> float:
+        return self.global_step / max(1, self.total_steps)
+
+
+def lr_lambda(cfg: ScheduleConfig, total_steps: int):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return cfg.warmup_start_factor + (1 - cfg.warmup_start_factor) * step / max(1, cfg.warmup_steps)
+        if cfg.kind == "constant":
+            return 1.0
+        t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    return f
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signum: Optional[int] = None
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # second signal: give up at once
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: saving a checkpoint at the end of this step, then exiting",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+class Trainer:
+    """Runs ``task`` with ``model``: builds optimiser/scheduler, wraps DDP, loops, saves, resumes."""
+
+    def __init__(self, cfg: TrainConfig, optim: OptimConfig, sched: ScheduleConfig, model: nn.Module,
+                 param_groups: list[dict], dist: D.DistInfo, run_config: Any, find_unused: bool = False) -> None:
+        self.cfg, self.dist, self.run_config = cfg, dist, run_config
+        self.out_dir = Path(cfg.output_dir)
+        self.model = model
+        fused = optim.fused == "on" or (optim.fused == "auto" and dist.device.type == "cuda")
+        self.optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                           weight_decay=optim.weight_decay, fused=fused or None)
+        self.optim_cfg, self.sched_cfg = optim, sched
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
+        self.ddp_model: nn.Module = model
+        if dist.world_size > 1:
+            self.ddp_model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                                 broadcast_buffers=False, find_unused_parameters=find_unused)
+        if cfg.compile:
+            self.ddp_model = torch.compile(self.ddp_model)
+        self.state = TrainState()
+        self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+
+    # ------------------------------------------------------------------ helpers
+    def autocast(self):
+        if self.cfg.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
+        return torch.autocast(self.dist.device.type, dtype=dtype)
+
+    def _checkpoint(self, task: Task) -> dict:
+        rngs = D.all_gather_object(rng_state())
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "state": vars(self.state).copy(),
+            "rng": rngs,
+            "config": to_dict(self.run_config),
+            **task.checkpoint_extra(),
+        }
+
+    def save(self, task: Task, name: str = "checkpoint_last.pth") -> Optional[Path]:
+        ckpt = self._checkpoint(task)  # collective (rng gather): every rank calls it
+        path = None
+        if self.dist.is_main:
+            path = atomic_torch_save(ckpt, self.out_dir / name)
+        D.barrier()
+        return path
+
+    def resume(self, path: str) -> None:
+        ckpt = load_checkpoint(find_resume(path))
+        self.model.load_state_dict(ckpt["model"], strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.state = TrainState(**ckpt["state"])
+        rngs = ckpt["rng"]
+        if len(rngs) != self.dist.world_size:
+            log.warning("checkpoint was written by %d processes, resuming with %d: random streams differ",
+                        len(rngs), self.dist.world_size)
+        set_rng_state(rngs[self.dist.rank % len(rngs)])
+        if self.dist.is_main:
+            log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, task: Task, resume: Optional[str] = None, metric_key: Optional[str] = None) -> TrainState:
+        cfg = self.cfg
+        spe = task.steps_per_epoch()
+        total = cfg.epochs * spe
+        if cfg.max_steps is not None:
+            total = min(total, cfg.max_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.sched_cfg, total))
+        self.state.total_steps = total
+        if resume:
+            self.resume(resume)
+            self.state.total_steps = total
+        st = self.state
+        bar = tqdm(total=total, initial=st.global_step, disable=not (cfg.progress and self.dist.is_main),
+                   desc="train", dynamic_ncols=True, smoothing=0.1)
+        window: dict[str, list[float]] = {}
+        t_window, pairs_window = time.perf_counter(), 0
+        with _StopFlag() as stop:
+            while st.epoch < cfg.epochs and st.global_step < total:
+                for micro_batches in task.train_batches(st.epoch, st.step_in_epoch):
+                    logs = self._step(task, micro_batches)
+                    st.global_step += 1
+                    st.step_in_epoch += 1
+                    pairs_window += int(logs.pop("_pairs"))
+                    for k, v in logs.items():
+                        window.setdefault(k, []).append(v)
+                    bar.update(1)
+                    if self.dist.is_main and st.global_step % max(1, min(cfg.log_every, 10)) == 0:
+                        bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in window.items() if k.startswith("loss")}, refresh=False)
+                    if st.global_step % cfg.log_every == 0 or st.global_step == total:
+                        dt = time.perf_counter() - t_window
+                        rec = {"step": st.global_step, "epoch": st.epoch,
+                               "lr": self.optimizer.param_groups[0]["lr"],
+                               "pairs_per_s": pairs_window * self.dist.world_size / max(dt, 1e-9)}
+                        rec.update(self._reduce_window(window))
+                        self._log(rec)
+                        window, t_window, pairs_window = {}, time.perf_counter(), 0
+                    stop_now = self._stop_requested(stop)
+                    if stop_now or st.global_step % cfg.save_every == 0:
+                        self.save(task)
+                    if stop_now:
+                        bar.close()
+                        if self.dist.is_main:
+                            print(f"stopped by signal at step {st.global_step}; checkpoint saved to "
+                                  f"{self.out_dir / 'checkpoint_last.pth'}; continue with --resume {self.out_dir}", flush=True)
+                        return st
+                    if st.global_step >= total:
+                        break
+                epoch_done = st.step_in_epoch >= spe
+                metrics = task.evaluate(self.model, st.epoch)
+                if epoch_done:
+                    st.epoch += 1
+                    st.step_in_epoch = 0
+                # max_steps reached inside an epoch: evaluate and keep the position for a resume
+                self._after_epoch(task, metrics, metric_key, epoch_done)
+                if not epoch_done:
+                    break
+        bar.close()
+        return st
+
+    def _after_epoch(self, task: Task, metrics: Optional[dict], metric_key: Optional[str], epoch_done: bool = True) -> None:
+        st = self.state
+        if metrics:
+            self._log({"step": st.global_step, "epoch": st.epoch - (1 if epoch_done else 0), **{f"eval/{k}": v for k, v in metrics.items()}})
+        self.save(task)
+        if epoch_done and self.cfg.keep_epoch_checkpoints:
+            self.save(task, f"checkpoint_{st.epoch - 1:02d}.pth")
+        if metric_key and metrics and metric_key in metrics:
+            value = float(metrics[metric_key])
+            if st.best_metric is None or value > st.best_metric:
+                st.best_metric = value
+                self.save(task, "checkpoint_best.pth")
+
+    def _reduce_window(self, window: dict[str, list[float]]) -> dict[str, float]:
+        """Mean of each logged value over the window and over all processes."""
+        keys = sorted(window)
+        local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
+        return dict(zip(keys, D.all_reduce_mean(local).tolist()))
+
+    def _stop_requested(self, stop: _StopFlag) -> bool:
+        flag = torch.tensor([1.0 if stop.signum is not None else 0.0])
+        return bool(D.all_reduce_sum(flag).item() > 0)
+
+    def _step(self, task: Task, micro_batches: list[dict]) -> dict:
+        cfg, st = self.cfg, self.state
+        self.ddp_model.train()
+        n = len(micro_batches)
+        sums: dict[str, float] = {}
+        pairs = 0
+        finite = True
+        bad_part = ""
+        for i, mb in enumerate(micro_batches):
+            sync = contextlib.nullcontext() if (i == n - 1 or not isinstance(self.ddp_model, DDP)) else self.ddp_model.no_sync()
+            with sync:
+                with self.autocast():
+                    out = task.train_step(self.ddp_model, mb, st)
+                loss = out["loss"]
+                self.scaler.scale(loss / n).backward()
+            for k, v in out.items():
+                if k.startswith("_"):
+                    continue
+                fv = float(v.detach()) if torch.is_tensor(v) else float(v)
+                if k.startswith("loss") and not math.isfinite(fv) and finite:
+                    finite, bad_part = False, k
+                sums[k] = sums.get(k, 0.0) + fv / n
+            pairs += int(out.get("_pairs", 0))
+        # agree on finiteness across ranks
+        flag = D.all_reduce_sum(torch.tensor([0.0 if finite else 1.0]))
+        if flag.item() > 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            msg = (f"non-finite loss at step {st.global_step} (epoch {st.epoch}): "
+                   f"{bad_part or 'on another process'} = {sums.get(bad_part, float('nan'))}")
+            if cfg.nan_policy == "stop":
+                raise NonFiniteLossError(msg + "; lower the learning rate, use bf16 instead of fp16, or set train.nan_policy=skip")
+            st.nan_skips += 1
+            log.warning(msg + "; step skipped (%d in a row)", st.nan_skips)
+            if st.nan_skips > cfg.max_nan_skips:
+                raise NonFiniteLossError(msg + f"; more than train.max_nan_skips={cfg.max_nan_skips} steps in a row")
+            with warnings.catch_warnings():  # the schedule advances with the step count, skipped or not
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+            return {**sums, "_pairs": pairs, "nan_skipped": 1.0}
+        st.nan_skips = 0
+        if self.optim_cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {**sums, "_pairs": pairs}
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+class EpochBatchSampler:
+    """Deterministic batches: the permutation depends on (seed, epoch) only; the global batch of
+    each optimiser step is split into per-process, per-micro-step slices, so 1 process with
+    accumulation and N processes see the same samples per step. ``start_step`` skips steps
+    without loading anything (exact resume)."""
+
+    def __init__(self, n: int, global_batch: int, grad_accum: int, rank: int, world: int, seed: int) -> None:
+        if global_batch % (world * grad_accum):
+            raise ValueError(f"train.batch_size {global_batch} must be divisible by processes x grad_accum = {world * grad_accum}")
+        if n < global_batch:
+            raise ValueError(f"the training set has {n} samples, fewer than one global batch ({global_batch})")
+        self.n, self.global_batch, self.accum, self.rank, self.world, self.seed = n, global_batch, grad_accum, rank, world, seed
+        self.micro = global_batch // (world * grad_accum)
+        self.epoch, self.start_step = 0, 0
+
+    def steps_per_epoch(self) -> int:
+        return self.n // self.global_batch
+
+    def set_position(self, epoch: int, start_step: int) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        per_rank = self.global_batch // self.world
+        for step in range(self.start_step, self.steps_per_epoch()):
+            chunk = perm[step * self.global_batch + self.rank * per_rank: step * self.global_batch + (self.rank + 1) * per_rank]
+            for a in range(self.accum):
+                yield chunk[a * self.micro:(a + 1) * self.micro]
+
+    def __len__(self) -> int:
+        return (self.steps_per_epoch() - self.start_step) * self.accum
+
+
+def grouped(it: Iterable[dict], size: int) -> Iterator[list[dict]]:
+    """Group micro-batches into lists of ``size`` (one optimiser step each)."""
+    buf: list[dict] = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == size:
+            yield buf
+            buf = []

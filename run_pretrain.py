@@ -1,0 +1,50 @@
+"""Pre-train the vision-language model (SRCL or InfoNCE + ITM + MLM).
+
+    python run_pretrain.py --config configs/demo/pretrain.yaml             # synthetic demo, CPU
+    python run_pretrain.py --config configs/pretrain.yaml --set train.batch_size=256
+    torchrun --nproc_per_node=8 run_pretrain.py --config configs/pretrain.yaml
+    python run_pretrain.py --config configs/demo/pretrain.yaml --resume output/demo_pretrain
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config values, e.g. --set optim.lr=1e-4 train.batch_size=8")
+    p.add_argument("--resume", default=None, metavar="CKPT_OR_DIR",
+                   help="continue a run from a checkpoint file or an output directory (its checkpoint_last.pth)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from engine.config import ConfigError, load_config
+    from tasks.pretrain import PretrainConfig, run
+
+    try:
+        cfg = load_config(PretrainConfig, args.config, args.set)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        run(cfg, resume=args.resume)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        from engine.distributed import cleanup
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

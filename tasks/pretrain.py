@@ -1,0 +1,258 @@
+"""Pre-training: SRCL (or InfoNCE) + ITM with hard negatives + MLM on image-caption pairs.
+
+``PretrainConfig`` is the whole run's schema; ``run(cfg)`` builds data, tokenizer, model and the
+trainer and trains. The training loop itself lives in ``engine/trainer.py``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.formats import PretrainCollator, PretrainDataset
+from datasets.shapes import ShapesConfig, ShapesWorld, ensure_shapes
+from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state, train_wordpiece_tokenizer
+from datasets.transforms import TransformConfig, build_transform
+from engine import distributed as D
+from engine.checkpoint import find_resume, load_checkpoint
+from engine.config import opt, save_config
+from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
+                            grouped, setup_logging)
+from models import losses as L
+from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
+
+log = logging.getLogger("pretrain")
+
+SYNTHETIC_HINT = ("To try the project without downloading data, run the synthetic demo: "
+                  "python run_pretrain.py --config configs/demo/pretrain.yaml")
+
+
+@dataclass
+class TokenizerConfig:
+    path: Optional[str] = opt(None, "local directory with vocab.txt (e.g. bert-base-uncased); null = train a WordPiece vocabulary on the training captions")
+    vocab_size: int = opt(2000, "vocabulary size when training one from the captions")
+    max_length: int = opt(30, "maximum tokens per caption (longer ones are truncated)")
+
+
+@dataclass
+class PretrainDataConfig:
+    train_files: list[str] = opt(["data/shapes/pretrain.json"], "annotation JSONs [{image, caption}], concatenated")
+    image_root: str = opt("data/shapes", "directory the 'image' paths are relative to")
+    max_words: int = opt(30, "captions are cut to this many words after cleaning")
+    clean_style: Literal["albef", "blip"] = opt("albef", "caption cleaning rules")
+    transform: TransformConfig = opt(TransformConfig, "training image augmentation")
+    num_workers: int = opt(2, "data-loading worker processes per training process")
+    max_bad_fraction: float = opt(0.01, "stop when more than this fraction of images fail to load")
+    bad_check_after: int = opt(500, "samples seen before the bad-image fraction is checked")
+    shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
+
+
+@dataclass
+class DiagnosticsConfig:
+    every: int = opt(0, "optimiser steps between SRCL diagnostics (needs shapes data; 0 = off)")
+
+
+@dataclass
+class PretrainConfig:
+    model: VLPConfig = opt(VLPConfig, "model")
+    tokenizer: TokenizerConfig = opt(TokenizerConfig, "tokenizer")
+    data: PretrainDataConfig = opt(PretrainDataConfig, "pre-training data")
+    loss: PretrainLossConfig = opt(PretrainLossConfig, "losses")
+    optim: OptimConfig = opt(OptimConfig, "optimiser")
+    schedule: ScheduleConfig = opt(ScheduleConfig, "learning-rate schedule")
+    train: TrainConfig = opt(TrainConfig, "training loop")
+    diagnostics: DiagnosticsConfig = opt(DiagnosticsConfig, "SRCL diagnostics on synthetic data")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class PretrainTask:
+    """Data + step for pre-training (see ``engine.trainer.Task``)."""
+
+    def __init__(self, cfg: PretrainConfig, dist: D.DistInfo, dataset: PretrainDataset, tokenizer,
+                 helper: Optional[VLPModel] = None, world: Optional[ShapesWorld] = None) -> None:
+        self.cfg, self.dist, self.dataset, self.tokenizer = cfg, dist, dataset, tokenizer
+        self.helper, self.world = helper, world
+        self.sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.grad_accum,
+                                         dist.rank, dist.world_size, cfg.train.seed)
+        self.collator = PretrainCollator(tokenizer, cfg.tokenizer.max_length, cfg.loss.mlm_prob)
+        self.seen = 0
+        self.bad = 0
+
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch()
+
+    def train_batches(self, epoch: int, start_step: int):
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_position(epoch, start_step)
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
+                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(0),
+                            persistent_workers=False)
+        for group in grouped(loader, self.cfg.train.grad_accum):
+            for b in group:
+                self._count_bad(b)
+            yield [to_device(b, self.dist.device) for b in group]
+
+    def _count_bad(self, batch: dict) -> None:
+        self.seen += len(batch["captions"])
+        self.bad += int(batch["n_bad"])
+        c = self.cfg.data
+        if self.seen >= c.bad_check_after and self.bad / (self.seen + self.bad) > c.max_bad_fraction:
+            raise RuntimeError(
+                f"{self.bad} of {self.seen + self.bad} images failed to load (more than data.max_bad_fraction="
+                f"{c.max_bad_fraction}); the warnings above name them. Check data.image_root={c.image_root} "
+                "or clean the annotations with the dataset checker.")
+
+    def _helper_feats(self, batch: dict):
+        if self.helper is None:
+            return None
+        self.helper.eval()
+        return self.helper.unimodal_features(batch["image"], batch["input_ids"], batch["attention_mask"])
+
+    def train_step(self, model, batch: dict, state: TrainState) -> dict:
+        ccfg = self.cfg.loss.contrastive
+        alpha = ccfg.alpha_at(state.progress)
+        out = model(batch, self.cfg.loss, alpha, self._helper_feats(batch))
+        logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
+        logs["alpha"] = alpha
+        logs["_pairs"] = batch["image"].shape[0]
+        if "weights_i2t" in out:
+            for k, v in L.regulation_summary(out["weights_i2t"], out["neg_mask"], out["sim_i2t_model"]).items():
+                logs[f"srcl/{k}"] = v
+        every = self.cfg.diagnostics.every
+        if every and self.world is not None and (state.global_step + 1) % every == 0:
+            logs.update(self.diagnostics(batch, out))
+        return logs
+
+    def diagnostics(self, batch: dict, out: dict) -> dict:
+        """How well low weight (and high raw similarity) finds the true false negatives of the
+        local batch (anchors: local images; candidates: local captions)."""
+        b = batch["image"].shape[0]
+        lo = self.dist.rank * b
+        root = self.cfg.data.image_root
+        images = [os.path.relpath(self.dataset.image_path(int(i)), root) for i in batch["index"]]
+        truth = torch.as_tensor(self.world.truth_matrix(batch["captions"], images)).T  # (image, caption)
+        neg = out["neg_mask"][:, lo:lo + b].cpu()
+        sim = out["sim_i2t_model"][:, lo:lo + b].float().cpu()
+        res = {}
+        if "weights_i2t" in out:
+            w = out["weights_i2t"][:, lo:lo + b].float().cpu()
+            fn = L.false_negative_auc(w, neg, truth)
+            res.update({f"diag/weight_{k}": v for k, v in fn.items()})
+        res["diag/sim_auc"] = L.roc_auc(sim[neg], truth[neg])
+        res["diag/false_negative_rate"] = float(truth[neg].float().mean()) if bool(neg.any()) else float("nan")
+        return res
+
+    def evaluate(self, model, epoch: int):
+        return None
+
+    def checkpoint_extra(self) -> dict:
+        return {"tokenizer": tokenizer_state(self.tokenizer)}
+
+
+# ---------------------------------------------------------------------- building a run
+def prepare_data(cfg: PretrainConfig, dist: D.DistInfo) -> Optional[ShapesWorld]:
+    """Create the synthetic data on first use (main process), check that the files exist."""
+    d = cfg.data
+    world = None
+    if d.shapes is not None:
+        if dist.is_main:
+            t0 = time.time()
+            manifest, created = ensure_shapes(d.image_root, d.shapes)
+            if created:
+                print(f"created the synthetic shapes data in {d.image_root} ({time.time() - t0:.1f} s)", flush=True)
+        D.barrier()
+    if cfg.diagnostics.every:
+        if (Path(d.image_root) / "scenes.json").is_file():
+            world = ShapesWorld.load(d.image_root)
+        elif dist.is_main:
+            log.warning("diagnostics.every is set but %s holds no shapes world (scenes.json): diagnostics off",
+                        d.image_root)
+    for f in d.train_files:
+        if not Path(f).is_file():
+            raise FileNotFoundError(
+                f"pre-training annotation file not found: {f}. Real data (CC3M, SBU, COCO, VG) comes as "
+                f"ALBEF-format JSON lists; see README 'Datasets'. {SYNTHETIC_HINT}")
+    return world
+
+
+def build_tokenizer(cfg: PretrainConfig, dataset: PretrainDataset, resume_ckpt: Optional[dict]):
+    if resume_ckpt is not None:
+        return tokenizer_from_state(resume_ckpt["tokenizer"])
+    if cfg.tokenizer.path:
+        return load_tokenizer(cfg.tokenizer.path)
+    state = None
+    if D.is_main():
+        tok = train_wordpiece_tokenizer(dataset.all_captions(), cfg.tokenizer.vocab_size)
+        state = tokenizer_state(tok)
+    state = D.broadcast_object(state)
+    return tokenizer_from_state(state)
+
+
+def load_helper(path: str, tokenizer, device: torch.device) -> VLPModel:
+    """A frozen earlier checkpoint of this project, used for the helper similarity."""
+    from engine.config import from_dict
+    ckpt = load_checkpoint(path)
+    hcfg = from_dict(PretrainConfig, ckpt["config"]).model
+    if tokenizer_state(tokenizer)["vocab"] != ckpt["tokenizer"]["vocab"]:
+        raise ValueError(f"helper checkpoint {path} uses a different tokenizer vocabulary than this run; "
+                         "set tokenizer.path to the helper's tokenizer or train the helper with this one")
+    helper = VLPModel(hcfg, momentum=False)
+    state = {k: v for k, v in ckpt["model"].items() if k in helper.state_dict()}
+    helper.load_state_dict(state, strict=True)
+    helper.requires_grad_(False).eval()
+    return helper.to(device)
+
+
+def run(cfg: PretrainConfig, resume: Optional[str] = None) -> TrainState:
+    dist = D.init_distributed(cfg.train.device)
+    setup_logging(dist.is_main)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    world = prepare_data(cfg, dist)
+    d = cfg.data
+    transform = build_transform(cfg.model.vision.img_size, True, d.transform)
+    dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed)
+    resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
+    tokenizer = build_tokenizer(cfg, dataset, resume_ckpt)
+    del resume_ckpt
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
+
+    helper = None
+    if cfg.loss.contrastive.kind == "srcl" and cfg.loss.contrastive.helper_checkpoint:
+        helper = load_helper(cfg.loss.contrastive.helper_checkpoint, tokenizer, dist.device)
+    torch.manual_seed(cfg.train.seed)
+    model = VLPModel(cfg.model, momentum=True, helper_dim=helper.cfg.embed_dim if helper else None)
+    for report in load_pretrained_encoders(model):
+        if dist.is_main:
+            print(report.summary(), flush=True)
+        report.raise_if_unexpected()
+    model.to(dist.device)
+    torch.manual_seed(cfg.train.seed + dist.rank)
+
+    if dist.is_main:
+        save_config(cfg, Path(cfg.train.output_dir) / "config.yaml")
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"pre-training: {len(dataset)} pairs, {n_params / 1e6:.2f}M trainable parameters, "
+              f"contrastive={cfg.loss.contrastive.kind}, {dist.world_size} process(es) on {dist.device}, "
+              f"output in {cfg.train.output_dir}", flush=True)
+    lw = cfg.loss
+    trainer = Trainer(cfg.train, cfg.optim, cfg.schedule, model,
+                      model.param_groups(cfg.optim.lr, cfg.optim.lr_vision, cfg.optim.weight_decay),
+                      dist, cfg, find_unused=(lw.itm == 0 or lw.mlm == 0))
+    task = PretrainTask(cfg, dist, dataset, tokenizer, helper, world if cfg.diagnostics.every else None)
+    state = trainer.fit(task, resume=resume)
+    if dist.is_main:
+        print(f"done: {state.global_step} steps; checkpoints in {cfg.train.output_dir}", flush=True)
+    return state

@@ -1,0 +1,89 @@
+"""Config schema: strict keys, types, overrides, round trip."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import pytest
+
+from engine.config import (ConfigError, apply_overrides, dump_yaml, from_dict, load_config, opt,
+                           read_yaml, schema_markdown, to_dict)
+
+
+@dataclass
+class Inner:
+    lr: float = opt(1e-4, "learning rate")
+    kind: Literal["a", "b"] = opt("a", "kind")
+    path: Optional[str] = opt(None, "a path")
+
+
+@dataclass
+class Outer:
+    inner: Inner = opt(Inner, "inner section")
+    steps: int = opt(10, "steps")
+    flag: bool = opt(False, "flag")
+    files: list[str] = opt(["x.json"], "files")
+    betas: tuple[float, float] = opt((0.9, 0.999), "betas")
+
+
+def test_defaults_and_nested_values():
+    cfg = from_dict(Outer, {"inner": {"lr": 3}, "steps": 5})
+    assert cfg.inner.lr == 3.0 and isinstance(cfg.inner.lr, float)
+    assert cfg.steps == 5 and cfg.inner.kind == "a" and cfg.files == ["x.json"]
+
+
+def test_unknown_key_names_key_and_lists_valid():
+    with pytest.raises(ConfigError) as e:
+        from_dict(Outer, {"inner": {"lrr": 1.0}})
+    msg = str(e.value)
+    assert "inner.lrr" in msg and "kind" in msg and "lr" in msg and "path" in msg
+    with pytest.raises(ConfigError, match="stepz"):
+        from_dict(Outer, {"stepz": 1})
+
+
+@pytest.mark.parametrize("data,key", [
+    ({"steps": "ten"}, "steps"),
+    ({"steps": 1.5}, "steps"),
+    ({"flag": "yes"}, "flag"),
+    ({"inner": {"kind": "c"}}, "inner.kind"),
+    ({"inner": {"lr": "fast"}}, "inner.lr"),
+    ({"files": "x.json"}, "files"),
+    ({"betas": [0.9]}, "betas"),
+    ({"inner": 3}, "inner"),
+])
+def test_wrong_types_name_the_key(data, key):
+    with pytest.raises(ConfigError) as e:
+        from_dict(Outer, data)
+    assert f"'{key}'" in str(e.value)
+
+
+def test_overrides_parse_yaml_scalars(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 3\ninner:\n  lr: 0.5\n")
+    cfg = load_config(Outer, p, ["inner.lr=1e-3", "flag=true", "files=[a.json, b.json]", "inner.path=null",
+                                 "inner.kind=b"])
+    assert cfg.inner.lr == 1e-3 and cfg.flag is True and cfg.files == ["a.json", "b.json"]
+    assert cfg.inner.path is None and cfg.inner.kind == "b" and cfg.steps == 3
+    with pytest.raises(ConfigError, match="inner.nope"):
+        load_config(Outer, p, ["inner.nope=1"])
+    with pytest.raises(ConfigError, match="key.subkey=value"):
+        apply_overrides({}, ["novalue"])
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = from_dict(Outer, {"inner": {"kind": "b", "path": "p"}, "betas": [0.8, 0.9]})
+    p = tmp_path / "out.yaml"
+    p.write_text(dump_yaml(cfg))
+    again = from_dict(Outer, read_yaml(p))
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothere.yaml"):
+        load_config(Outer, tmp_path / "nothere.yaml")
+
+
+def test_schema_markdown_lists_every_leaf():
+    md = schema_markdown(Outer, "Outer")
+    for key in ("inner.lr", "inner.kind", "inner.path", "steps", "flag", "files", "betas"):
+        assert f"`{key}`" in md
