@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -17,8 +16,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.formats import PretrainCollator, PretrainDataset
-from datasets.shapes import ShapesConfig, ShapesWorld, ensure_shapes
-from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state, train_wordpiece_tokenizer
+from datasets.shapes import ShapesConfig, ShapesWorld
+from datasets.text import tokenizer_state
 from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
@@ -26,20 +25,10 @@ from engine.config import opt, save_config
 from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
                             grouped, setup_logging)
 from models import losses as L
+from tasks.common import TokenizerConfig, ensure_synthetic, make_tokenizer, require_files, to_device
 from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
 
 log = logging.getLogger("pretrain")
-
-SYNTHETIC_HINT = ("To try the project without downloading data, run the synthetic demo: "
-                  "python run_pretrain.py --config configs/demo/pretrain.yaml")
-
-
-@dataclass
-class TokenizerConfig:
-    path: Optional[str] = opt(None, "local directory with vocab.txt (e.g. bert-base-uncased); null = train a WordPiece vocabulary on the training captions")
-    vocab_size: int = opt(2000, "vocabulary size when training one from the captions")
-    max_length: int = opt(30, "maximum tokens per caption (longer ones are truncated)")
-
 
 @dataclass
 class PretrainDataConfig:
@@ -69,10 +58,6 @@ class PretrainConfig:
     schedule: ScheduleConfig = opt(ScheduleConfig, "learning-rate schedule")
     train: TrainConfig = opt(TrainConfig, "training loop")
     diagnostics: DiagnosticsConfig = opt(DiagnosticsConfig, "SRCL diagnostics on synthetic data")
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
 class PretrainTask:
@@ -162,41 +147,19 @@ class PretrainTask:
 
 # ---------------------------------------------------------------------- building a run
 def prepare_data(cfg: PretrainConfig, dist: D.DistInfo) -> Optional[ShapesWorld]:
-    """Create the synthetic data on first use (main process), check that the files exist."""
+    """Create the synthetic data on first use, check that the files exist; the shapes world
+    (for diagnostics) when the data is synthetic."""
     d = cfg.data
-    world = None
-    if d.shapes is not None:
-        if dist.is_main:
-            t0 = time.time()
-            manifest, created = ensure_shapes(d.image_root, d.shapes)
-            if created:
-                print(f"created the synthetic shapes data in {d.image_root} ({time.time() - t0:.1f} s)", flush=True)
-        D.barrier()
-    if cfg.diagnostics.every:
-        if (Path(d.image_root) / "scenes.json").is_file():
-            world = ShapesWorld.load(d.image_root)
-        elif dist.is_main:
-            log.warning("diagnostics.every is set but %s holds no shapes world (scenes.json): diagnostics off",
-                        d.image_root)
-    for f in d.train_files:
-        if not Path(f).is_file():
-            raise FileNotFoundError(
-                f"pre-training annotation file not found: {f}. Real data (CC3M, SBU, COCO, VG) comes as "
-                f"ALBEF-format JSON lists; see README 'Datasets'. {SYNTHETIC_HINT}")
-    return world
-
-
-def build_tokenizer(cfg: PretrainConfig, dataset: PretrainDataset, resume_ckpt: Optional[dict]):
-    if resume_ckpt is not None:
-        return tokenizer_from_state(resume_ckpt["tokenizer"])
-    if cfg.tokenizer.path:
-        return load_tokenizer(cfg.tokenizer.path)
-    state = None
-    if D.is_main():
-        tok = train_wordpiece_tokenizer(dataset.all_captions(), cfg.tokenizer.vocab_size)
-        state = tokenizer_state(tok)
-    state = D.broadcast_object(state)
-    return tokenizer_from_state(state)
+    ensure_synthetic(d.image_root, d.shapes, dist)
+    require_files(d.train_files, "pre-training annotation",
+                  "Real data (CC3M, SBU, COCO, VG) comes as ALBEF-format JSON lists; see README 'Datasets'.")
+    if not cfg.diagnostics.every:
+        return None
+    if (Path(d.image_root) / "scenes.json").is_file():
+        return ShapesWorld.load(d.image_root)
+    if dist.is_main:
+        log.warning("diagnostics.every is set but %s holds no shapes world (scenes.json): diagnostics off", d.image_root)
+    return None
 
 
 def load_helper(path: str, tokenizer, device: torch.device) -> VLPModel:
@@ -224,7 +187,7 @@ def run(cfg: PretrainConfig, resume: Optional[str] = None) -> TrainState:
     transform = build_transform(cfg.model.vision.img_size, True, d.transform)
     dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed)
     resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
-    tokenizer = build_tokenizer(cfg, dataset, resume_ckpt)
+    tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt)
     del resume_ckpt
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
