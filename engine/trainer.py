@@ -240,7 +240,9 @@ class Trainer:
                         window.setdefault(k, []).append(v)
                     bar.update(1)
                     if self.dist.is_main and st.global_step % max(1, min(cfg.log_every, 10)) == 0:
-                        bar.set_postfix({k: f"{v[-1]:.3f}" for k, v in window.items() if k.startswith("loss")}, refresh=False)
+                        post = {k: f"{v[-1]:.3f}" for k, v in window.items() if k.startswith("loss")}
+                        post["pairs/s"] = f"{pairs_window * self.dist.world_size / max(time.perf_counter() - t_window, 1e-9):.1f}"
+                        bar.set_postfix(post, refresh=False)
                     if st.global_step % cfg.log_every == 0 or st.global_step == total:
                         dt = time.perf_counter() - t_window
                         rec = {"step": st.global_step, "epoch": st.epoch,

@@ -123,3 +123,36 @@ def test_param_groups_split_vision_lr():
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert seen == trainable
     assert not any(id(p) in seen for p in model.momentum_parameters())
+
+
+def test_pretrained_encoders_load_into_online_and_momentum(tmp_path):
+    """model.text_weights (a local HF BERT directory) and model.vision_weights (a timm/DeiT file)
+    initialise the encoders, and the momentum copies start from the same weights."""
+    import timm
+    from transformers import BertConfig, BertForPreTraining
+
+    from models.vlp import load_pretrained_encoders
+
+    torch.manual_seed(1)
+    bert = BertForPreTraining(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                         intermediate_size=64, max_position_embeddings=16))
+    bert.save_pretrained(tmp_path / "bert")
+    vit = timm.models.vision_transformer.VisionTransformer(img_size=16, patch_size=8, embed_dim=32, depth=1,
+                                                           num_heads=2, num_classes=5)
+    torch.save({"model": vit.state_dict()}, tmp_path / "deit.pth")
+    cfg = dataclasses.replace(tiny_cfg(), text_weights=str(tmp_path / "bert"),
+                              vision_weights=str(tmp_path / "deit.pth"), vision_weights_format="deit")
+    model = VLPModel(cfg)
+    reports = load_pretrained_encoders(model)
+    assert len(reports) == 2
+    for r in reports:
+        r.raise_if_unexpected()
+    w = bert.bert.encoder.layer[1].attention.self.query.weight
+    torch.testing.assert_close(model.text.encoder.layer[1].attention.self.query.weight, w)
+    torch.testing.assert_close(model.text_m.encoder.layer[0].attention.self.query.weight,
+                               bert.bert.encoder.layer[0].attention.self.query.weight)
+    torch.testing.assert_close(model.visual.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(model.visual_m.blocks[0].attn.qkv.weight, vit.blocks[0].attn.qkv.weight)
+    # the MLM decoder stays tied to the (loaded) word embeddings
+    assert model.mlm_head.decoder.weight.data_ptr() == model.text.embeddings.word_embeddings.weight.data_ptr()
+    torch.testing.assert_close(model.text.embeddings.word_embeddings.weight, bert.bert.embeddings.word_embeddings.weight)
