@@ -73,7 +73,13 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpo
     """Copy ``state`` (our key names) into ``model`` with an explicit report:
     position embeddings are interpolated when the image size changed; queues of another size are
     re-initialised; keys the model lacks are reported as unexpected, keys the checkpoint lacks as
-    missing (with the reason from ``expected_missing``, matched by key prefix)."""
+    missing (with the reason from ``expected_missing``, matched by key prefix).
+
+    A state with ALBEF/BLIP names (``visual_encoder.*``, under any prefix) is first converted by the
+    explicit key maps of ``models/convert.py``; the report then also lists what was dropped and why,
+    and architecture mismatches (naming the config keys to set) as ``mismatched``."""
+    from models.convert import convert_in_place
+    state, foreign = convert_in_place(model, state)
     own = model.state_dict()
     report = LoadReport()
     fixed = {}
@@ -106,14 +112,27 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpo
     # tied MLM decoder: shares the word embeddings
     model.load_state_dict({**own, **fixed}, strict=True)
     log.info("loaded %s: %d tensors", source, len(report.loaded))
-    return report
+    return foreign.finish(report) if foreign is not None else report
 
 
 def load_pretrained(model: torch.nn.Module, path: str, expected_missing: Optional[dict[str, str]] = None,
-                    prefix: str = "") -> tuple[LoadReport, dict]:
+                    prefix: str = "", allow_mismatch: bool = False) -> tuple[LoadReport, dict]:
     """Load one of our checkpoints (pre-training or a task's) into ``model`` (keys under ``prefix``);
-    returns the report and the checkpoint dict (for its tokenizer and config)."""
+    returns the report and the checkpoint dict (for its tokenizer and config).
+
+    ALBEF and BLIP checkpoints are recognised by their key names and loaded through the explicit key
+    maps of ``models/convert.py`` (which raise on anything unexplained unless ``allow_mismatch``); the
+    returned dict then holds ``model`` (our names), ``layout`` and ``source_config`` (their config),
+    and no ``config`` / ``tokenizer`` (those always mean ours)."""
     ckpt = load_checkpoint(path)
+    if any(k.startswith("visual_encoder.") for k in ckpt["model"]):  # ALBEF / BLIP names
+        from models.convert import detect_layout, load_foreign_state
+        layout = detect_layout(ckpt["model"])
+        report = load_foreign_state(model, ckpt["model"], source=str(path), allow_mismatch=allow_mismatch,
+                                    prefix=prefix or None, expected_missing=expected_missing)
+        own = model.state_dict()
+        state = {k[len(prefix):]: own[k] for k in report.loaded if k.startswith(prefix)}
+        return report, {"model": state, "layout": layout, "source_config": ckpt.get("config")}
     state = {prefix + k: v for k, v in ckpt["model"].items()}
     report = load_model_state(model, state, source=path, expected_missing=expected_missing)
     return report, ckpt
