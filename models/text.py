@@ -143,13 +143,24 @@ class TransformerLayer(nn.Module):
             encoder_mask: (B, N) with 1 = token, 0 = pad, or None.
             causal: override the layer's default (``self.causal``) for this call.
         """
-        causal = self.causal if causal is None else causal
-        self_mask = attention_mask_4d(attention_mask, hidden.shape[1], causal, hidden.device)
-        x = self.attention(hidden, hidden, self_mask)
+        x = self.self_attend(hidden, attention_mask, causal)
         if self.has_cross_attention:
             if encoder_hidden is None:
                 raise ValueError("this layer has cross-attention: pass encoder_hidden (image tokens)")
             x = self.crossattention(x, encoder_hidden, attention_mask_4d(encoder_mask, x.shape[1], False))
+        return self.feed_forward(x)
+
+    # The block's stages, for heads that change only the cross-attention step (e.g. NLVR2's two
+    # images): forward() is self_attend -> crossattention -> feed_forward.
+    def self_attend(self, hidden: Tensor, attention_mask: Optional[Tensor] = None,
+                    causal: Optional[bool] = None) -> Tensor:
+        """The self-attention sub-block (with its residual and LayerNorm): (B, L, H) -> (B, L, H)."""
+        causal = self.causal if causal is None else causal
+        self_mask = attention_mask_4d(attention_mask, hidden.shape[1], causal, hidden.device)
+        return self.attention(hidden, hidden, self_mask)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        """The FFN sub-block (with its residual and LayerNorm): (B, L, H) -> (B, L, H)."""
         h = F.gelu(self.intermediate.dense(x))
         return self.output.LayerNorm(x + self.output.dropout(self.output.dense(h)))
 
