@@ -1,0 +1,382 @@
+"""Image-text retrieval (Flickr30K, COCO, the synthetic shapes data): fine-tuning and evaluation.
+
+    python run_finetune.py --task retrieval_shapes --checkpoint output/demo_pretrain/checkpoint_last.pth
+    python run_finetune.py --task retrieval_flickr --checkpoint output/pretrain/checkpoint_best.pth
+    python run_finetune.py --task retrieval_flickr --checkpoint CKPT --zero-shot   # no fine-tuning
+    python run_finetune.py --task retrieval_coco --checkpoint FINETUNED --evaluate  # test split only
+    torchrun --nproc_per_node=8 run_finetune.py --task retrieval_coco --checkpoint CKPT
+
+Training reuses the pre-training forward (``VLPModel.forward``) with MLM off: the SRCL (or InfoNCE)
+contrastive loss against the momentum batch and queue, where every caption of one image is a
+positive (the train file's ``image_id`` is the model's ``image_idx``), plus ITM with hard negatives.
+At fine-tuning SRCL's similarity comes from the fine-tuned model alone (no helper model), as in the
+paper. After every epoch the val split is evaluated; the checkpoint with the best val ``r_mean`` is
+kept (``checkpoint_best.pth``) and the test split is evaluated with it at the end.
+Evaluation is described in ``tasks/retrieval_eval.py``.
+
+Protocols (printed with every result): ``fine-tuned`` (train on this task, test the best-val
+checkpoint), ``zero-shot`` (``--zero-shot``: the given checkpoint, no training; note that ALBEF's
+"zero-shot Flickr30K" evaluates the COCO-fine-tuned model, so pass that checkpoint to follow it) and
+``evaluate`` (``--evaluate``: a checkpoint, typically fine-tuned, on the test split).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ContextManager, Literal, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from datasets.retrieval_data import RETRIEVAL_HINT, RetrievalTrainCollator, RetrievalTrainDataset, read_eval_split
+from datasets.shapes import ShapesConfig
+from datasets.text import tokenizer_state
+from datasets.transforms import TransformConfig, build_transform
+from engine import distributed as D
+from engine.checkpoint import find_resume, load_checkpoint
+from engine.config import ConfigError, load_config, opt, save_config
+from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
+                            grouped, setup_logging)
+from models import losses as L
+from models.vlp import ContrastiveConfig, PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
+from models.weights import LoadReport
+from tasks.common import QUEUE_KEYS, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer, \
+    require_files, to_device
+from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator, RetrievalResult, format_table, \
+    memory_estimate, ranked_json
+
+log = logging.getLogger("retrieval")
+
+Mode = Literal["finetune", "zero_shot", "evaluate"]
+MOMENTUM_PREFIXES = ("visual_m.", "text_m.", "vision_proj_m.", "text_proj_m.")
+# architecture fields that must agree between the config and a checkpoint (sizes that change shapes)
+ARCH_KEYS = {"vision": ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "pre_norm", "act"),
+             "text": ("hidden_size", "num_text_layers", "num_fusion_layers", "num_heads", "intermediate_size",
+                      "max_position_embeddings", "type_vocab_size"),
+             "": ("embed_dim",)}
+
+
+@dataclass
+class RetrievalDataConfig:
+    name: str = opt("shapes", "dataset name printed with the results (flickr30k, coco, shapes, ...)")
+    train_files: list[str] = opt(["data/shapes/retrieval_train.json"], "training JSONs [{image, caption, image_id}], concatenated")
+    val_file: str = opt("data/shapes/retrieval_val.json", "validation JSON [{image, caption: [...]}] (best checkpoint by its r_mean)")
+    test_file: str = opt("data/shapes/retrieval_test.json", "test JSON [{image, caption: [...]}]")
+    image_root: str = opt("data/shapes", "directory the 'image' paths are relative to")
+    max_words: int = opt(30, "captions are cut to this many words after cleaning")
+    clean_style: Literal["albef", "blip"] = opt("albef", "caption cleaning rules")
+    transform: TransformConfig = opt(TransformConfig, "training augmentation (evaluation uses its mean/std/interpolation only)")
+    num_workers: int = opt(2, "data-loading worker processes per process")
+    check_images: bool = opt(True, "check at start that every image file exists (errors name the record)")
+    shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
+
+
+@dataclass
+class RetrievalLossConfig:
+    contrastive: ContrastiveConfig = opt(ContrastiveConfig, "contrastive (SRCL / InfoNCE) loss; captions of one image_id are positives")
+    itc: float = opt(1.0, "weight of the contrastive loss")
+    itm: float = opt(1.0, "weight of the image-text matching loss (hard negatives)")
+
+    def validate(self) -> None:
+        if self.contrastive.helper_checkpoint is not None:
+            raise ConfigError("loss.contrastive.helper_checkpoint: fine-tuning uses the fine-tuned model's own "
+                              "similarity for SRCL (as the paper does); set it to null")
+
+    def pretrain_loss(self) -> PretrainLossConfig:
+        """The pre-training loss settings with MLM off (``VLPModel.forward`` serves fine-tuning)."""
+        return PretrainLossConfig(contrastive=self.contrastive, itc=self.itc, itm=self.itm, mlm=0.0)
+
+
+@dataclass
+class RetrievalConfig:
+    model: VLPConfig = opt(VLPConfig, "model (must match the checkpoint's architecture; the image size may differ)")
+    tokenizer: TokenizerConfig = opt(TokenizerConfig, "tokenizer (the checkpoint's when it has one)")
+    data: RetrievalDataConfig = opt(RetrievalDataConfig, "retrieval data")
+    loss: RetrievalLossConfig = opt(RetrievalLossConfig, "fine-tuning losses")
+    eval: RetrievalEvalConfig = opt(RetrievalEvalConfig, "evaluation: ITC top-k_test re-ranked by ITM")
+    optim: OptimConfig = opt(OptimConfig, "optimiser")
+    schedule: ScheduleConfig = opt(ScheduleConfig, "learning-rate schedule")
+    train: TrainConfig = opt(TrainConfig, "training loop")
+
+
+# ------------------------------------------------------------------------------------------- task
+class RetrievalTask:
+    """Data + step + validation for fine-tuning (see ``engine.trainer.Task``)."""
+
+    def __init__(self, cfg: RetrievalConfig, dist: D.DistInfo, dataset: RetrievalTrainDataset, tokenizer,
+                 val: RetrievalEvaluator, reporter: "Reporter") -> None:
+        self.cfg, self.dist, self.dataset, self.tokenizer, self.val, self.reporter = cfg, dist, dataset, tokenizer, val, reporter
+        self.sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.grad_accum,
+                                         dist.rank, dist.world_size, cfg.train.seed)
+        self.collator = RetrievalTrainCollator(tokenizer, cfg.tokenizer.max_length)
+        self.loss_cfg = cfg.loss.pretrain_loss()
+
+    def steps_per_epoch(self) -> int:
+        return self.sampler.steps_per_epoch()
+
+    def train_batches(self, epoch: int, start_step: int):
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_position(epoch, start_step)
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
+                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda")
+        for group in grouped(loader, self.cfg.train.grad_accum):
+            yield [to_device(b, self.dist.device) for b in group]
+
+    def train_step(self, model, batch: dict, state: TrainState) -> dict:
+        out = model(batch, self.loss_cfg, 0.0)
+        logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
+        logs["_pairs"] = batch["image"].shape[0]
+        if "weights_i2t" in out:
+            for k, v in L.regulation_summary(out["weights_i2t"], out["neg_mask"], out["sim_i2t_model"]).items():
+                logs[f"srcl/{k}"] = v
+        return logs
+
+    def evaluate(self, model, epoch: int) -> dict:
+        result = self.val.run(model)
+        self.reporter.report(result, "val", f"epoch {epoch}", write_ranked=False, suffix=f"_epoch{epoch:02d}")
+        return result.flat()
+
+    def checkpoint_extra(self) -> dict:
+        return {"tokenizer": tokenizer_state(self.tokenizer)}
+
+
+class Reporter:
+    """Prints result tables (main process) and writes the results JSON and the ranked results file."""
+
+    def __init__(self, cfg: RetrievalConfig, out_dir: Path, tag: str, protocol: str, checkpoint: Optional[str],
+                 splits: dict) -> None:
+        self.cfg, self.out_dir, self.tag, self.protocol, self.checkpoint, self.splits = cfg, out_dir, tag, protocol, checkpoint, splits
+
+    def report(self, result: RetrievalResult, split: str, when: str = "", write_ranked: bool = True,
+               suffix: str = "", extra: Optional[dict] = None) -> None:
+        if not D.is_main():
+            return
+        data = self.splits[split]
+        title = (f"retrieval {self.cfg.data.name} {split}{' (' + when + ')' if when else ''}: {data.num_images} images, "
+                 f"{data.num_texts} captions | protocol: {self.protocol}")
+        print(format_table(result, title), flush=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        record = {"task": "retrieval", "dataset": self.cfg.data.name, "split": split, "split_file": data.source,
+                  "protocol": self.tag, "protocol_text": self.protocol, "checkpoint": self.checkpoint,
+                  "score_rule": result.score_rule, "k_test": result.k_test, "num_images": data.num_images,
+                  "num_captions": data.num_texts, "metrics": result.metrics, "itc_only_metrics": result.itc_metrics,
+                  "itm_pairs": result.num_pairs, "seconds": result.timings, "processes": D.world_size(), **(extra or {})}
+        path = self.out_dir / f"results_{self.tag}_{split}{suffix}.json"
+        path.write_text(json.dumps(record, indent=1), encoding="utf-8")
+        if write_ranked and self.cfg.eval.save_ranked:
+            rpath = self.out_dir / f"ranked_{self.tag}_{split}{suffix}.json"
+            rpath.write_text(json.dumps(ranked_json(result, data, self.cfg.eval.save_scores)), encoding="utf-8")
+            print(f"wrote {path} and {rpath}", flush=True)
+        else:
+            print(f"wrote {path}", flush=True)
+
+
+# ------------------------------------------------------------------------------------ building
+def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """The evaluation autocast context for ``train.precision``."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def check_architecture(model_cfg: VLPConfig, ckpt_config: Optional[dict], path: str) -> None:
+    """A clear error when the config's model sizes differ from those the checkpoint was trained with."""
+    saved = (ckpt_config or {}).get("model")
+    if not isinstance(saved, dict):
+        return
+    diffs = []
+    for section, keys in ARCH_KEYS.items():
+        ours = getattr(model_cfg, section) if section else model_cfg
+        theirs = saved.get(section, {}) if section else saved
+        for key in keys:
+            if key in theirs and theirs[key] != getattr(ours, key):
+                name = f"model.{section + '.' if section else ''}{key}"
+                diffs.append(f"{name}: checkpoint {theirs[key]!r}, config {getattr(ours, key)!r}")
+    if diffs:
+        raise ConfigError(f"checkpoint {path} was trained with another architecture than the config: "
+                          + "; ".join(diffs) + ". Use the config matching the checkpoint or set the values with "
+                          "--set (the image size, dropout and queue size may differ)")
+
+
+def load_into(model: VLPModel, ckpt: dict, path: str, finetune: bool) -> LoadReport:
+    """Load a checkpoint of this project (pre-training or retrieval) with an explicit report.
+
+    Evaluation drops the momentum copy and the queues (not needed). Fine-tuning keeps the momentum
+    copy (or initialises it from the online model when the checkpoint has none) and starts with
+    empty queues: queued pre-training features carry pre-training image ids, which would collide with
+    this task's ``image_id`` numbering."""
+    state = dict(ckpt["model"])
+    dropped = []
+    if not finetune:
+        dropped = [k for k in state if k.startswith(MOMENTUM_PREFIXES) or k.split(".")[-1] in QUEUE_KEYS]
+        for k in dropped:
+            del state[k]
+    helper_q = [k for k in state if k in ("image_queue_h", "text_queue_h")]
+    for k in helper_q:
+        del state[k]
+    report = load_model_state(model, state, source=path,
+                              expected_missing={p: "momentum copy: initialised from the online model" for p in MOMENTUM_PREFIXES})
+    for k in dropped:
+        report.unexpected.append(k)
+        report.expected_unexpected[k] = "momentum copy / queue: not used for evaluation"
+    for k in helper_q:
+        report.unexpected.append(k)
+        report.expected_unexpected[k] = "helper-feature queue: no helper model at fine-tuning"
+    if finetune:
+        if any(k.startswith(MOMENTUM_PREFIXES) for k in report.missing):
+            model.copy_params_to_momentum()
+        reset_queues(model)
+    return report
+
+
+@torch.no_grad()
+def reset_queues(model: VLPModel) -> None:
+    """Empty the feature queues (index -1 = invalid, never used as a negative)."""
+    if model.has_momentum:
+        model.image_queue.zero_()
+        model.text_queue.zero_()
+        model.idx_queue.fill_(-1)
+        model.queue_ptr.zero_()
+
+
+def freeze_mlm_only(model: VLPModel) -> None:
+    """The MLM transform and bias get no gradient at fine-tuning (MLM is off); the decoder weight is
+    the word embeddings and stays trainable."""
+    for name, p in model.mlm_head.named_parameters():
+        if name.startswith("transform.") or name == "bias":
+            p.requires_grad_(False)
+
+
+def protocol_text(mode: Mode, checkpoint: Optional[str], cfg: RetrievalConfig) -> str:
+    ck = checkpoint or "a randomly initialised model (no checkpoint)"
+    if mode == "zero_shot":
+        return (f"zero-shot: {ck} evaluated without fine-tuning on {cfg.data.name}. (ALBEF's 'zero-shot "
+                "Flickr30K' numbers evaluate the COCO-fine-tuned model: pass that checkpoint to follow it.)")
+    if mode == "evaluate":
+        return f"evaluation only: {ck}, no training"
+    return (f"fine-tuned on {cfg.data.name} ({', '.join(cfg.data.train_files)}) from {ck}; "
+            "the checkpoint with the best val r_mean is evaluated on test")
+
+
+def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str] = None,
+        resume: Optional[str] = None) -> dict:
+    """Fine-tune and/or evaluate; returns the test metrics (on every process)."""
+    finetune = mode == "finetune"
+    if not finetune and not checkpoint:
+        raise ConfigError(f"--{mode.replace('_', '-')} evaluates a checkpoint: pass --checkpoint")
+    dist = D.init_distributed(cfg.train.device)
+    setup_logging(dist.is_main)
+    if cfg.train.num_threads > 0:
+        torch.set_num_threads(cfg.train.num_threads)
+    d = cfg.data
+    ensure_synthetic(d.image_root, d.shapes, dist)
+    require_files(([*d.train_files, d.val_file] if finetune else []) + [d.test_file], "retrieval annotation",
+                  RETRIEVAL_HINT + " The synthetic retrieval demo: python run_finetune.py --task retrieval_shapes "
+                  "--checkpoint <demo pre-training checkpoint>.")
+    img = cfg.model.vision.img_size
+    train_set = None
+    if finetune:
+        train_set = RetrievalTrainDataset(d.train_files, d.image_root, build_transform(img, True, d.transform),
+                                          d.max_words, d.clean_style, cfg.train.seed, d.check_images)
+    splits = {"test": read_eval_split(d.test_file, d.image_root, d.max_words, d.clean_style, d.check_images)}
+    if finetune:
+        splits["val"] = read_eval_split(d.val_file, d.image_root, d.max_words, d.clean_style, d.check_images)
+
+    ckpt = load_checkpoint(checkpoint) if checkpoint else None
+    tok_source = ckpt if ckpt is not None else (load_checkpoint(find_resume(resume)) if resume else None)
+    if not finetune and "tokenizer" not in ckpt and not cfg.tokenizer.path:
+        raise ConfigError(f"checkpoint {checkpoint} holds no tokenizer: set tokenizer.path to its vocabulary")
+    tokenizer = make_tokenizer(cfg.tokenizer, train_set.all_captions if train_set else list, tok_source)
+    del tok_source
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
+    if ckpt is not None:
+        check_architecture(cfg.model, ckpt.get("config"), checkpoint)
+
+    torch.manual_seed(cfg.train.seed)
+    model = VLPModel(cfg.model, momentum=finetune)
+    if ckpt is not None:
+        report = load_into(model, ckpt, checkpoint, finetune)
+        if dist.is_main:
+            print(f"checkpoint {checkpoint}: {report.summary()}", flush=True)
+        report.raise_if_unexpected()
+        del ckpt
+    else:
+        if finetune and not resume and dist.is_main:
+            log.warning("no --checkpoint: fine-tuning from scratch (random initialisation%s); retrieval "
+                        "results will be far below a pre-trained model's",
+                        " except the weight files named in model.*_weights" if (cfg.model.vision_weights or cfg.model.text_weights) else "")
+        for r in load_pretrained_encoders(model):
+            if dist.is_main:
+                print(r.summary(), flush=True)
+            r.raise_if_unexpected()
+    freeze_mlm_only(model)
+    model.to(dist.device)
+    torch.manual_seed(cfg.train.seed + dist.rank)
+
+    out_dir = Path(cfg.train.output_dir)
+    tag = {"finetune": "finetuned", "zero_shot": "zero_shot", "evaluate": "evaluate"}[mode]
+    protocol = protocol_text(mode, checkpoint, cfg)
+    reporter = Reporter(cfg, out_dir, tag, protocol, checkpoint, splits)
+    eval_tf = build_transform(img, False, d.transform)
+    autocast = autocast_factory(cfg.train.precision, dist.device)
+
+    def evaluator(split: str) -> RetrievalEvaluator:
+        return RetrievalEvaluator(splits[split], tokenizer, cfg.eval, eval_tf, cfg.tokenizer.max_length,
+                                  dist.device, d.num_workers, autocast, name=split)
+
+    if dist.is_main:
+        save_config(cfg, out_dir / ("config.yaml" if finetune else f"config_{tag}.yaml"))
+        n_tokens = (img // cfg.model.vision.patch_size) ** 2 + 1
+        mem = memory_estimate(splits["test"], cfg.eval, n_tokens, cfg.model.vision.width, cfg.model.text.hidden_size,
+                              cfg.tokenizer.max_length)
+        print(f"retrieval ({mode}) on {d.name}: protocol: {protocol}\n  score rule {cfg.eval.score_rule}, "
+              f"k_test {cfg.eval.k_test}, {dist.world_size} process(es) on {dist.device}; evaluation keeps about "
+              + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()) + f"; output in {out_dir}", flush=True)
+
+    if not finetune:
+        result = evaluator("test").run(model)
+        reporter.report(result, "test")
+        return result.flat()
+
+    lw = cfg.loss
+    trainer = Trainer(cfg.train, cfg.optim, cfg.schedule, model,
+                      model.param_groups(cfg.optim.lr, cfg.optim.lr_vision, cfg.optim.weight_decay),
+                      dist, cfg, find_unused=lw.itm == 0)
+    task = RetrievalTask(cfg, dist, train_set, tokenizer, evaluator("val"), reporter)
+    t0 = time.perf_counter()
+    state = trainer.fit(task, resume=resume, metric_key="r_mean")
+    if state.global_step < state.total_steps:
+        if dist.is_main:
+            print("training stopped before the end: no test evaluation", flush=True)
+        return {}
+    best = out_dir / "checkpoint_best.pth"
+    path = best if best.is_file() else out_dir / "checkpoint_last.pth"
+    model.load_state_dict(load_checkpoint(path)["model"], strict=True)
+    result = evaluator("test").run(model)
+    reporter.report(result, "test", f"checkpoint {path.name}",
+                    extra={"evaluated_checkpoint": str(path), "best_val_r_mean": state.best_metric,
+                           "train_seconds": time.perf_counter() - t0, "steps": state.global_step})
+    return result.flat()
+
+
+def main(args) -> int:
+    """``run_finetune.py --task retrieval_{flickr,coco,shapes}`` entry point."""
+    if getattr(args, "predict", None):
+        raise ConfigError("--predict is for the caption tasks; retrieval has --evaluate and --zero-shot")
+    if args.zero_shot and args.evaluate:
+        raise ConfigError("--zero-shot and --evaluate are exclusive (both evaluate --checkpoint without training)")
+    cfg = load_config(RetrievalConfig, args.config, args.set)
+    mode: Mode = "zero_shot" if args.zero_shot else "evaluate" if args.evaluate else "finetune"
+    run(cfg, mode, checkpoint=args.checkpoint, resume=args.resume)
+    return 0
+
+
+__all__ = ["RetrievalConfig", "RetrievalDataConfig", "RetrievalLossConfig", "RetrievalTask", "run", "main",
+           "check_architecture", "load_into"]
