@@ -205,29 +205,21 @@ def check_architecture(model_cfg: VLPConfig, ckpt_config: Optional[dict], path: 
 
 
 def load_into(model: VLPModel, ckpt: dict, path: str, finetune: bool) -> LoadReport:
-    """Load a checkpoint of this project (pre-training or retrieval) with an explicit report.
+    """Load a checkpoint (ours, pre-training or retrieval; or ALBEF/BLIP names, converted by
+    ``load_model_state``) with an explicit report.
 
-    Evaluation drops the momentum copy and the queues (not needed). Fine-tuning keeps the momentum
-    copy (or initialises it from the online model when the checkpoint has none) and starts with
-    empty queues: queued pre-training features carry pre-training image ids, which would collide with
-    this task's ``image_id`` numbering."""
-    state = dict(ckpt["model"])
-    dropped = []
-    if not finetune:
-        dropped = [k for k in state if k.startswith(MOMENTUM_PREFIXES) or k.split(".")[-1] in QUEUE_KEYS]
-        for k in dropped:
-            del state[k]
-    helper_q = [k for k in state if k in ("image_queue_h", "text_queue_h")]
-    for k in helper_q:
-        del state[k]
-    report = load_model_state(model, state, source=path,
+    Evaluation builds no momentum copy or queues, so those keys are ignored (with that reason).
+    Fine-tuning keeps the momentum copy (or initialises it from the online model when the checkpoint
+    has none) and starts with empty queues: queued pre-training features carry pre-training image
+    ids, which would collide with this task's ``image_id`` numbering."""
+    report = load_model_state(model, dict(ckpt["model"]), source=path,
                               expected_missing={p: "momentum copy: initialised from the online model" for p in MOMENTUM_PREFIXES})
-    for k in dropped:
-        report.unexpected.append(k)
-        report.expected_unexpected[k] = "momentum copy / queue: not used for evaluation"
-    for k in helper_q:
-        report.unexpected.append(k)
-        report.expected_unexpected[k] = "helper-feature queue: no helper model at fine-tuning"
+    for k in report.unexpected:
+        last = k.split(".")[-1]
+        if last in ("image_queue_h", "text_queue_h"):
+            report.expected_unexpected[k] = "helper-feature queue: no helper model at fine-tuning"
+        elif not finetune and (k.startswith(MOMENTUM_PREFIXES) or last in QUEUE_KEYS):
+            report.expected_unexpected[k] = "momentum copy / queue: not used for evaluation"
     if finetune:
         if any(k.startswith(MOMENTUM_PREFIXES) for k in report.missing):
             model.copy_params_to_momentum()

@@ -54,8 +54,8 @@ from engine.config import opt
 log = logging.getLogger("retrieval")
 
 SCORE_RULES: dict[str, str] = {
-    "albef": "ITM score alone for the re-ranked candidates (fine-tuned ALBEF)",
-    "blip": "ITM score + ITC cosine for the re-ranked candidates (BLIP)",
+    "albef": "ITM score alone for the re-ranked candidates, as fine-tuned ALBEF",
+    "blip": "ITM score + ITC cosine for the re-ranked candidates, as BLIP",
 }
 
 
