@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -22,15 +22,15 @@ _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": Interpolati
 class TransformConfig:
     """Augmentation settings. ALBEF uses scale (0.5, 1.0), RandAugment(2, 7) and no flip for
     pre-training (flipping would contradict captions that say "left" or "right")."""
-    scale_min: float = 0.5
-    scale_max: float = 1.0
-    hflip: bool = False
-    randaugment: bool = True
-    ra_num_ops: int = 2
-    ra_magnitude: int = 7
-    mean: tuple[float, float, float] = CLIP_MEAN
-    std: tuple[float, float, float] = CLIP_STD
-    interpolation: str = "bicubic"
+    scale_min: float = field(default=0.5, metadata={"help": "smallest area fraction of the random resized crop (training)"})
+    scale_max: float = field(default=1.0, metadata={"help": "largest area fraction of the random resized crop (training)"})
+    hflip: bool = field(default=False, metadata={"help": "random horizontal flip (off: captions say left/right)"})
+    randaugment: bool = field(default=True, metadata={"help": "apply RandAugment when training"})
+    ra_num_ops: int = field(default=2, metadata={"help": "RandAugment: operations per image"})
+    ra_magnitude: int = field(default=7, metadata={"help": "RandAugment: magnitude"})
+    mean: tuple[float, float, float] = field(default=CLIP_MEAN, metadata={"help": "per-channel normalisation mean"})
+    std: tuple[float, float, float] = field(default=CLIP_STD, metadata={"help": "per-channel normalisation std"})
+    interpolation: str = field(default="bicubic", metadata={"help": "resize interpolation: bicubic, bilinear or nearest"})
 
 
 def build_transform(img_size: int, train: bool, cfg: TransformConfig | None = None) -> Callable[[Image.Image], torch.Tensor]:
