@@ -459,10 +459,11 @@ def fit_problems(arch: Dict[str, Any], cfg: Any) -> Tuple[List[str], List[str]]:
         if arch["layout"] == "blip" and vocab == cfg.text.vocab_size + 2:
             adapt.append(f"vocabulary {vocab} -> {cfg.text.vocab_size}: BLIP's added [DEC]/[ENC] rows dropped")
         else:
-            problems.append(
-                f"vocabulary of {vocab} tokens (set model.text.vocab_size={vocab}); the model has "
-                f"{cfg.text.vocab_size}. ALBEF/BLIP use bert-base-uncased's vocabulary: set tokenizer.path to a "
-                "local bert-base-uncased directory (vocab.txt)")
+            hint = (" (the vocabulary size follows the tokenizer: ALBEF/BLIP use bert-base-uncased's, so set "
+                    "tokenizer.path to a local bert-base-uncased directory with vocab.txt)"
+                    if arch["layout"] != "ours" else " (the vocabulary size follows the tokenizer: use the "
+                    "checkpoint's own tokenizer)")
+            problems.append(f"vocabulary of {vocab} tokens; the model has {cfg.text.vocab_size}{hint}")
     mp = t["max_position_embeddings"]
     if mp is not None and mp != cfg.text.max_position_embeddings:
         if mp > cfg.text.max_position_embeddings:

@@ -8,7 +8,9 @@ features and ITM logits exactly.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from models.vision import VisionConfig, interpolate_pos_embed
 from models.vlp import VLPConfig, VLPModel
 
 V, H, W, E, Q, MAXPOS = 50, 32, 32, 16, 8, 40
+ROOT_DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo" / "pretrain.yaml"
 N_TEXT, N_FUSION = 2, 2
 
 
@@ -34,7 +37,18 @@ def tiny_cfg(**vision) -> VLPConfig:
                      embed_dim=E, queue_size=Q)
 
 
+_MODELS: dict = {}
+
+
 def make_model(seed: int, **vision) -> VLPModel:
+    """A tiny model with seeded weights (built once per argument set, then copied: tests stay fast)."""
+    key = (seed, tuple(sorted(vision.items())))
+    if key not in _MODELS:
+        _MODELS[key] = _build_model(seed, **vision)
+    return copy.deepcopy(_MODELS[key])
+
+
+def _build_model(seed: int, **vision) -> VLPModel:
     torch.manual_seed(seed)
     m = VLPModel(tiny_cfg(**vision)).eval()
     with torch.no_grad():  # distinct online / momentum weights and a non-trivial queue
@@ -466,4 +480,35 @@ def test_load_model_state_hook_converts_for_task_code():
                               expected_missing={"head.": "new task head"})
     with pytest.raises(ValueError, match=r"model\.vision\.width=48"):
         report.raise_if_unexpected()
+
+
+
+# ----------------------------------------------------------------------------- tools.inspect
+def test_inspect_describes_albef_checkpoint_and_config_fit(tmp_path, capsys):
+    from tools.inspect import describe, main
+
+    path = tmp_path / "albef.pth"
+    torch.save({"model": ours_to_albef(make_model(0, img_size=48), with_idx_queue=True),
+                "config": {"image_res": 48}, "epoch": 2}, path)
+    fitting = tmp_path / "fits.yaml"
+    fitting.write_text(
+        "model:\n  vision: {img_size: 32, patch_size: 8, width: 32, depth: 2, num_heads: 2}\n"
+        "  text: {hidden_size: 32, num_text_layers: 2, num_fusion_layers: 2, num_heads: 2, intermediate_size: 64,\n"
+        "         max_position_embeddings: 40}\n  embed_dim: 16\n  queue_size: 8\n"
+        "tokenizer: {path: /models/bert-base-uncased}\n")
+    info = describe(path, [fitting, tmp_path.parent.parent / "missing.yaml", ROOT_DEMO])
+    assert info["layout"] == "albef" and info["epoch"] == 2
+    v, t = info["architecture"]["vision"], info["architecture"]["text"]
+    assert (v["width"], v["depth"], v["patch_size"], v["grid"], v["img_size"]) == (W, 2, 8, 6, 48)
+    assert t["cross_attention_layers"] == [2, 3] and t["vocab_size"] == V
+    assert "model.text.num_text_layers=2" in info["suggested_overrides"]
+    ok, missing, demo = info["fits"]
+    assert ok["fits"] and any("interpolated" in a for a in ok["adaptations"])
+    assert missing["error"] == "file not found"
+    assert not demo["fits"] and any("model.vision.width=32" in p for p in demo["problems"])
+    assert any("tokenizer.path" in p for p in demo["problems"])
+    assert main([str(path), "--config", str(fitting)]) == 0
+    out = capsys.readouterr().out
+    assert "layout: albef" in out and "pos_embed grid 6x6 -> trained at 48 px" in out and "YES" in out
+    assert main([str(tmp_path / "nope.pth")]) == 2
 

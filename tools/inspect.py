@@ -111,6 +111,9 @@ def config_fits(arch: dict, paths: list[Path]) -> list[dict]:
     schemas = _schemas()
     results = []
     for path in paths:
+        if not Path(path).is_file():
+            results.append({"config": str(path), "error": "file not found"})
+            continue
         model_cfg, schema, errors = None, None, []
         for cls in schemas:
             try:
