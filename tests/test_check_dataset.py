@@ -135,3 +135,14 @@ def test_bad_inputs_are_clear_errors(planted, capsys):
     rc = main(["--ann", str(planted["ann"]), "--image-root", str(planted["tmp"] / "nope"), "--format", "pretrain",
                "--out", str(planted["tmp"] / "x.json"), "--no-progress"])
     assert rc == 2 and "image root not found" in capsys.readouterr().err
+
+
+def test_replace_prefix_rewrites_albef_absolute_paths(planted):
+    tmp, root = planted["tmp"], planted["root"]
+    ann = tmp / "albef_style.json"
+    ann.write_text(json.dumps([{"image": "/export/share/datasets/coco/a/ok0.png", "caption": "x y"},
+                               {"image": "/export/share/datasets/coco/a/ok1.png", "caption": "z"}]))
+    out = tmp / "rewritten.json"
+    assert main(["--ann", str(ann), "--image-root", str(root), "--format", "pretrain", "--out", str(out),
+                 "--replace-prefix", "/export/share/datasets/coco/", "", "--no-progress"]) == 0
+    assert [r["image"] for r in json.loads(out.read_text())] == ["a/ok0.png", "a/ok1.png"]

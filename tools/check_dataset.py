@@ -148,8 +148,11 @@ def _clean(text: str, kind: str, style: str) -> str:
 
 def check_dataset(ann_files: list[str], image_root: str, fmt: str, max_words: int = 30, style: str = "albef",
                   drop_long: bool = False, drop_duplicate_images: bool = False, workers: int = 8,
-                  progress: bool = True) -> CheckResult:
+                  progress: bool = True, replace_prefix: Optional[list[tuple[str, str]]] = None) -> CheckResult:
     """Scan ``ann_files`` (format ``fmt``) against ``image_root``; see the module docstring.
+
+    ``replace_prefix``: ``(old, new)`` pairs applied to the start of every image path first (ALBEF's
+    released pre-training JSONs hold the authors' absolute paths); the cleaned JSON has the new paths.
 
     Raises:
         FileNotFoundError: an annotation file or the image root does not exist.
@@ -169,6 +172,10 @@ def check_dataset(ann_files: list[str], image_root: str, fmt: str, max_words: in
                 raise ValueError(f"annotation file {path} is not valid JSON: {e}") from e
         if not isinstance(obj, list):
             raise ValueError(f"annotation file {path} must hold a JSON list of records, found a {type(obj).__name__}")
+        if replace_prefix:
+            for rec in obj:
+                if isinstance(rec, dict) and spec.image_key in rec:
+                    rec[spec.image_key] = _replace(rec[spec.image_key], replace_prefix)
         data[path] = obj
 
     def image_paths(rec: dict) -> list[str]:
@@ -240,6 +247,17 @@ def check_dataset(ann_files: list[str], image_root: str, fmt: str, max_words: in
     return result
 
 
+def _replace(value: Any, pairs: list[tuple[str, str]]) -> Any:
+    """Apply the first matching ``(old, new)`` prefix replacement to a path (or each path of a list)."""
+    if isinstance(value, list):
+        return [_replace(v, pairs) for v in value]
+    if isinstance(value, str):
+        for old, new in pairs:
+            if value.startswith(old):
+                return new + value[len(old):]
+    return value
+
+
 def _check_all(paths: list[str], workers: int, progress: bool) -> dict[str, ImageStatus]:
     """:func:`check_image` on every path in a thread pool (decoding releases the GIL)."""
     from tqdm import tqdm
@@ -308,6 +326,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--format", required=True, choices=sorted(FORMATS), help="annotation format (README 'Datasets')")
     p.add_argument("--out", required=True, help="cleaned JSON to write (never one of the inputs)")
     p.add_argument("--report", default=None, help="also write a JSON report with every finding")
+    p.add_argument("--replace-prefix", nargs=2, action="append", metavar=("OLD", "NEW"), default=None,
+                   help="rewrite image paths starting with OLD to start with NEW (repeatable); e.g. ALBEF's "
+                        "absolute paths to paths relative to --image-root")
     p.add_argument("--max-words", type=int, default=30, help="texts longer than this after cleaning are reported")
     p.add_argument("--clean-style", choices=("albef", "blip"), default="albef", help="caption cleaning rules")
     p.add_argument("--drop-long", action="store_true", help="drop over-long texts instead of keeping them")
@@ -329,7 +350,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     try:
         result = check_dataset(args.ann, args.image_root, args.format, args.max_words, args.clean_style,
-                               args.drop_long, args.drop_duplicate_images, args.workers, not args.no_progress)
+                               args.drop_long, args.drop_duplicate_images, args.workers, not args.no_progress,
+                               [tuple(r) for r in args.replace_prefix or []])
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
