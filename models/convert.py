@@ -385,6 +385,7 @@ def architecture(sd: Dict[str, Tensor], layout: Optional[str] = None) -> Dict[st
         "mlp_ratio": (fc1.shape[0] / fc1.shape[1]) if fc1 is not None else None,
         "grid": grid,
         "img_size": grid * int(w.shape[-1]) if (grid and w is not None) else None,
+        "pre_norm": vis + "norm_pre.weight" in sd,
         "params": sum(v.numel() for k, v in sd.items() if k.startswith(vis)),
     }
     word = sd.get(txt + "embeddings.word_embeddings.weight")
@@ -437,6 +438,15 @@ def fit_problems(arch: Dict[str, Any], cfg: Any) -> Tuple[List[str], List[str]]:
     if v["mlp_ratio"] is not None and abs(v["mlp_ratio"] - cfg.vision.mlp_ratio) > 1e-6:
         problems.append(f"ViT MLP ratio {v['mlp_ratio']:g} (set model.vision.mlp_ratio={v['mlp_ratio']:g}); "
                         f"the model has {cfg.vision.mlp_ratio:g}")
+    if v["width"] is not None and v["pre_norm"] != cfg.vision.pre_norm:
+        problems.append(f"ViT {'with' if v['pre_norm'] else 'without'} a LayerNorm before the blocks (set "
+                        f"model.vision.pre_norm={str(v['pre_norm']).lower()})")
+    if arch["layout"] != "ours":  # ALBEF / BLIP: DeiT-style ViT (GELU, LayerNorm eps 1e-6)
+        if cfg.vision.act != "gelu":
+            problems.append(f"ALBEF/BLIP ViTs use GELU (set model.vision.act=gelu); the model has {cfg.vision.act}")
+        if abs(cfg.vision.layer_norm_eps - 1e-6) > 1e-12:
+            problems.append("ALBEF/BLIP ViTs use LayerNorm eps 1e-6 (set model.vision.layer_norm_eps=1e-6); the "
+                            f"model has {cfg.vision.layer_norm_eps:g}")
     if v["img_size"] and v["img_size"] != cfg.vision.img_size:
         adapt.append(f"image size {v['img_size']} -> {cfg.vision.img_size}: position embeddings interpolated "
                      "(bicubic, class position kept)")
@@ -689,10 +699,6 @@ def _component_reasons(state: Dict[str, Tensor], own: Dict[str, Tensor], p: str,
     if qs and not any(q in state for q in qs):
         for q in qs:
             expected.setdefault(q, "no usable queue in this checkpoint: starts empty")
-    pos = p + "visual.pos_embed"
-    if pos in state and pos in own and state[pos].shape != own[pos].shape:
-        msgs.append(f"position embeddings interpolated from {state[pos].shape[1] - 1} to {own[pos].shape[1] - 1} "
-                    "patches")
 
 
 def _fits(key: str, value: Tensor, own: Dict[str, Tensor]) -> bool:

@@ -512,3 +512,15 @@ def test_inspect_describes_albef_checkpoint_and_config_fit(tmp_path, capsys):
     assert "layout: albef" in out and "pos_embed grid 6x6 -> trained at 48 px" in out and "YES" in out
     assert main([str(tmp_path / "nope.pth")]) == 2
 
+
+
+def test_clip_layout_config_does_not_fit_albef_vit():
+    """ALBEF/BLIP ViTs are DeiT-style: the paper config's CLIP layout must be switched off by name."""
+    cfg = tiny_cfg()
+    clip = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pre_norm=True, act="quick_gelu",
+                                                                   layer_norm_eps=1e-5))
+    problems, _ = fit_problems(architecture(ours_to_albef(make_model(0))), clip)
+    text = " ".join(problems)
+    for key in ("model.vision.pre_norm=false", "model.vision.act=gelu", "model.vision.layer_norm_eps=1e-6"):
+        assert key in text
+    assert not fit_problems(architecture(ours_to_albef(make_model(0))), cfg)[0]

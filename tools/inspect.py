@@ -57,12 +57,17 @@ def suggested_overrides(arch: dict) -> list[str]:
     out = []
     for key, val in (("model.vision.img_size", v["img_size"]), ("model.vision.patch_size", v["patch_size"]),
                      ("model.vision.width", v["width"]), ("model.vision.depth", v["depth"]),
-                     ("model.vision.mlp_ratio", v["mlp_ratio"]), ("model.text.hidden_size", t["hidden_size"]),
+                     ("model.vision.mlp_ratio", v["mlp_ratio"]), ("model.vision.pre_norm", v["pre_norm"]),
+                     ("model.text.hidden_size", t["hidden_size"]),
                      ("model.text.intermediate_size", t["intermediate_size"]),
                      ("model.text.max_position_embeddings", t["max_position_embeddings"]),
                      ("model.embed_dim", arch["embed_dim"]), ("model.queue_size", arch["queue_size"])):
-        if val is not None:
+        if isinstance(val, bool):
+            out.append(f"{key}={str(val).lower()}")
+        elif val is not None:
             out.append(f"{key}={val:g}" if isinstance(val, float) else f"{key}={val}")
+    if arch["layout"] != "ours" and v["width"] is not None:
+        out += ["model.vision.act=gelu", "model.vision.layer_norm_eps=1e-6"]
     n, cross = t["num_layers"], t["cross_attention_layers"]
     if n:
         if arch["layout"] == "blip" or (cross and cross[0] == 0):
