@@ -40,6 +40,7 @@ def _components(sd: dict, layout: str) -> dict[str, tuple[int, int]]:
 
         prefix = _ours_prefix(sd)
     out: dict[str, list[int]] = {}
+    seen: set = set()
     for k, v in sd.items():
         name = k[len(prefix):] if prefix and k.startswith(prefix) else k
         comp = (prefix + name.split(".")[0]) if prefix and k.startswith(prefix) else name.split(".")[0]
@@ -47,7 +48,10 @@ def _components(sd: dict, layout: str) -> dict[str, tuple[int, int]]:
             comp = name.split(".")[0] + ".cls (MLM head)"
         entry = out.setdefault(comp, [0, 0])
         entry[0] += 1
-        entry[1] += v.numel()
+        ident = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if ident not in seen:  # a tied tensor (MLM decoder = word embeddings) is counted once
+            seen.add(ident)
+            entry[1] += v.numel()
     return {k: (a, b) for k, (a, b) in out.items()}
 
 
@@ -152,7 +156,7 @@ def describe(path: str | os.PathLike, configs: Optional[list[Path]] = None) -> d
     info: dict[str, Any] = {
         "file": str(path), "size_mb": round(os.path.getsize(path) / 2 ** 20, 1),
         "entries": sorted(ckpt), "layout": layout, "tensors": len(sd),
-        "parameters": sum(v.numel() for v in sd.values()),
+        "parameters": sum(c[1] for c in _components(sd, layout).values()),
         "components": {k: {"tensors": a, "parameters": b} for k, (a, b) in _components(sd, layout).items()},
         "architecture": arch, "suggested_overrides": suggested_overrides(arch),
     }
