@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datasets.formats import PretrainCollator, PretrainDataset
+from datasets.shards import ShardPretrainDataset
 from datasets.shapes import ShapesConfig, ShapesWorld
 from datasets.text import tokenizer_state
 from datasets.transforms import TransformConfig, build_transform
@@ -32,7 +33,11 @@ log = logging.getLogger("pretrain")
 
 @dataclass
 class PretrainDataConfig:
+    format: Literal["json", "shards"] = opt("json", "json: annotation JSONs (train_files) + image files; shards: WebDataset-style tar shards (shards), streamed")
     train_files: list[str] = opt(["data/shapes/pretrain.json"], "annotation JSONs [{image, caption}], concatenated")
+    shards: list[str] = opt([], "with format=shards: tar shards as brace patterns (data/shards/shard-{000000..000099}.tar), globs, or the index.json that python -m datasets.shards writes")
+    shards_num_samples: Optional[int] = opt(None, "with format=shards: samples per epoch (default: all samples the shards' index.json lists)")
+    shards_shuffle_buffer: int = opt(1000, "with format=shards: samples in each loader worker's shuffle buffer (1 = shard order)")
     image_root: str = opt("data/shapes", "directory the 'image' paths are relative to")
     max_words: int = opt(30, "captions are cut to this many words after cleaning")
     clean_style: Literal["albef", "blip"] = opt("albef", "caption cleaning rules")
@@ -67,19 +72,28 @@ class PretrainTask:
                  helper: Optional[VLPModel] = None, world: Optional[ShapesWorld] = None) -> None:
         self.cfg, self.dist, self.dataset, self.tokenizer = cfg, dist, dataset, tokenizer
         self.helper, self.world = helper, world
-        self.sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.grad_accum,
-                                         dist.rank, dist.world_size, cfg.train.seed)
+        self.sampler: Optional[EpochBatchSampler] = None
+        if isinstance(dataset, ShardPretrainDataset):  # streamed: the dataset plans its own batches
+            dataset.configure(cfg.train.batch_size, cfg.train.grad_accum, dist.rank, dist.world_size)
+        else:
+            self.sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.grad_accum,
+                                             dist.rank, dist.world_size, cfg.train.seed)
         self.collator = PretrainCollator(tokenizer, cfg.tokenizer.max_length, cfg.loss.mlm_prob)
         self.seen = 0
         self.bad = 0
 
     def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch()
+        return self.sampler.steps_per_epoch() if self.sampler is not None else self.dataset.steps_per_epoch()
 
     def train_batches(self, epoch: int, start_step: int):
         self.dataset.set_epoch(epoch)
-        self.sampler.set_position(epoch, start_step)
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
+        if self.sampler is None:
+            self.dataset.set_position(epoch, start_step)
+            batching = {"batch_size": self.dataset.micro_batch()}
+        else:
+            self.sampler.set_position(epoch, start_step)
+            batching = {"batch_sampler": self.sampler}
+        loader = DataLoader(self.dataset, collate_fn=self.collator, **batching,
                             num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
                             generator=torch.Generator().manual_seed(0),
                             persistent_workers=False)
@@ -151,9 +165,14 @@ def prepare_data(cfg: PretrainConfig, dist: D.DistInfo) -> Optional[ShapesWorld]
     (for diagnostics) when the data is synthetic."""
     d = cfg.data
     ensure_synthetic(d.image_root, d.shapes, dist)
-    require_files(d.train_files, "pre-training annotation",
-                  "Real data (CC3M, SBU, COCO, VG) comes as ALBEF-format JSON lists; see README 'Datasets'.")
+    if d.format == "json":
+        require_files(d.train_files, "pre-training annotation",
+                      "Real data (CC3M, SBU, COCO, VG) comes as ALBEF-format JSON lists; see README 'Datasets'.")
     if not cfg.diagnostics.every:
+        return None
+    if d.format == "shards":
+        if dist.is_main:
+            log.warning("diagnostics.every is set but data.format=shards: diagnostics need the JSON reader; off")
         return None
     if (Path(d.image_root) / "scenes.json").is_file():
         return ShapesWorld.load(d.image_root)
@@ -185,7 +204,11 @@ def run(cfg: PretrainConfig, resume: Optional[str] = None) -> TrainState:
     world = prepare_data(cfg, dist)
     d = cfg.data
     transform = build_transform(cfg.model.vision.img_size, True, d.transform)
-    dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed)
+    if d.format == "shards":
+        dataset = ShardPretrainDataset(d.shards, transform, d.max_words, d.clean_style, cfg.train.seed,
+                                       d.shards_shuffle_buffer, d.shards_num_samples)
+    else:
+        dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed)
     resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt)
     del resume_ckpt
