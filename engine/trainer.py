@@ -64,6 +64,8 @@ class TrainConfig:
     nan_policy: Literal["stop", "skip"] = opt("stop", "a non-finite loss: stop the run, or skip the step")
     max_nan_skips: int = opt(10, "with nan_policy skip: consecutive skipped steps before stopping")
     compile: bool = opt(False, "torch.compile the model")
+    sharding: Literal["none", "zero", "fsdp"] = opt("none", "with several processes: none = DDP (every process holds everything); zero = DDP + AdamW state sharded over the processes (torch ZeroRedundancyOptimizer, ZeRO-1); fsdp = parameters, gradients and AdamW state sharded (torch FSDP2 fully_shard, one unit per transformer block); no effect with one process")
+    fsdp_blocks: list[str] = opt(["Block", "TransformerLayer"], "with sharding=fsdp: class names of the modules that become one FSDP unit each (the transformer blocks); everything else forms the root unit")
     progress: bool = opt(True, "show a progress bar (main process)")
 
     def validate(self) -> None:
@@ -149,13 +151,29 @@ class Trainer:
         self.cfg, self.dist, self.run_config = cfg, dist, run_config
         self.out_dir = Path(cfg.output_dir)
         self.model = model
+        self.sharding = cfg.sharding if dist.world_size > 1 else "none"
+        if cfg.sharding != "none" and dist.world_size == 1:
+            log.info("train.sharding=%s has no effect with one process", cfg.sharding)
+        self._replicated: list[nn.Parameter] = []  # FSDP: parameters kept whole (scalars)
+        if self.sharding == "fsdp":
+            param_groups, self._replicated = _fully_shard(model, param_groups, cfg.fsdp_blocks, dist)
         fused = optim.fused == "on" or (optim.fused == "auto" and dist.device.type == "cuda")
-        self.optimizer = torch.optim.AdamW(param_groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                           weight_decay=optim.weight_decay, fused=fused or None)
+        adamw = dict(lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
+                     fused=fused or None)
+        if self.sharding == "zero":
+            from torch.distributed.optim import ZeroRedundancyOptimizer
+            self.optimizer = ZeroRedundancyOptimizer(param_groups, optimizer_class=torch.optim.AdamW, **adamw)
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups, **adamw)
         self.optim_cfg, self.sched_cfg = optim, sched
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
         self.ddp_model: nn.Module = model
-        if dist.world_size > 1:
+        # A model that updates an EMA copy inside forward (VLPModel) cannot do so on FSDP shards:
+        # the trainer does that update itself, before each micro-batch and outside forward.
+        self._momentum_outside = self.sharding == "fsdp" and bool(getattr(model, "momentum_in_forward", False))
+        if self._momentum_outside:
+            model.momentum_in_forward = False
+        if dist.world_size > 1 and self.sharding != "fsdp":
             self.ddp_model = DDP(model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
                                  broadcast_buffers=False, find_unused_parameters=find_unused)
         if cfg.compile:
@@ -170,11 +188,27 @@ class Trainer:
         dtype = torch.bfloat16 if self.cfg.precision == "bf16" else torch.float16
         return torch.autocast(self.dist.device.type, dtype=dtype)
 
+    def _full_state(self) -> tuple[dict, dict]:
+        """Model and optimiser state dicts in the unsharded single-process format (collective under
+        sharding; the gathered copy is complete on the main process only)."""
+        if self.sharding == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                                 get_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            model_sd = get_model_state_dict(self.model, options=opts)
+            optim_sd = get_optimizer_state_dict(self.model, self.optimizer, options=opts)
+            return model_sd, (_optim_by_index(optim_sd, self.optimizer, self.model) if self.dist.is_main else {})
+        if self.sharding == "zero":
+            self.optimizer.consolidate_state_dict(to=0)
+            return self.model.state_dict(), (self.optimizer.state_dict() if self.dist.is_main else {})
+        return self.model.state_dict(), self.optimizer.state_dict()
+
     def _checkpoint(self, task: Task) -> dict:
         rngs = D.all_gather_object(rng_state())
+        model_sd, optim_sd = self._full_state()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_sd,
+            "optimizer": optim_sd,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "state": vars(self.state).copy(),
@@ -193,8 +227,16 @@ class Trainer:
 
     def resume(self, path: str) -> None:
         ckpt = load_checkpoint(find_resume(path))
-        self.model.load_state_dict(ckpt["model"], strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.sharding == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+            opts = StateDictOptions(full_state_dict=True, strict=True)
+            set_model_state_dict(self.model, ckpt["model"], options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, _optim_by_name(ckpt["optimizer"], self.optimizer, self.model),
+                                     options=StateDictOptions(full_state_dict=True, strict=False))  # unused parameters have no state
+        else:
+            self.model.load_state_dict(ckpt["model"], strict=True)
+            self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
@@ -263,7 +305,8 @@ class Trainer:
                     if st.global_step >= total:
                         break
                 epoch_done = st.step_in_epoch >= spe
-                metrics = task.evaluate(self.model, st.epoch)
+                with self._root_unsharded():
+                    metrics = task.evaluate(self.model, st.epoch)
                 if epoch_done:
                     st.epoch += 1
                     st.step_in_epoch = 0
@@ -287,6 +330,19 @@ class Trainer:
                 st.best_metric = value
                 self.save(task, "checkpoint_best.pth")
 
+    @contextlib.contextmanager
+    def _root_unsharded(self):
+        """Under FSDP, the root unit's parameters gathered (for evaluation code that calls model
+        methods rather than ``model(...)``); the block units gather themselves when called."""
+        if self.sharding != "fsdp":
+            yield
+            return
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
+
     def _reduce_window(self, window: dict[str, list[float]]) -> dict[str, float]:
         """Mean of each logged value over the window and over all processes."""
         keys = sorted(window)
@@ -307,6 +363,8 @@ class Trainer:
         bad_part = ""
         for i, mb in enumerate(micro_batches):
             sync = contextlib.nullcontext() if (i == n - 1 or not isinstance(self.ddp_model, DDP)) else self.ddp_model.no_sync()
+            if self._momentum_outside:
+                self.model.momentum_update()  # on the shards, as forward would have done first
             with sync:
                 with self.autocast():
                     out = task.train_step(self.ddp_model, mb, st)
@@ -320,6 +378,8 @@ class Trainer:
                     finite, bad_part = False, k
                 sums[k] = sums.get(k, 0.0) + fv / n
             pairs += int(out.get("_pairs", 0))
+        for p in self._replicated:  # FSDP leaves these to us: average their gradients like DDP
+            p.grad = D.all_reduce_mean(p.grad if p.grad is not None else torch.zeros_like(p))
         # agree on finiteness across ranks
         flag = D.all_reduce_sum(torch.tensor([0.0 if finite else 1.0]))
         if flag.item() > 0:
@@ -339,12 +399,58 @@ class Trainer:
         st.nan_skips = 0
         if self.optim_cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
-            sums["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+            sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {**sums, "_pairs": pairs}
+
+
+def _fully_shard(model: nn.Module, param_groups: list[dict], blocks: list[str],
+                 dist: D.DistInfo) -> tuple[list[dict], list[nn.Parameter]]:
+    """FSDP2: one unit per module whose class name is in ``blocks``, the rest in the root unit;
+    parameters become sharded DTensors in place, so ``param_groups`` are rebuilt by name.
+    Scalar parameters (the temperature) cannot be sharded: they stay whole on every process and
+    are returned, for the trainer to average their gradients."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    group_names = [[names[id(p)] for p in g["params"]] for g in param_groups]
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    units = [m for m in model.modules() if type(m).__name__ in set(blocks) and m is not model]
+    if not units:
+        raise ValueError(f"train.fsdp_blocks={blocks} matches no module of {type(model).__name__}")
+    scalars = {p for p in model.parameters() if p.ndim == 0}
+    for m in units:
+        fully_shard(m, mesh=mesh, ignored_params=scalars)
+    fully_shard(model, mesh=mesh, ignored_params=scalars)
+    params = dict(model.named_parameters())
+    groups = [{**g, "params": [params[n] for n in ns]} for g, ns in zip(param_groups, group_names)]
+    return groups, [p for p in params.values() if p.ndim == 0 and p.requires_grad]
+
+
+def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """Names of the optimiser's parameters in state-dict index order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def _optim_by_index(sd: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """A name-keyed (torch.distributed.checkpoint) optimiser state dict -> the usual index-keyed one,
+    so sharded and unsharded runs write the same checkpoint format."""
+    index = {n: i for i, n in enumerate(_param_names(optimizer, model))}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {index[n]: v for n, v in sd["state"].items()}, "param_groups": groups}
+
+
+def _optim_by_name(sd: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """The inverse of :func:`_optim_by_index`."""
+    names = _param_names(optimizer, model)
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": {names[int(i)]: v for i, v in sd["state"].items()}, "param_groups": groups}
 
 
 def setup_logging(is_main: bool) -> None:

@@ -109,6 +109,9 @@ class VLPModel(nn.Module):
         self.mlm_head = MLMHead(cfg.text)
         self.mlm_head.decoder.weight = self.text.embeddings.word_embeddings.weight
         self.has_momentum = momentum
+        # forward() starts with the EMA update; a trainer that shards the parameters (FSDP) sets
+        # this False and calls momentum_update() itself before each forward, outside it.
+        self.momentum_in_forward = momentum
         if momentum:
             self.visual_m = copy.deepcopy(self.visual)
             # The momentum text model only needs the text layers (no fusion layers).
@@ -235,7 +238,8 @@ class VLPModel(nn.Module):
 
         # ---------------- contrastive (SRCL / InfoNCE) against momentum batch + queue
         with torch.no_grad():
-            self.momentum_update()
+            if self.momentum_in_forward:
+                self.momentum_update()
             image_feat_m = F.normalize(self.vision_proj_m(vit_tokens(self.visual_m, image)[:, 0]).float(), dim=-1)
             text_feat_m = F.normalize(self.text_proj_m(self.text_m.forward_text(ids, mask)[:, 0]).float(), dim=-1)
             image_m_g, text_m_g, idx_g = (all_gather_nograd(t) for t in (image_feat_m, text_feat_m, idx))
