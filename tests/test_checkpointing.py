@@ -87,7 +87,8 @@ def test_checkpointing_with_dropout_keeps_the_random_stream():
 
 
 def test_momentum_encoders_are_not_checkpointed():
-    """The momentum forward runs under no_grad: checkpointing must not wrap it (nothing to save)."""
+    """The momentum forward runs under no_grad: our text layers skip checkpointing there (timm's
+    ViT still calls checkpoint under no_grad, which saves nothing and recomputes nothing)."""
     _, ckpt = _pair(True, True)
     calls = {"n": 0}
     real = torch.utils.checkpoint.checkpoint
