@@ -90,14 +90,21 @@ class Attention(nn.Module):
         self.output.LayerNorm = nn.LayerNorm(hidden, eps=layer_norm_eps)
         self.output.dropout = nn.Dropout(hidden_dropout)
 
-    def forward(self, x: Tensor, kv: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """``x`` (B, Q, H) attends to ``kv`` (B, K, W); ``mask`` boolean, broadcastable to (B, h, Q, K)."""
+    def forward(self, x: Tensor, kv: Tensor, mask: Optional[Tensor] = None,
+                kv_index: Optional[Tensor] = None) -> Tensor:
+        """``x`` (B, Q, H) attends to ``kv`` (B, K, W); ``mask`` boolean, broadcastable to (B, h, Q, K).
+
+        With ``kv_index`` (B,) long, ``kv`` is (M, K, W) and row ``b`` of ``x`` attends to
+        ``kv[kv_index[b]]``: keys and values are projected once per ``kv`` item and then gathered
+        (the same result as passing ``kv[kv_index]``, without repeating the projections)."""
         B, Q, H = x.shape
 
-        def split(t: Tensor) -> Tensor:  # (B, T, H) -> (B, heads, T, H / heads)
-            return t.view(B, t.shape[1], self.heads, H // self.heads).transpose(1, 2)
+        def split(t: Tensor) -> Tensor:  # (N, T, H) -> (N, heads, T, H / heads)
+            return t.view(t.shape[0], t.shape[1], self.heads, H // self.heads).transpose(1, 2)
 
         q, k, v = split(self.self.query(x)), split(self.self.key(kv)), split(self.self.value(kv))
+        if kv_index is not None:
+            k, v = k[kv_index], v[kv_index]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask,
             dropout_p=self.attention_dropout if self.training else 0.0)
@@ -132,7 +139,7 @@ class TransformerLayer(nn.Module):
 
     def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None,
                 encoder_hidden: Optional[Tensor] = None, encoder_mask: Optional[Tensor] = None,
-                causal: Optional[bool] = None) -> Tensor:
+                causal: Optional[bool] = None, encoder_index: Optional[Tensor] = None) -> Tensor:
         """Run the block.
 
         Args:
@@ -142,12 +149,18 @@ class TransformerLayer(nn.Module):
                 layer has cross-attention).
             encoder_mask: (B, N) with 1 = token, 0 = pad, or None.
             causal: override the layer's default (``self.causal``) for this call.
+            encoder_index: (B,) long or None: ``encoder_hidden`` (and ``encoder_mask``) then hold
+                M distinct items and row b reads item ``encoder_index[b]`` (keys/values projected
+                once per item).
         """
         x = self.self_attend(hidden, attention_mask, causal)
         if self.has_cross_attention:
             if encoder_hidden is None:
                 raise ValueError("this layer has cross-attention: pass encoder_hidden (image tokens)")
-            x = self.crossattention(x, encoder_hidden, attention_mask_4d(encoder_mask, x.shape[1], False))
+            if encoder_index is not None and encoder_mask is not None:
+                encoder_mask = encoder_mask[encoder_index]
+            x = self.crossattention(x, encoder_hidden, attention_mask_4d(encoder_mask, x.shape[1], False),
+                                    kv_index=encoder_index)
         return self.feed_forward(x)
 
     # The block's stages, for heads that change only the cross-attention step (e.g. NLVR2's two
@@ -223,18 +236,21 @@ class TextTransformer(nn.Module):
 
     def forward_layers(self, hidden: Tensor, attention_mask: Optional[Tensor], start: int, end: int,
                        image_embeds: Optional[Tensor] = None, image_atts: Optional[Tensor] = None,
-                       causal: bool = False) -> Tensor:
+                       causal: bool = False, image_index: Optional[Tensor] = None) -> Tensor:
         """Run ``encoder.layer[start:end]`` (the shared implementation of every text path).
 
         ``causal=True`` makes the self-attention causal (a decoder reusing these layers).
+        ``image_index`` (B,): row b cross-attends to ``image_embeds[image_index[b]]`` (see
+        ``TransformerLayer.forward``'s ``encoder_index``).
         Gradient checkpointing applies per layer when ``cfg.grad_checkpointing`` and training.
         """
+        extra = {} if image_index is None else {"encoder_index": image_index}
         for layer in self.encoder.layer[start:end]:
             args = (hidden, attention_mask, image_embeds, image_atts, causal)
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(layer, *args, use_reentrant=False)
+                hidden = checkpoint(layer, *args, use_reentrant=False, **extra)
             else:
-                hidden = layer(*args)
+                hidden = layer(*args, **extra)
         return hidden
 
     def forward_text(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
@@ -243,11 +259,15 @@ class TextTransformer(nn.Module):
         return self.forward_layers(hidden, attention_mask, 0, self.cfg.num_text_layers)
 
     def forward_fusion(self, hidden: Tensor, attention_mask: Optional[Tensor], image_embeds: Tensor,
-                       image_atts: Optional[Tensor] = None) -> Tensor:
-        """Fusion layers (self-attention + cross-attention to ``image_embeds`` (B, N, encoder_width))."""
+                       image_atts: Optional[Tensor] = None, image_index: Optional[Tensor] = None) -> Tensor:
+        """Fusion layers (self-attention + cross-attention to ``image_embeds`` (B, N, encoder_width)).
+
+        With ``image_index`` (B,) long, ``image_embeds`` (M, N, W) holds M distinct images and text
+        row b reads image ``image_index[b]``: the same result as ``image_embeds[image_index]``, but
+        the cross-attention keys/values are projected once per image, not once per pair."""
         n = self.cfg.num_text_layers
         return self.forward_layers(hidden, attention_mask, n, n + self.cfg.num_fusion_layers,
-                                   image_embeds, image_atts)
+                                   image_embeds, image_atts, image_index=image_index)
 
 
 class MLMHead(nn.Module):

@@ -139,9 +139,11 @@ class VLPModel(nn.Module):
         """Unimodal text states ``(B, L, hidden)`` from the text layers."""
         return self.text.forward_text(input_ids, attention_mask)
 
-    def fuse(self, text_embeds, attention_mask, image_embeds, image_atts=None) -> torch.Tensor:
-        """Fusion states ``(B, L, hidden)``: text attends to image tokens by cross-attention."""
-        return self.text.forward_fusion(text_embeds, attention_mask, image_embeds, image_atts)
+    def fuse(self, text_embeds, attention_mask, image_embeds, image_atts=None, image_index=None) -> torch.Tensor:
+        """Fusion states ``(B, L, hidden)``: text attends to image tokens by cross-attention.
+        ``image_index`` (B,): text row b reads ``image_embeds[image_index[b]]``, keys/values computed
+        once per image (for many captions per image: ITM negatives, retrieval re-ranking)."""
+        return self.text.forward_fusion(text_embeds, attention_mask, image_embeds, image_atts, image_index)
 
     def image_feat(self, image_embeds: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.vision_proj(image_embeds[:, 0, :]).float(), dim=-1)
@@ -300,7 +302,8 @@ class VLPModel(nn.Module):
             self.enqueue(image_m_g, text_m_g, idx_g,
                          *( (image_h_g, text_h_g) if helper_feats is not None else (None, None) ))
 
-        # ---------------- ITM with hard negatives (positive + both negative sets in one fusion pass)
+        # ---------------- ITM with hard negatives (positive + both negative sets in one fusion pass;
+        # the cross-attention keys/values of each image are projected once and gathered per pair)
         if loss_cfg.itm > 0:
             with torch.no_grad():
                 pos_local = idx[:, None] == idx[None, :]
@@ -309,9 +312,10 @@ class VLPModel(nn.Module):
                 neg_image = L.sample_hard_negatives(sim_i2t_local.T, pos_local.T, generator)
             text_in = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])
             mask_in = torch.cat([mask, mask, mask[neg_text]])
-            image_in = torch.cat([image_embeds, image_embeds[neg_image], image_embeds])
-            itm_logits = self.itm_logits(self.fuse(text_in, mask_in, image_in))
             b = image.shape[0]
+            own = torch.arange(b, device=image.device)
+            image_index = torch.cat([own, neg_image.to(image.device), own])
+            itm_logits = self.itm_logits(self.fuse(text_in, mask_in, image_embeds, image_index=image_index))
             labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(image.device)
             out["loss_itm"] = F.cross_entropy(itm_logits.float(), labels)
             out["itm_acc"] = (itm_logits.argmax(1) == labels).float().mean().detach()
