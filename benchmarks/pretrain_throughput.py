@@ -142,7 +142,8 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
     model = VLPModel(cfg.model).to(dev)
     if ckpt == "fairscale":
         _wrap_fairscale(model)
-    opt = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 0.02), fused=dev.type == "cuda" or None)
+    # fused AdamW where torch has the kernel, as the trainer does (optim.fused=auto)
+    opt = torch.optim.AdamW(model.param_groups(1e-4, 1e-5, 0.02), fused=dev.type in ("cpu", "cuda") or None)
     v, length, size = cfg.model.text.vocab_size, cfg.tokenizer.max_length, cfg.model.vision.img_size
     g = torch.Generator().manual_seed(0)
 
