@@ -152,6 +152,51 @@ def extrapolate(row: dict, target_images: int, captions_per_image: int, k: int) 
             "extrapolated": True, "measured_on": f"{row['images']}x{row['captions']} k_test={row['k_test']}"}
 
 
+def fusion_compare(model_name: str, n_images: int, pairs: int, text_len: int, precision: str, device: str,
+                   repeats: int = 3) -> dict:
+    """ITM re-ranking pairs/s of the fusion encoder, image tokens gathered per pair
+    (``fuse(states, mask, tokens[img])``, keys/values projected per pair) against
+    ``fuse(states, mask, tokens, image_index=img)`` (projected once per image): the choice a
+    re-ranking loop has when it scores many captions of each image."""
+    import torch
+
+    from engine.config import load_config
+    from models.vlp import VLPModel
+    from tasks.pretrain import PretrainConfig
+
+    cfg = load_config(PretrainConfig, ROOT / CONFIGS[model_name],
+                      ["model.vision_weights=null", "model.text_weights=null", "tokenizer.path=null"])
+    dev = torch.device(device)
+    torch.manual_seed(0)
+    model = VLPModel(cfg.model, momentum=False).to(dev).eval()
+    v = cfg.model.vision
+    n_tok = 1 + (v.img_size // v.patch_size) ** 2
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(n_images, n_tok, v.width, generator=g).to(dev)
+    states = torch.randn(pairs, text_len, cfg.model.text.hidden_size, generator=g).to(dev)
+    mask = torch.ones(pairs, text_len, dtype=torch.long, device=dev)
+    img = torch.arange(pairs, device=dev) % n_images
+    amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    out = {"model": model_name, "precision": precision, "images": n_images, "pairs": pairs, "image_tokens": n_tok}
+    with torch.no_grad(), amp:
+        for name, fn in (("gathered", lambda: model.fuse(states, mask, tokens[img])),
+                         ("image_index", lambda: model.fuse(states, mask, tokens, image_index=img))):
+            fn()
+            best = float("inf")
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                best = min(best, time.perf_counter() - t0)
+            out[f"{name}_pairs_per_s"] = pairs / best
+    out["speedup"] = out["image_index_pairs_per_s"] / out["gathered_pairs_per_s"]
+    print(f"{model_name:14s} {precision:5s} fusion re-ranking {pairs} pairs over {n_images} images: "
+          f"{out['gathered_pairs_per_s']:.1f} pairs/s gathered, {out['image_index_pairs_per_s']:.1f} pairs/s with "
+          f"image_index ({out['speedup']:.2f}x)", flush=True)
+    return out
+
+
 def table(rows: list[dict]) -> str:
     head = "| model | precision | images x captions | k_test | ITM pairs | features s | ITC s | ITM s | total s | ITM share | note |"
     out = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -177,6 +222,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="image-loading worker processes")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--fusion-compare", type=int, default=0, metavar="PAIRS",
+                    help="also time PAIRS re-ranking pairs (over --batch images) with image tokens gathered per "
+                         "pair vs VLPModel.fuse(image_index=...)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/eval_throughput.json"))
     args = ap.parse_args()
     import torch
@@ -191,13 +239,15 @@ def main() -> None:
         if args.images < args.target_images:
             biggest = max(measured, key=lambda r: r["k_test"])
             rows += [extrapolate(biggest, args.target_images, args.captions_per_image, k) for k in args.target_k_test]
+    fusion = [fusion_compare(m, args.batch, args.fusion_compare, 30, args.precision, args.device)
+              for m in args.models] if args.fusion_compare else []
     print()
     print(table(rows))
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(), "torch": torch.__version__,
             "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "fusion_compare": fusion}, indent=2))
     print(f"wrote {args.out}")
 
 
