@@ -234,11 +234,14 @@ def _split_key(name: str) -> tuple[str, str]:
     return os.path.join(d, stem), ext.lower()
 
 
-def iter_tar_samples(path: str, want_images: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_tar_samples(path: str, want_images: bool = True,
+                     keep: Optional[Callable[[int], bool]] = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """``(key, {ext: bytes})`` for each sample of one tar, in member order. With ``want_images=False``
-    image data is skipped (seeked over), e.g. to count samples or read captions only. A damaged tar
-    stops with a ``tarfile.TarError`` / ``OSError`` after the samples before the damage."""
+    image data is skipped (seeked over), e.g. to count samples or read captions only; samples whose
+    position ``i`` in the tar has ``keep(i)`` false are not read at all (their parts are empty). A
+    damaged tar stops with a ``tarfile.TarError`` / ``OSError`` after the samples before the damage."""
     key, parts = None, {}
+    ordinal = -1
     with tarfile.open(path, "r:") as tar:
         for member in tar:
             if not member.isfile():
@@ -248,7 +251,9 @@ def iter_tar_samples(path: str, want_images: bool = True) -> Iterator[tuple[str,
                 if key is not None:
                     yield key, parts
                 key, parts = k, {}
-            if want_images or ext not in IMAGE_EXTENSIONS:
+                ordinal += 1
+                wanted = keep is None or keep(ordinal)
+            if wanted and (want_images or ext not in IMAGE_EXTENSIONS):
                 f = tar.extractfile(member)
                 parts[ext] = f.read() if f is not None else b""
             else:
@@ -477,7 +482,8 @@ class ShardPretrainDataset(IterableDataset):
             last = local_needed[-1]
             got: set[int] = set()
             try:
-                for local, (key, parts) in enumerate(iter_tar_samples(info.path)):
+                keep = (lambda i, first=info.first: first + i in needed)
+                for local, (key, parts) in enumerate(iter_tar_samples(info.path, keep=keep)):
                     idx = info.first + local
                     if idx in needed:
                         got.add(idx)
