@@ -9,7 +9,8 @@ that peak memory is measured per setting.
 
 Measured per setting: median and fastest step time, pairs/s, peak memory (CPU: the process's
 max RSS, with the RSS before the first step, so the growth is visible; CUDA: max allocated),
-the bytes autograd saves for backward in one step (activation memory, exact on any device),
+the peak tensor memory of one forward + backward (activations, gradients and temporaries, from
+the profiler's allocation records on CPU),
 and FLOPs per pair: counted by ``torch.utils.flop_counter.FlopCounterMode`` over one real step,
 next to the analytic count of :func:`analytic_flops` (per component; see docs/performance.md),
 and the achieved FLOP/s.
@@ -105,6 +106,37 @@ def analytic_flops(cfg, text_len: int, batch: int) -> dict[str, float]:
     return {k: float(x) for k, x in parts.items()}
 
 
+def _step_peak_mib(model, batch: dict, loss_cfg, amp, opt, dev) -> float:
+    """Peak tensor memory (MiB) allocated during one forward + backward above what was allocated
+    before it. CPU: from the profiler's allocation records (``profile_memory``), at operator
+    granularity; CUDA: ``max_memory_allocated``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        with amp:
+            out = model(batch, loss_cfg)
+        out["loss"].backward()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with amp:
+                out = model(batch, loss_cfg)
+            out["loss"].backward()
+        cur = top = 0
+        for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+            cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+            top = max(top, cur)
+        peak = top / 2**20
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return peak
+
+
 def _wrap_fairscale(model) -> int:
     """Wrap every ViT block and text layer with fairscale's checkpoint_wrapper (as BLIP does)."""
     from fairscale.nn.checkpoint import checkpoint_wrapper
@@ -170,21 +202,12 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
             torch.cuda.synchronize()
 
     rss0 = _rss_mib()
-    # one instrumented step: bytes saved for backward (activations) and FLOPs actually executed
-    saved: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            saved[st.data_ptr()] = max(saved.get(st.data_ptr(), 0), st.nbytes())
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
-
-    b = batch_fn()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), FlopCounterMode(display=False) as fc:
-        step(b)
+    # two instrumented steps: the FLOPs actually executed, and the peak tensor memory of forward +
+    # backward (activations, gradients, temporaries; parameters and optimiser state excluded)
+    with FlopCounterMode(display=False) as fc:
+        step(batch_fn())
     counted = fc.get_total_flops() / batch
+    step_peak = _step_peak_mib(fwd, batch_fn(), cfg.loss, amp, opt, dev)
     times, first = [], None
     for i in range(warmup + steps):
         b = batch_fn()
@@ -199,13 +222,20 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
     med = sorted(times)[len(times) // 2]
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    flops = analytic_flops(cfg, length, batch)
+    acfg = cfg
+    if ckpt == "fairscale":  # the wrapper recomputes the same blocks the config switches would
+        import dataclasses
+        m = cfg.model
+        acfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            m, vision=dataclasses.replace(m.vision, grad_checkpointing=True),
+            text=dataclasses.replace(m.text, grad_checkpointing=True)))
+    flops = analytic_flops(acfg, length, batch)
     return {"model": model_name, "precision": precision, "checkpointing": ckpt, "compile": compile_,
             "batch": batch, "device": device, "threads": torch.get_num_threads(),
             "step_s_median": med, "step_s_min": min(times), "first_step_s": first,
             "pairs_per_s": batch / med, "pairs_per_s_best": batch / min(times),
             "peak_mem_mib": peak, "rss_before_steps_mib": rss0 if dev.type == "cpu" else None,
-            "activations_saved_mib": sum(saved.values()) / 2**20,
+            "step_peak_tensor_mib": step_peak,
             "flops_per_pair_counted": counted, "flops_per_pair_analytic": flops["total"] + flops["recompute_ckpt"],
             "flops_analytic_parts": flops,
             "achieved_gflops": counted * batch / med / 1e9,
@@ -215,13 +245,13 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
 def table(rows: list[dict]) -> str:
     """Markdown table of result rows."""
     head = ("| model | precision | checkpointing | batch | pairs/s (median) | pairs/s (best) | step s | "
-            "peak RSS MiB | activations MiB | GFLOP/pair | GFLOP/s |")
+            "peak RSS MiB | step peak tensor MiB | GFLOP/pair | GFLOP/s |")
     out = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         name = r["model"] + (" (compiled)" if r.get("compile") else "")
         out.append(f"| {name} | {r['precision']} | {r['checkpointing']} | {r['batch']} | {r['pairs_per_s']:.2f} | "
                    f"{r['pairs_per_s_best']:.2f} | {r['step_s_median']:.3f} | {r['peak_mem_mib']:.0f} | "
-                   f"{r['activations_saved_mib']:.0f} | {r['flops_per_pair_counted'] / 1e9:.2f} | "
+                   f"{r['step_peak_tensor_mib']:.0f} | {r['flops_per_pair_counted'] / 1e9:.2f} | "
                    f"{r['achieved_gflops']:.1f} |")
     return "\n".join(out)
 
@@ -267,7 +297,7 @@ def main() -> None:
             runs.append(row)
             print(f"round {rnd} {m:14s} {p:5s} ckpt={c:9s} batch={row['batch']:3d}  {row['pairs_per_s']:8.2f} pairs/s "
                   f"(best {row['pairs_per_s_best']:.2f})  step {row['step_s_median']:7.3f} s  "
-                  f"peak {row['peak_mem_mib']:8.0f} MiB  act {row['activations_saved_mib']:7.0f} MiB  "
+                  f"peak RSS {row['peak_mem_mib']:6.0f} MiB  step peak {row['step_peak_tensor_mib']:7.0f} MiB  "
                   f"{row['flops_per_pair_counted'] / 1e9:7.2f} GFLOP/pair (analytic "
                   f"{row['flops_per_pair_analytic'] / 1e9:.2f})  {row['achieved_gflops']:6.1f} GFLOP/s", flush=True)
     for m, c, p in settings:  # each setting's fastest round
