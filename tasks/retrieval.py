@@ -123,7 +123,8 @@ class RetrievalTask:
         self.dataset.set_epoch(epoch)
         self.sampler.set_position(epoch, start_step)
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
-                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda")
+                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
         for group in grouped(loader, self.cfg.train.grad_accum):
             yield [to_device(b, self.dist.device) for b in group]
 
@@ -273,12 +274,15 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
                   "--checkpoint <demo pre-training checkpoint>.")
     img = cfg.model.vision.img_size
     train_set = None
-    if finetune:
-        train_set = RetrievalTrainDataset(d.train_files, d.image_root, build_transform(img, True, d.transform),
-                                          d.max_words, d.clean_style, cfg.train.seed, d.check_images)
-    splits = {"test": read_eval_split(d.test_file, d.image_root, d.max_words, d.clean_style, d.check_images)}
-    if finetune:
-        splits["val"] = read_eval_split(d.val_file, d.image_root, d.max_words, d.clean_style, d.check_images)
+    try:  # bad records: the CLI prints the message (it names the file and record) and exits with 2
+        if finetune:
+            train_set = RetrievalTrainDataset(d.train_files, d.image_root, build_transform(img, True, d.transform),
+                                              d.max_words, d.clean_style, cfg.train.seed, d.check_images)
+        splits = {"test": read_eval_split(d.test_file, d.image_root, d.max_words, d.clean_style, d.check_images)}
+        if finetune:
+            splits["val"] = read_eval_split(d.val_file, d.image_root, d.max_words, d.clean_style, d.check_images)
+    except ValueError as err:
+        raise ConfigError(f"bad retrieval data: {err}") from err
 
     ckpt = load_checkpoint(checkpoint) if checkpoint else None
     tok_source = ckpt if ckpt is not None else (load_checkpoint(find_resume(resume)) if resume else None)
@@ -364,7 +368,10 @@ def main(args) -> int:
         raise ConfigError("--predict is for the caption tasks; retrieval has --evaluate and --zero-shot")
     if args.zero_shot and args.evaluate:
         raise ConfigError("--zero-shot and --evaluate are exclusive (both evaluate --checkpoint without training)")
-    cfg = load_config(RetrievalConfig, args.config, args.set)
+    try:
+        cfg = load_config(RetrievalConfig, args.config, args.set)
+    except ValueError as err:  # a validate() message names the key
+        raise ConfigError(str(err)) from err
     mode: Mode = "zero_shot" if args.zero_shot else "evaluate" if args.evaluate else "finetune"
     run(cfg, mode, checkpoint=args.checkpoint, resume=args.resume)
     return 0

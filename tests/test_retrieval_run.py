@@ -125,6 +125,13 @@ def test_bad_test_file_and_missing_checkpoint_are_clear(world, pretrained, tmp_p
                       **{"data.test_file": str(bad)})
     err = capsys.readouterr().err
     assert rc == 2 and "record 2" in err and "images/test/missing.png" in err and str(bad) in err
+    records = json.loads((world / "retrieval_test.json").read_text())
+    records[4]["caption"] = []
+    bad.write_text(json.dumps(records))
+    rc = finetune_cli("--checkpoint", str(pretrained), "--evaluate", world=world, out=tmp_path / "b",
+                      **{"data.test_file": str(bad)})
+    err = capsys.readouterr().err
+    assert rc == 2 and "record 4" in err and "no captions" in err and "Traceback" not in err
     assert finetune_cli("--zero-shot", world=world, out=tmp_path / "c") == 2
     assert "--checkpoint" in capsys.readouterr().err
 
