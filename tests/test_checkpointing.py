@@ -86,6 +86,20 @@ def test_checkpointing_with_dropout_keeps_the_random_stream():
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_checkpointed_gradients_equal_plain_under_bf16_autocast():
+    """The recomputation runs under the forward's CPU autocast (fairscale's checkpoint_wrapper
+    restores only CUDA autocast, so on CPU bf16 its gradients differ: see docs/performance.md)."""
+    plain, ckpt = _pair(True, True)
+    grads = []
+    for model in (plain, ckpt):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(_batch(), PretrainLossConfig(), generator=torch.Generator().manual_seed(0))
+        out["loss"].backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=0, atol=0, msg=name)
+
+
 def test_momentum_encoders_are_not_checkpointed():
     """The momentum forward runs under no_grad: our text layers skip checkpointing there (timm's
     ViT still calls checkpoint under no_grad, which saves nothing and recomputes nothing)."""
