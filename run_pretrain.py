@@ -22,6 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override config values, e.g. --set optim.lr=1e-4 train.batch_size=8")
     p.add_argument("--resume", default=None, metavar="CKPT_OR_DIR",
                    help="continue a run from a checkpoint file or an output directory (its checkpoint_last.pth)")
+    p.add_argument("--init-from", default=None, metavar="CKPT",
+                   help="start a new run from the model weights and tokenizer of a pre-training checkpoint "
+                        "(fresh optimiser, schedule, step count and queues; ignored with --resume)")
     return p.parse_args(argv)
 
 
@@ -36,7 +39,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:
-        run(cfg, resume=args.resume)
+        run(cfg, resume=args.resume, init_from=args.init_from)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,8 +26,10 @@ from engine.config import opt, save_config
 from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
                             grouped, setup_logging)
 from models import losses as L
-from tasks.common import TokenizerConfig, ensure_synthetic, make_tokenizer, require_files, to_device
+from tasks.common import (QUEUE_KEYS, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer,
+                          require_files, to_device)
 from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
+from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics
 
 log = logging.getLogger("pretrain")
 
@@ -79,6 +81,8 @@ class PretrainTask:
             self.sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.grad_accum,
                                              dist.rank, dist.world_size, cfg.train.seed)
         self.collator = PretrainCollator(tokenizer, cfg.tokenizer.max_length, cfg.loss.mlm_prob)
+        # diagnostics of the queue: the captions behind the model's text queue
+        self.queue_texts = QueueTexts(cfg.model.queue_size) if cfg.diagnostics.every and world is not None else None
         self.seen = 0
         self.bad = 0
 
@@ -121,7 +125,9 @@ class PretrainTask:
     def train_step(self, model, batch: dict, state: TrainState) -> dict:
         ccfg = self.cfg.loss.contrastive
         alpha = ccfg.alpha_at(state.progress)
-        out = model(batch, self.cfg.loss, alpha, self._helper_feats(batch))
+        queue_ptr = _queue_ptr(model) if self.queue_texts is not None else None
+        helper_feats = self._helper_feats(batch)
+        out = model(batch, self.cfg.loss, alpha, helper_feats)
         logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
         logs["alpha"] = alpha
         logs["_pairs"] = batch["image"].shape[0]
@@ -130,33 +136,59 @@ class PretrainTask:
                 logs[f"srcl/{k}"] = v
         every = self.cfg.diagnostics.every
         if every and self.world is not None and (state.global_step + 1) % every == 0:
-            logs.update(self.diagnostics(batch, out))
+            logs.update(self.diagnostics(batch, out, helper_feats))
+        if self.queue_texts is not None and queue_ptr is not None:
+            texts = batch["captions"]
+            if self.dist.world_size > 1:  # the queue holds every process's batch, in rank order
+                texts = [c for part in D.all_gather_object(list(texts)) for c in part]
+            self.queue_texts.write(queue_ptr, texts)
         return logs
 
-    def diagnostics(self, batch: dict, out: dict) -> dict:
-        """How well low weight (and high raw similarity) finds the true false negatives of the
-        local batch (anchors: local images; candidates: local captions)."""
+    def diagnostics(self, batch: dict, out: dict, helper_feats=None) -> dict:
+        """How well low weight (and high raw similarity) finds the true false negatives among the
+        negatives of the local images (anchors): the local batch's captions (``diag/*``) and the
+        queued captions (``diag/queue_*``); see ``tasks/srcl_diagnostics.py``."""
         b = batch["image"].shape[0]
         lo = self.dist.rank * b
+        n_batch = b * self.dist.world_size
         root = self.cfg.data.image_root
         images = [os.path.relpath(self.dataset.image_path(int(i)), root) for i in batch["index"]]
         truth = torch.as_tensor(self.world.truth_matrix(batch["captions"], images)).T  # (image, caption)
-        neg = out["neg_mask"][:, lo:lo + b].cpu()
-        sim = out["sim_i2t_model"][:, lo:lo + b].float().cpu()
-        res = {}
-        if "weights_i2t" in out:
-            w = out["weights_i2t"][:, lo:lo + b].float().cpu()
-            fn = L.false_negative_auc(w, neg, truth)
-            res.update({f"diag/weight_{k}": v for k, v in fn.items()})
-        res["diag/sim_auc"] = L.roc_auc(sim[neg], truth[neg])
-        res["diag/false_negative_rate"] = float(truth[neg].float().mean()) if bool(neg.any()) else float("nan")
-        return res
+        neg, sim, w = out["neg_mask"].cpu(), out["sim_i2t_model"].float().cpu(), out.get("weights_i2t")
+        w = w.float().cpu() if w is not None else None
+        res = batch_diagnostics(neg[:, lo:lo + b], truth, sim[:, lo:lo + b], None if w is None else w[:, lo:lo + b])
+        if helper_feats is not None:
+            sim_h = (helper_feats[0].float() @ helper_feats[1].float().T).cpu()
+            res["helper_sim_auc"] = L.roc_auc(sim_h[neg[:, lo:lo + b]], truth[neg[:, lo:lo + b]])
+        q = neg.shape[1] - n_batch
+        if self.queue_texts is not None and q == self.queue_texts.size and q > 0:
+            known = self.queue_texts.known()
+            if bool(known.any()):
+                cols = torch.nonzero(known).flatten()
+                texts = [self.queue_texts.texts[int(k)] for k in cols]
+                truth_q = torch.zeros(b, q, dtype=torch.bool)
+                truth_q[:, cols] = torch.as_tensor(self.world.truth_matrix(texts, images)).T
+                neg_q = neg[:, n_batch:] & known[None, :]
+                res.update(batch_diagnostics(neg_q, truth_q, sim[:, n_batch:],
+                                             None if w is None else w[:, n_batch:], prefix="queue_"))
+        return {f"diag/{k}": v for k, v in res.items()}
 
     def evaluate(self, model, epoch: int):
         return None
 
     def checkpoint_extra(self) -> dict:
         return {"tokenizer": tokenizer_state(self.tokenizer)}
+
+
+def _queue_ptr(model) -> Optional[int]:
+    """The queue pointer of a (possibly DDP- or compile-wrapped) VLPModel, None without a queue."""
+    for _ in range(4):
+        if hasattr(model, "queue_ptr"):
+            return int(model.queue_ptr)
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if model is None:
+            break
+    return None
 
 
 # ---------------------------------------------------------------------- building a run
@@ -196,7 +228,24 @@ def load_helper(path: str, tokenizer, device: torch.device) -> VLPModel:
     return helper.to(device)
 
 
-def run(cfg: PretrainConfig, resume: Optional[str] = None) -> TrainState:
+def init_from_checkpoint(model: VLPModel, ckpt: dict, path: str):
+    """Continued pre-training: copy the model weights of one of our checkpoints into ``model``;
+    the queues start empty (their features belong to the other run), and the optimiser, schedule
+    and step count start afresh. Returns the load report; raises on any other missing, unexpected or
+    mismatched key."""
+    state = {k: v for k, v in ckpt["model"].items() if k.split(".")[-1] not in QUEUE_KEYS}
+    report = load_model_state(model, state, source=path,
+                              expected_missing={k: "queues start empty" for k in QUEUE_KEYS})
+    if report.unexplained_missing() or report.unexpected or report.mismatched:
+        raise ValueError(f"{path} does not fit this model (--init-from needs the same architecture):\n"
+                         + report.summary())
+    return report
+
+
+def run(cfg: PretrainConfig, resume: Optional[str] = None, init_from: Optional[str] = None) -> TrainState:
+    """Pre-train. ``resume``: continue a run exactly (checkpoint or output folder);
+    ``init_from``: start a new run (fresh optimiser and schedule) from the weights and tokenizer of a
+    pre-training checkpoint (ignored when resuming)."""
     dist = D.init_distributed(cfg.train.device)
     setup_logging(dist.is_main)
     if cfg.train.num_threads > 0:
@@ -210,7 +259,8 @@ def run(cfg: PretrainConfig, resume: Optional[str] = None) -> TrainState:
     else:
         dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed)
     resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
-    tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt)
+    init_ckpt = load_checkpoint(init_from) if init_from and not resume else None
+    tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt or init_ckpt)
     del resume_ckpt
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
@@ -224,6 +274,11 @@ def run(cfg: PretrainConfig, resume: Optional[str] = None) -> TrainState:
         if dist.is_main:
             print(report.summary(), flush=True)
         report.raise_if_unexpected()
+    if init_ckpt is not None:
+        report = init_from_checkpoint(model, init_ckpt, init_from)
+        if dist.is_main:
+            print(f"initialised from {init_from}: {report.summary()}", flush=True)
+        del init_ckpt
     model.to(dist.device)
     torch.manual_seed(cfg.train.seed + dist.rank)
 

@@ -1,0 +1,266 @@
+"""Do the SRCL regulation weights find the real false negatives? (synthetic shapes data)
+
+On the shapes world every caption can be checked against every image, so among the negatives
+of a contrastive batch (captions of other images) we know which are *false* negatives: captions
+that are true of the anchor image as well ("there is a red circle" for two images that both have
+one). SRCL should give those a LOW weight. The numbers, for a batch or pooled over batches:
+
+* ``weight_auc``: ROC AUC with which a low weight identifies the true false negatives among the
+  negatives (1 = every false negative weighs less than every true negative, 0.5 = chance);
+  ``weight_w_false_neg`` / ``weight_w_true_neg``: their mean weights (the weights average 1 per
+  anchor, so a working regulation shows ``w_false_neg < 1 < w_true_neg``);
+* ``sim_auc``: the same AUC for the raw model similarity (high similarity = false negative),
+  ``sim_false_neg`` / ``sim_true_neg`` its means; ``helper_sim_auc`` for a helper model;
+* ``sim_centred_auc``: the AUC of the similarity minus its anchor's mean similarity to the
+  negatives. The weights are normalised per anchor (``w_ij = s_ij^-delta / mean_k s_ik^-delta``),
+  so without a helper ``-log w_ij = delta * sim_ij + c_i``: ranking all negatives by weight is
+  ranking them by *anchor-centred* similarity, and ``weight_auc`` is close to ``sim_centred_auc``
+  (equal in the limit of small ``delta * spread``), not to ``sim_auc``, which pools raw similarities
+  across anchors whose overall similarity levels differ. Within one anchor the three rank the
+  negatives identically;
+* ``false_negative_rate``: the fraction of negatives that are false negatives.
+
+Used three ways:
+
+* during pre-training (``diagnostics.every``): :func:`batch_diagnostics` on the local batch and,
+  with the queue, on the queued captions (their texts kept by :class:`QueueTexts`, a ring buffer
+  that mirrors the model's queue);
+* for any checkpoint on any split, e.g. in a notebook::
+
+      from tasks.srcl_diagnostics import diagnose_checkpoint
+      diagnose_checkpoint("output/demo_pretrain/checkpoint_last.pth", "data/shapes", split="test")
+
+* from the command line::
+
+      python -m tasks.srcl_diagnostics output/demo_pretrain/checkpoint_last.pth --data data/shapes
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from models import losses as L
+
+__all__ = ["batch_diagnostics", "QueueTexts", "diagnose_checkpoint", "main"]
+
+
+def batch_diagnostics(neg_mask: Tensor, truth: Tensor, sim: Tensor, weights: Optional[Tensor] = None,
+                      prefix: str = "") -> dict[str, float]:
+    """Diagnostics of one block of anchors x candidates.
+
+    Args:
+        neg_mask: (B, K) bool, the entries the loss treats as negatives.
+        truth: (B, K) bool, True where the candidate is actually true of the anchor.
+        sim: (B, K) the model similarity the weights were computed from.
+        weights: (B, K) SRCL weights, or None (InfoNCE: only the similarity numbers).
+        prefix: put before every key (e.g. ``"queue_"``).
+
+    Returns (NaN where a class is absent): ``{prefix}weight_auc``, ``{prefix}weight_w_false_neg``,
+    ``{prefix}weight_w_true_neg``, ``{prefix}weight_n_false_neg``, ``{prefix}weight_n_true_neg``
+    (only with weights), ``{prefix}sim_auc``, ``{prefix}sim_centred_auc`` (the similarity minus its
+    anchor's mean over the negatives: as the weights, which are normalised per anchor, see the
+    module docstring), ``{prefix}sim_false_neg``, ``{prefix}sim_true_neg``,
+    ``{prefix}false_negative_rate``.
+    """
+    neg, truth = neg_mask.detach().cpu().bool(), truth.detach().cpu().bool()
+    s = sim.detach().cpu().double()[neg]
+    t = truth[neg]
+    nan = float("nan")
+    res: dict[str, float] = {}
+    if weights is not None:
+        fn = L.false_negative_auc(weights.detach().cpu().double(), neg, truth)
+        res.update({f"{prefix}weight_{k}": v for k, v in fn.items()})
+    res[f"{prefix}sim_auc"] = L.roc_auc(s, t)
+    # the weights are normalised per anchor; the same for the similarity: minus the anchor's mean
+    sd = torch.where(neg, sim.detach().cpu().double(), torch.zeros((), dtype=torch.float64))
+    row_mean = sd.sum(dim=1, keepdim=True) / neg.sum(dim=1, keepdim=True).clamp_min(1)
+    res[f"{prefix}sim_centred_auc"] = L.roc_auc((sd - row_mean)[neg], t)
+    res[f"{prefix}sim_false_neg"] = float(s[t].mean()) if bool(t.any()) else nan
+    res[f"{prefix}sim_true_neg"] = float(s[~t].mean()) if bool((~t).any()) else nan
+    res[f"{prefix}false_negative_rate"] = float(t.double().mean()) if t.numel() else nan
+    return res
+
+
+class QueueTexts:
+    """The captions behind the model's text queue, for the queue diagnostics.
+
+    The model's queue holds only features; this ring buffer of the same size holds the caption of
+    every slot. Call :meth:`write` with the queue pointer read *before* the forward that enqueues
+    and the (all-process) captions of that step, exactly as ``VLPModel.enqueue`` writes them.
+    Slots never written in this process (e.g. queued before a resume) are ``None`` and are left out.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.texts: list[Optional[str]] = [None] * self.size
+
+    def write(self, ptr: int, texts: Sequence[str]) -> None:
+        """Mirror ``enqueue``: ``texts`` go to slots ``ptr, ptr + 1, ...`` modulo the size (only the
+        newest ``size`` when there are more)."""
+        if self.size == 0:
+            return
+        texts = list(texts)[-self.size:]
+        for k, text in enumerate(texts):
+            self.texts[(int(ptr) + k) % self.size] = text
+
+    def known(self) -> Tensor:
+        """(size,) bool: slots whose caption is known."""
+        return torch.tensor([t is not None for t in self.texts], dtype=torch.bool)
+
+
+# ---------------------------------------------------------------------------------- checkpoints
+def _pairs(world, split: str, max_words: int, clean_style: str, seed: int) -> list[tuple[str, str]]:
+    from datasets.text import pre_caption
+    pairs = []
+    for path in world.images(split):
+        for caption in world.captions.get(path, []):
+            text = pre_caption(caption, max_words, clean_style)
+            if text:
+                pairs.append((path, text))
+    random.Random(seed).shuffle(pairs)
+    return pairs
+
+
+def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test", batch_size: int = 64,
+                        delta: Optional[float] = None, helper: Optional[str] = None, alpha: Optional[float] = None,
+                        similarity_source: Optional[str] = None, seed: int = 0, device: str = "cpu",
+                        progress: bool = True) -> dict[str, Any]:
+    """The SRCL diagnostics of a pre-training checkpoint on a split of a shapes world.
+
+    Every (image, caption) pair of ``split`` (from ``<data_root>/scenes.json``) is shuffled with
+    ``seed`` and cut into batches of ``batch_size`` pairs, as pre-training sees them; in each batch
+    the anchors are the images, the candidates the captions, captions of the same image are
+    positives, the rest negatives. The weights are ``regulation_weights`` of the checkpoint's model
+    similarity (its ``similarity_source``: momentum or online encoders) mixed with the helper's.
+    The AUCs and means are pooled over all negatives of all batches.
+
+    Args:
+        checkpoint_path: a pre-training checkpoint of this project.
+        data_root: a shapes world (with ``scenes.json`` and the images).
+        split: ``train``, ``val`` or ``test``.
+        batch_size: pairs per batch (the candidates per anchor; 1024 mimics a queue).
+        delta: SRCL power; default the checkpoint's ``loss.contrastive.delta``.
+        helper: a checkpoint whose (online) similarity is mixed in with ``alpha``.
+        alpha: helper weight in [0, 1]; default 1.0 with a helper (the start of training), else 0.
+        similarity_source: ``momentum`` or ``online``; default the checkpoint's setting.
+        seed: pair order.
+        device: where to run the encoders.
+
+    Returns a dict of floats and settings: ``weight_auc``, ``weight_w_false_neg``,
+    ``weight_w_true_neg``, ``weight_n_false_neg``, ``weight_n_true_neg``, ``w_top1`` (mean weight
+    of each anchor's most similar negative), ``sim_auc``, ``sim_false_neg``, ``sim_true_neg``,
+    ``false_negative_rate``, ``helper_sim_auc`` (with a helper), and ``n_pairs``, ``n_batches``,
+    ``delta``, ``alpha``, ``similarity_source``, ``split``, ``checkpoint``, ``helper``.
+    """
+    from datasets.shapes import ShapesWorld
+    from tasks.zero_shot import itc_features, load_vlp_checkpoint
+
+    model, tokenizer, cfg = load_vlp_checkpoint(checkpoint_path, device, momentum=True)
+    ccfg = cfg.loss.contrastive
+    delta = float(ccfg.delta if delta is None else delta)
+    source = similarity_source or ccfg.similarity_source
+    if source not in ("momentum", "online"):
+        raise ValueError(f"similarity_source must be 'momentum' or 'online', got {source!r}")
+    if source == "momentum" and not model.has_momentum:
+        raise ValueError(f"{checkpoint_path} has no momentum encoders: use similarity_source='online'")
+    alpha = float((1.0 if helper else 0.0) if alpha is None else alpha)
+    if alpha > 0 and not helper:
+        raise ValueError(f"alpha={alpha} mixes in a helper similarity: pass helper=<checkpoint>")
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2, got {batch_size}")
+    world = ShapesWorld.load(data_root)
+    d = cfg.data
+    pairs = _pairs(world, split, d.max_words, d.clean_style, seed)
+    if len(pairs) < 2:
+        raise ValueError(f"split {split!r} of {data_root} has {len(pairs)} image-caption pairs; need >= 2")
+    images = sorted({p for p, _ in pairs})
+    captions = sorted({c for _, c in pairs})
+    img_row = {p: i for i, p in enumerate(images)}
+    cap_row = {c: i for i, c in enumerate(captions)}
+    full_paths = [os.path.join(data_root, p) for p in images]
+    feats = itc_features(model, tokenizer, full_paths, captions, cfg.model.vision.img_size, batch_size,
+                         cfg.tokenizer.max_length, momentum=source == "momentum", progress=progress,
+                         transform_cfg=d.transform)
+    h_feats = None
+    if helper:
+        h_model, h_tok, h_cfg = load_vlp_checkpoint(helper, device, momentum=False)
+        h_feats = itc_features(h_model, h_tok, full_paths, captions, h_cfg.model.vision.img_size, batch_size,
+                               h_cfg.tokenizer.max_length, progress=progress, transform_cfg=h_cfg.data.transform)
+
+    # every batch's anchors become rows of one (anchors, batch_size) block (the last batch padded
+    # with non-negatives), so that the per-anchor quantities stay per anchor and all are pooled
+    rows: dict[str, list[Tensor]] = {"neg": [], "truth": [], "sim": [], "w": [], "h": []}
+    top1: list[float] = []
+    for lo in range(0, len(pairs) - 1, batch_size):
+        chunk = pairs[lo:lo + batch_size]
+        if len(chunk) < 2:
+            break
+        ii = torch.tensor([img_row[p] for p, _ in chunk])
+        cc = torch.tensor([cap_row[c] for _, c in chunk])
+        sim = feats[0][ii] @ feats[1][cc].T
+        neg = ii[:, None] != ii[None, :]
+        truth = torch.as_tensor(world.truth_matrix([c for _, c in chunk], [p for p, _ in chunk])).T
+        sim_h = h_feats[0][ii] @ h_feats[1][cc].T if h_feats is not None else None
+        w = L.regulation_weights(sim, neg, delta, sim_h, alpha)
+        if bool(neg.any()):
+            top1.append(L.regulation_summary(w, neg, sim)["w_top1"])
+        pad = batch_size - len(chunk)
+        for key, value in (("neg", neg), ("truth", truth), ("sim", sim), ("w", w), ("h", sim_h)):
+            if value is not None:
+                rows[key].append(torch.nn.functional.pad(value, (0, pad)))
+    neg, truth, sim, w = (torch.cat(rows[k]) for k in ("neg", "truth", "sim", "w"))
+    res: dict[str, Any] = batch_diagnostics(neg, truth, sim, w)
+    res["w_top1"] = sum(top1) / len(top1) if top1 else float("nan")
+    if rows["h"]:
+        res["helper_sim_auc"] = L.roc_auc(torch.cat(rows["h"])[neg], truth[neg])
+    n_batches = len(rows["neg"])
+    res.update({"n_pairs": len(pairs), "n_batches": n_batches, "batch_size": batch_size, "delta": delta,
+                "alpha": alpha, "similarity_source": source, "split": split, "checkpoint": checkpoint_path,
+                "helper": helper})
+    return res
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tasks.srcl_diagnostics",
+                                description="Do the SRCL weights of a checkpoint find the true false negatives "
+                                            "of a synthetic shapes split?")
+    p.add_argument("checkpoint", help="a pre-training checkpoint (.pth)")
+    p.add_argument("--data", default="data/shapes", help="shapes world folder (scenes.json + images)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--batch-size", type=int, default=64, help="pairs per contrastive batch")
+    p.add_argument("--delta", type=float, default=None, help="SRCL power (default: the checkpoint's)")
+    p.add_argument("--helper", default=None, help="helper checkpoint mixed into the similarity")
+    p.add_argument("--alpha", type=float, default=None, help="helper weight (default 1 with --helper)")
+    p.add_argument("--similarity-source", choices=("momentum", "online"), default=None)
+    p.add_argument("--seed", type=int, default=0, help="pair order")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the result as JSON")
+    return p
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        res = diagnose_checkpoint(args.checkpoint, args.data, args.split, args.batch_size, args.delta, args.helper,
+                                  args.alpha, args.similarity_source, args.seed, args.device, progress=True)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for key, value in res.items():
+        print(f"{key:>24}: {value:.4f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

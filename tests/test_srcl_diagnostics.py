@@ -1,0 +1,351 @@
+"""SRCL diagnostics (tasks/srcl_diagnostics.py), the zero-shot retrieval metrics (tasks/zero_shot.py)
+and the diagnostics logged by pre-training, against independent re-computations: brute-force
+pairwise AUCs in float64, the shapes world's reference (pure Python) truth oracle, and a queue
+reconstructed from the batch history."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from datasets.shapes import ShapesWorld, claim_is_true, parse_caption
+from engine.config import load_config
+from models import losses as L
+from models.vlp import VLPModel
+from tasks import pretrain as P
+from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics, diagnose_checkpoint, main as diag_main
+from tasks.zero_shot import chance_recall, load_vlp_checkpoint, retrieval_metrics, zero_shot_retrieval
+from tests.pretrain_helpers import DEMO, make_world, read_log, tiny_overrides
+
+QUEUE = 16  # tiny queue: 2 batches of 8
+
+
+# ----------------------------------------------------------------------------- references
+def pairwise_auc(scores, labels) -> float:
+    """P(score of a positive > score of a negative), ties 1/2: the O(n^2) definition."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return float("nan")
+    tot = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in pos for b in neg)
+    return tot / (len(pos) * len(neg))
+
+
+def ref_block(neg, truth, sim, w=None) -> dict:
+    """The diagnostics of one block with Python loops."""
+    rows, cols = len(neg), len(neg[0])
+    ws, ss, cs, ts = [], [], [], []
+    for i in range(rows):
+        js = [j for j in range(cols) if neg[i][j]]
+        mean = sum(sim[i][j] for j in js) / len(js) if js else 0.0
+        for j in js:
+            ts.append(bool(truth[i][j]))
+            ss.append(float(sim[i][j]))
+            cs.append(float(sim[i][j]) - mean)
+            if w is not None:
+                ws.append(float(w[i][j]))
+    out = {"sim_auc": pairwise_auc(ss, ts), "sim_centred_auc": pairwise_auc(cs, ts),
+           "false_negative_rate": sum(ts) / len(ts) if ts else float("nan")}
+    if w is not None:
+        out["weight_auc"] = pairwise_auc([-x for x in ws], ts)
+        fn = [x for x, t in zip(ws, ts) if t]
+        tn = [x for x, t in zip(ws, ts) if not t]
+        out["weight_w_false_neg"] = sum(fn) / len(fn) if fn else float("nan")
+        out["weight_w_true_neg"] = sum(tn) / len(tn) if tn else float("nan")
+    return out
+
+
+def close(a: float, b: float, tol: float = 1e-6) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol
+
+
+# ------------------------------------------------------------------------ hand-made weights
+def test_batch_diagnostics_perfect_inverted_random():
+    truth = torch.tensor([[False, True, False, False],
+                          [False, False, True, True],
+                          [True, False, False, False]])
+    neg = ~torch.eye(3, 4, dtype=torch.bool)
+    sim = torch.where(truth, 0.9, 0.1) + 0.01 * torch.arange(12.0).reshape(3, 4)
+    w = torch.where(truth, 0.2, 1.5)
+    perfect = batch_diagnostics(neg, truth, sim, w)
+    assert perfect["weight_auc"] == 1.0 and perfect["sim_auc"] == 1.0 and perfect["sim_centred_auc"] == 1.0
+    assert perfect["weight_w_false_neg"] == pytest.approx(0.2) and perfect["weight_w_true_neg"] == pytest.approx(1.5)
+    inverted = batch_diagnostics(neg, truth, -sim, 1.0 / w)
+    assert inverted["weight_auc"] == 0.0 and inverted["sim_auc"] == 0.0
+    ties = batch_diagnostics(neg, truth, torch.zeros(3, 4), torch.ones(3, 4))
+    assert ties["weight_auc"] == 0.5 and ties["sim_auc"] == 0.5
+    g = torch.Generator().manual_seed(0)
+    truth = torch.rand(200, 200, generator=g) < 0.1
+    rnd = batch_diagnostics(torch.ones(200, 200, dtype=torch.bool), truth, torch.rand(200, 200, generator=g),
+                            torch.rand(200, 200, generator=g))
+    assert rnd["weight_auc"] == pytest.approx(0.5, abs=0.02) and rnd["sim_auc"] == pytest.approx(0.5, abs=0.02)
+    assert rnd["false_negative_rate"] == pytest.approx(float(truth.double().mean()))
+    # no false negatives at all: AUC undefined, mean weight of false negatives undefined
+    none = batch_diagnostics(neg, torch.zeros(3, 4, dtype=torch.bool), sim, w, prefix="queue_")
+    assert math.isnan(none["queue_weight_auc"]) and math.isnan(none["queue_weight_w_false_neg"])
+    assert none["queue_false_negative_rate"] == 0.0
+
+
+def test_batch_diagnostics_matches_loops_and_centring_explains_the_weights():
+    """Row offsets hide the false negatives from the pooled raw similarity; the weights (normalised
+    per anchor) and the anchor-centred similarity see them; all match loop re-computations."""
+    rng = random.Random(3)
+    rows, cols = 12, 10
+    truth = [[rng.random() < 0.25 for _ in range(cols)] for _ in range(rows)]
+    offset = [rng.uniform(-0.6, 0.6) for _ in range(rows)]
+    sim = [[offset[i] + (0.15 if truth[i][j] else 0.0) + rng.gauss(0, 0.05) for j in range(cols)]
+           for i in range(rows)]
+    neg = [[(i + j) % 7 != 0 for j in range(cols)] for i in range(rows)]
+    t_neg, t_truth, t_sim = torch.tensor(neg), torch.tensor(truth), torch.tensor(sim, dtype=torch.float64)
+    w = L.regulation_weights(t_sim, t_neg, delta=1e-3)
+    got = batch_diagnostics(t_neg, t_truth, t_sim, w)
+    ref = ref_block(neg, truth, sim, w.tolist())
+    for key, value in ref.items():
+        assert close(got[key], value, 1e-9), key
+    assert got["weight_auc"] == pytest.approx(got["sim_centred_auc"], abs=0.02)
+    assert got["sim_centred_auc"] > 0.9 > 0.75 > got["sim_auc"]
+
+
+def test_false_negative_auc_ignores_entries_outside_the_negatives():
+    neg = torch.tensor([[False, True, True], [True, False, True]])
+    truth = torch.tensor([[True, True, False], [False, True, True]])  # (0,0), (1,1) are positives
+    w = torch.tensor([[99.0, 0.5, 1.5], [1.2, -7.0, 0.8]])
+    got = batch_diagnostics(neg, truth, torch.zeros(2, 3), w)
+    assert got["weight_auc"] == pairwise_auc([-0.5, -1.5, -1.2, -0.8], [True, False, False, True])
+    assert got["weight_n_false_neg"] == 2 and got["weight_n_true_neg"] == 2
+
+
+# ------------------------------------------------------------------------------- queue texts
+def test_queue_texts_mirror_the_model_queue():
+    """QueueTexts written like the task writes it holds, slot for slot, the items that
+    VLPModel.enqueue put in the queue (also wrapping around and with more items than slots)."""
+    cfg = load_config(P.PretrainConfig, DEMO, tiny_overrides(Path("."), Path("."), **{"model.queue_size": 10})).model
+    model = VLPModel(cfg, momentum=True)
+    texts = QueueTexts(10)
+    counter = itertools.count()
+    for n in (4, 4, 4, 13, 3, 10):
+        ids = torch.tensor([next(counter) for _ in range(n)])
+        ptr = int(model.queue_ptr)
+        feats = torch.zeros(n, cfg.embed_dim)
+        model.enqueue(feats, feats, ids)
+        texts.write(ptr, [f"caption {int(i)}" for i in ids])
+        for slot in range(10):
+            idx = int(model.idx_queue[slot])
+            assert texts.texts[slot] == (None if idx < 0 else f"caption {idx}")
+    assert bool(texts.known().all())
+    QueueTexts(0).write(3, ["a"])  # no queue: nothing to mirror
+
+
+# ----------------------------------------------------------------------- retrieval metrics
+def test_retrieval_metrics_against_brute_force():
+    g = torch.Generator().manual_seed(1)
+    sim = torch.randn(7, 15, generator=g)
+    rel = torch.rand(7, 15, generator=g) < 0.2
+    rel[0] = False  # an image nothing is relevant to: never a hit
+    got = retrieval_metrics(sim, rel, ks=(1, 3), with_map=True)
+
+    def recall(s, r, k):
+        hits = 0
+        for i in range(s.shape[0]):
+            top = sorted(range(s.shape[1]), key=lambda j: -float(s[i, j]))[:k]
+            hits += any(bool(r[i, j]) for j in top)
+        return 100.0 * hits / s.shape[0]
+
+    def mean_ap(s, r):
+        aps = []
+        for i in range(s.shape[0]):
+            order = sorted(range(s.shape[1]), key=lambda j: -float(s[i, j]))
+            hits, total = 0, 0.0
+            for rank, j in enumerate(order, 1):
+                if r[i, j]:
+                    hits += 1
+                    total += hits / rank
+            if hits:
+                aps.append(total / hits)
+        return 100.0 * sum(aps) / len(aps)
+
+    for k in (1, 3):
+        assert got[f"txt_r{k}"] == pytest.approx(recall(sim, rel, k))
+        assert got[f"img_r{k}"] == pytest.approx(recall(sim.T, rel.T, k))
+    assert got["txt_map"] == pytest.approx(mean_ap(sim, rel))
+    assert got["img_map"] == pytest.approx(mean_ap(sim.T, rel.T))
+    assert got["r_mean"] == pytest.approx(sum(got[f"{d}_r{k}"] for d in ("txt", "img") for k in (1, 3)) / 4)
+
+
+def test_chance_recall_is_the_exact_expectation():
+    rel = torch.tensor([[True, False, False, False, False],
+                        [True, True, False, False, False],
+                        [False, False, True, True, True]])
+    got = chance_recall(rel, ks=(1, 2))
+    for k in (1, 2):
+        for key, r in ((f"txt_r{k}", rel), (f"img_r{k}", rel.T)):
+            n_items = r.shape[1]
+            expect = 0.0
+            for row in r.tolist():  # average over every top-k set: all orders are equally likely
+                sets = list(itertools.combinations(range(n_items), k))
+                expect += sum(any(row[j] for j in top) for top in sets) / len(sets)
+            assert got[key] == pytest.approx(100.0 * expect / r.shape[0])
+
+
+# ------------------------------------------------------------------ a tiny pre-training run
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("shapes_diag"))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(world, tmp_path_factory):
+    """One epoch of SRCL with diagnostics at every step; captures what each diagnostics call saw."""
+    out = tmp_path_factory.mktemp("diag_run")
+    captured = []
+    original = P.PretrainTask.diagnostics
+
+    def spy(self, batch, out_, helper_feats=None):
+        res = original(self, batch, out_, helper_feats)
+        captured.append({"captions": list(batch["captions"]),
+                         "images": [self.dataset.image_path(int(i)) for i in batch["index"]],
+                         "neg": out_["neg_mask"].clone(), "sim": out_["sim_i2t_model"].clone(),
+                         "w": out_["weights_i2t"].clone(), "result": res})
+        return res
+
+    P.PretrainTask.diagnostics = spy
+    try:
+        cfg = load_config(P.PretrainConfig, DEMO, tiny_overrides(
+            world, out, **{"diagnostics.every": 1, "model.queue_size": QUEUE, "train.epochs": 1, "loss.mlm": 0}))
+        P.run(cfg)
+    finally:
+        P.PretrainTask.diagnostics = original
+    return out, captured
+
+
+def test_logged_diagnostics_match_a_recomputation(tiny_run, world):
+    """log.jsonl (diagnostics every step, one step a line) against truth from the reference oracle,
+    brute-force AUCs, and the queue's captions rebuilt from the batch history."""
+    out, captured = tiny_run
+    scenes = ShapesWorld.load(world)
+    log = [r for r in read_log(out) if "loss" in r]
+    assert len(log) == len(captured) == 6
+    history: list[str] = []
+    for step, (rec, cap) in enumerate(zip(log, captured)):
+        b = len(cap["captions"])
+        truth = [[claim_is_true(parse_caption(c), scenes.scene(img)) for c in cap["captions"]]
+                 for img in cap["images"]]
+        neg, sim, w = cap["neg"].tolist(), cap["sim"].tolist(), cap["w"].tolist()
+        ref = ref_block([r[:b] for r in neg], truth, [r[:b] for r in sim], [r[:b] for r in w])
+        for key, value in ref.items():
+            assert close(rec[f"diag/{key}"], value), (step, key)
+        # the queue (read before this step's enqueue): slot k holds the newest earlier caption
+        # whose running number is k modulo the queue size
+        queue = [None] * QUEUE
+        for n, caption in enumerate(history):
+            queue[n % QUEUE] = caption
+        if step == 0:
+            assert not any(k.startswith("diag/queue_") for k in rec)
+        else:
+            q_truth = [[queue[k] is not None and claim_is_true(parse_caption(queue[k]), scenes.scene(img))
+                        for k in range(QUEUE)] for img in cap["images"]]
+            q_neg = [[r[b + k] and queue[k] is not None for k in range(QUEUE)] for r in neg]
+            ref_q = ref_block(q_neg, q_truth, [r[b:] for r in sim], [r[b:] for r in w])
+            for key, value in ref_q.items():
+                assert close(rec[f"diag/queue_{key}"], value), (step, key)
+        history += cap["captions"]
+    # at least one step had false negatives in the queue, so the comparison had content
+    assert any(r.get("diag/queue_false_negative_rate", 0) > 0 for r in log)
+
+
+def test_init_from_and_helper_diagnostics(tiny_run, world, tmp_path):
+    """A run initialised from the tiny checkpoint (weights copied, queues empty) with that
+    checkpoint as helper logs the helper's AUC, equal to a recomputation from its features."""
+    first, _ = tiny_run
+    ckpt = str(first / "checkpoint_last.pth")
+    cfg = load_config(P.PretrainConfig, DEMO, tiny_overrides(world, tmp_path, **{
+        "diagnostics.every": 1, "model.queue_size": QUEUE, "train.max_steps": 2, "loss.mlm": 0, "loss.itm": 0,
+        "loss.contrastive.helper_checkpoint": ckpt}))
+    # the initialisation alone: every weight of the checkpoint, empty queues
+    model = VLPModel(load_config(P.PretrainConfig, first / "config.yaml").model, momentum=True)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    P.init_from_checkpoint(model, saved, ckpt)
+    empty = VLPModel(load_config(P.PretrainConfig, first / "config.yaml").model, momentum=True).state_dict()
+    for key, value in model.state_dict().items():
+        if key in ("image_queue", "text_queue", "idx_queue", "queue_ptr"):
+            assert torch.equal(value, empty[key]), key  # the queues start empty
+        else:
+            assert torch.equal(value, saved["model"][key]), key
+    assert not torch.equal(saved["model"]["idx_queue"], empty["idx_queue"])
+    captured = []
+    original = P.PretrainTask.diagnostics
+
+    def spy(self, batch, out_, helper_feats=None):
+        res = original(self, batch, out_, helper_feats)
+        captured.append((batch["captions"], [self.dataset.image_path(int(i)) for i in batch["index"]],
+                         out_["neg_mask"].clone(), helper_feats, res))
+        return res
+
+    P.PretrainTask.diagnostics = spy
+    try:
+        P.run(cfg, init_from=ckpt)
+    finally:
+        P.PretrainTask.diagnostics = original
+    scenes = ShapesWorld.load(world)
+    log = [r for r in read_log(tmp_path) if "loss" in r]
+    assert len(log) == len(captured) == 2 and log[0]["alpha"] == 1.0
+    for rec, (captions, images, neg, (fi, ft), _) in zip(log, captured):
+        b = len(captions)
+        sim_h = (fi.double() @ ft.double().T).tolist()
+        truth = [[claim_is_true(parse_caption(c), scenes.scene(img)) for c in captions] for img in images]
+        negs = [[bool(neg[i, j]) for j in range(b)] for i in range(b)]
+        assert close(rec["diag/helper_sim_auc"], ref_block(negs, truth, sim_h)["sim_auc"])
+
+
+# --------------------------------------------------------------------- diagnose_checkpoint
+def test_diagnose_checkpoint_on_a_tiny_checkpoint(tiny_run, world, tmp_path):
+    ckpt = str(tiny_run[0] / "checkpoint_last.pth")
+    res = diagnose_checkpoint(ckpt, str(world), split="train", batch_size=1000, progress=False)
+    # one batch holds every pair: count its negatives and false negatives with the reference oracle
+    scenes = ShapesWorld.load(world)
+    pairs = [(p, c) for p in scenes.images("train") for c in scenes.captions[p]]
+    n_fn = n_tn = 0
+    for (p, _), (q, c) in itertools.product(pairs, pairs):
+        if p != q:
+            if claim_is_true(parse_caption(c), scenes.scene(p)):
+                n_fn += 1
+            else:
+                n_tn += 1
+    assert res["n_batches"] == 1 and res["n_pairs"] == len(pairs)
+    assert res["weight_n_false_neg"] == n_fn and res["weight_n_true_neg"] == n_tn > 0 and n_fn > 0
+    assert res["false_negative_rate"] == pytest.approx(n_fn / (n_fn + n_tn))
+    for key in ("weight_auc", "sim_auc", "sim_centred_auc"):
+        assert 0.0 <= res[key] <= 1.0
+    assert res["delta"] == 1.0 and res["alpha"] == 0.0 and res["similarity_source"] == "momentum"
+    # delta = 0 is InfoNCE: all weights 1, the weight cannot tell anything
+    flat = diagnose_checkpoint(ckpt, str(world), split="test", batch_size=8, delta=0.0, progress=False)
+    assert flat["weight_auc"] == 0.5 or math.isnan(flat["weight_auc"])
+    assert flat["weight_w_true_neg"] == 1.0 and flat["w_top1"] == 1.0
+    # the checkpoint as its own helper, both on the online encoders: helper similarity = model similarity
+    same = diagnose_checkpoint(ckpt, str(world), split="train", batch_size=16, helper=ckpt,
+                               similarity_source="online", progress=False)
+    assert same["alpha"] == 1.0 and same["helper_sim_auc"] == pytest.approx(same["sim_auc"], abs=1e-9)
+    # the CLI writes the same numbers
+    path = tmp_path / "diag.json"
+    assert diag_main([ckpt, "--data", str(world), "--split", "train", "--batch-size", "1000", "--json", str(path)]) == 0
+    saved = json.loads(path.read_text())
+    assert saved["weight_auc"] == pytest.approx(res["weight_auc"]) and saved["sim_auc"] == pytest.approx(res["sim_auc"])
+    with pytest.raises(ValueError, match="helper"):
+        diagnose_checkpoint(ckpt, str(world), alpha=0.5, progress=False)
+
+
+def test_zero_shot_retrieval_semantic_counts_every_true_item(tiny_run, world):
+    model, tok, cfg = load_vlp_checkpoint(str(tiny_run[0] / "checkpoint_last.pth"))
+    res = zero_shot_retrieval(model, tok, str(world), "test", transform_cfg=cfg.data.transform, progress=False)
+    recs = json.loads((world / "retrieval_test.json").read_text())
+    assert res["n_images"] == len(recs) and res["n_captions"] == sum(len(r["caption"]) for r in recs)
+    std, sem, chance = res["standard"], res["semantic"], res["semantic_chance"]
+    for k in ("txt_r1", "txt_r5", "img_r1", "img_r5"):
+        assert 0.0 <= std[k] <= sem[k] <= 100.0  # a paired item is also a true item
+    assert std["img_r10"] == 100.0  # 8 test images: the own image is always in the top 10
+    assert 0.0 < chance["img_r1"] <= 100.0 and res["semantic_relevant_per_caption"] >= 1.0
