@@ -17,7 +17,6 @@ The training text is ``prompt + caption`` (BLIP: ``"a picture of " + caption``);
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from .formats import read_annotations
+from .formats import read_annotations, read_json
 
 __all__ = ["CAPTION_HINT", "CaptionSplit", "coco_image_id", "read_caption_split", "load_coco_references",
            "CaptionTrainCollator", "prompt_length"]
@@ -111,13 +110,7 @@ def load_coco_references(path: PathLike, hint: str = CAPTION_HINT) -> dict[int, 
 
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file and the offending entry."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"captioning ground-truth file not found: {path!r}. {hint}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            gt = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"captioning ground-truth file {path!r} is not valid JSON: {e}") from e
+    gt = read_json(path, "captioning ground-truth file", hint)
     if not isinstance(gt, dict) or not isinstance(gt.get("annotations"), list):
         raise ValueError(f"{path!r} must be a COCO captions file: an object with an 'annotations' list")
     refs: dict[int, list[str]] = {}

@@ -26,8 +26,8 @@ from torch.utils.data import Dataset
 from .text import mask_tokens, pre_caption
 from .transforms import apply_seeded
 
-__all__ = ["sample_seed", "derive_seed", "read_annotations", "ImageLoadError", "load_image",
-           "PretrainDataset", "PretrainCollator"]
+__all__ = ["sample_seed", "derive_seed", "read_json", "read_annotations", "ImageLoadError", "load_image",
+           "load_image_or_next", "PretrainDataset", "PretrainCollator"]
 
 logger = logging.getLogger("datasets")
 PathLike = str | os.PathLike
@@ -58,6 +58,20 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
 
 
+def read_json(path: PathLike, what: str, hint: str = "") -> Any:
+    """The parsed content of the JSON file ``path``; ``what`` names the file in the errors
+    (``"VQA answer list"``, ...). Raises ``FileNotFoundError`` ("<what> not found: <path>", followed by
+    ``hint`` when given, e.g. where to get the data) and ``ValueError`` for invalid JSON."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path!r}" + (f". {hint}" if hint else ""))
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{what} {path!r} is not valid JSON: {e}") from e
+
+
 def read_annotations(paths: PathLike | Sequence[PathLike], required: dict[str, type | tuple[type, ...]],
                      kind: str, hint: str = "") -> list[dict]:
     """Read one or several JSON list files (concatenated in order) and validate every record.
@@ -71,13 +85,7 @@ def read_annotations(paths: PathLike | Sequence[PathLike], required: dict[str, t
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     records: list[dict] = []
     for path in map(os.fspath, paths):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{kind} annotation file not found: {path!r}" + (f". {hint}" if hint else ""))
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{kind} annotation file {path!r} is not valid JSON: {e}") from e
+        data = read_json(path, f"{kind} annotation file", hint)
         if not isinstance(data, list):
             raise ValueError(f"{kind} annotation file {path!r} must hold a JSON list of records, "
                              f"found a JSON {type(data).__name__}")
@@ -117,6 +125,28 @@ def load_image(path: PathLike) -> Image.Image:
         raise ImageLoadError(path, "file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+
+
+def load_image_or_next(index: int, count: int, path_of: Callable[[int], str], max_bad_retries: int,
+                       warned: set[str]) -> tuple[Image.Image, int, int]:
+    """Load the image of record ``index`` of ``count`` records (``path_of(record)`` is its file); when it
+    cannot be loaded, try the next records (wrapping around), at most ``max_bad_retries`` more times.
+
+    Each unreadable file is warned about once (on the ``"datasets"`` logger) per ``warned`` set, which
+    the caller keeps (one per dataset and process). Returns ``(image, record used, images skipped)``;
+    raises ``RuntimeError`` naming the files when every try failed."""
+    tried: list[str] = []
+    for attempt in range(max_bad_retries + 1):
+        used = (index + attempt) % count
+        path = path_of(used)
+        try:
+            return load_image(path), used, len(tried)
+        except ImageLoadError as e:
+            tried.append(path)
+            if path not in warned:
+                warned.add(path)
+                logger.warning("skipping unreadable image %s (%s)", path, e.reason)
+    raise RuntimeError(f"{len(tried)} images in a row failed to load from index {index}: {tried}")
 
 
 class PretrainDataset(Dataset):
@@ -180,24 +210,13 @@ class PretrainDataset(Dataset):
         index = int(index)
         if not 0 <= index < len(self.items):
             raise IndexError(f"index {index} out of range for {len(self.items)} records")
-        tried: list[str] = []
-        for attempt in range(self.max_bad_retries + 1):
-            used = (index + attempt) % len(self.items)
-            path, captions, image_idx = self.items[used]
-            try:
-                image = load_image(path)
-                break
-            except ImageLoadError as e:
-                tried.append(path)
-                if path not in self._warned:
-                    self._warned.add(path)
-                    logger.warning("skipping unreadable image %s (%s)", path, e.reason)
-        else:
-            raise RuntimeError(f"{len(tried)} images in a row failed to load from index {index}: {tried}")
+        image, used, n_bad = load_image_or_next(index, len(self.items), self.image_path, self.max_bad_retries,
+                                                self._warned)
+        _, captions, image_idx = self.items[used]
         seed = sample_seed(self.seed, self.epoch, used)
         caption = captions[random.Random(derive_seed(seed, "caption")).randrange(len(captions))]
         return {"image": apply_seeded(self.transform, image, derive_seed(seed, "augment")), "caption": caption,
-                "image_idx": image_idx, "index": used, "seed": seed, "n_bad": len(tried)}
+                "image_idx": image_idx, "index": used, "seed": seed, "n_bad": n_bad}
 
 
 class PretrainCollator:

@@ -16,8 +16,6 @@ answers when the vocabulary was trained on captions that spell numbers as words)
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 from collections import Counter
 from typing import Callable, Iterable, Optional, Sequence
@@ -25,14 +23,13 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .formats import ImageLoadError, load_image, read_annotations, sample_seed
+from .formats import ImageLoadError, load_image, load_image_or_next, read_annotations, read_json, sample_seed
 from .text import pre_question, tokenizer_from_state, tokenizer_state
 from .transforms import apply_seeded
 
 __all__ = ["VQA_HINT", "read_vqa", "read_answer_list", "answer_targets", "VQATrainDataset", "VQAEvalDataset",
            "VQATrainCollator", "VQAEvalCollator", "extend_tokenizer", "tokenize_answers"]
 
-logger = logging.getLogger("datasets")
 PathLike = str | os.PathLike
 
 VQA_HINT = ("VQA v2 annotations in the ALBEF format (vqa_train.json, vqa_val.json, vqa_test.json, vg_qa.json, "
@@ -68,13 +65,7 @@ def read_vqa(paths: PathLike | Sequence[PathLike], require_answers: bool, hint: 
 def read_answer_list(path: PathLike, hint: str = VQA_HINT) -> list[str]:
     """The candidate answers for ranking: a JSON list of distinct strings."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"VQA answer list not found: {path!r}. {hint}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            answers = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"VQA answer list {path!r} is not valid JSON: {e}") from e
+    answers = read_json(path, "VQA answer list", hint)
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
         raise ValueError(f"VQA answer list {path!r} must be a non-empty JSON list of strings")
     dup = [a for a, n in Counter(answers).items() if n > 1]
@@ -129,25 +120,12 @@ class VQATrainDataset(_VQADatasetBase):
         return self.questions + [a for ans, _ in self.targets for a in ans]
 
     def __getitem__(self, index: int) -> dict:
-        index = int(index)
-        tried = []
-        for attempt in range(self.max_bad_retries + 1):
-            used = (index + attempt) % len(self.records)
-            path = self.image_path(used)
-            try:
-                image = load_image(path)
-                break
-            except ImageLoadError as e:
-                tried.append(path)
-                if path not in self._warned:
-                    self._warned.add(path)
-                    logger.warning("skipping unreadable image %s (%s)", path, e.reason)
-        else:
-            raise RuntimeError(f"{len(tried)} images in a row failed to load from index {index}: {tried}")
+        image, used, n_bad = load_image_or_next(int(index), len(self.records), self.image_path,
+                                                self.max_bad_retries, self._warned)
         seed = sample_seed(self.seed, self.epoch, used)
         answers, weights = self.targets[used]
         return {"image": apply_seeded(self.transform, image, seed), "question": self.questions[used],
-                "answers": answers, "weights": weights, "index": used, "n_bad": len(tried)}
+                "answers": answers, "weights": weights, "index": used, "n_bad": n_bad}
 
 
 class VQAEvalDataset(_VQADatasetBase):
