@@ -21,14 +21,12 @@ generation settings, checkpoint, protocol). ``--predict`` prints one caption per
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Literal, Optional
+from typing import Literal, Optional
 
 import torch
 from torch.utils.data import DataLoader
@@ -44,15 +42,15 @@ from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config, to_dict
-from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
-                            grouped, setup_logging)
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.caption import CaptionModel
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
-from models.vlp import VLPConfig, VLPModel, load_pretrained_encoders
-from models.weights import LoadReport
+from models.vlp import VLPConfig, VLPModel
 from tasks.caption_eval import METRIC_KEYS, METRICS, CaptionScores, format_table, predictions_to_results, score_captions
-from tasks.common import QUEUE_KEYS, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer, \
-    require_files, to_device
+from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
+                          build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
+                          load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
+                          require_positive, start_run, with_vocab, write_json)
 from tasks.retrieval import check_architecture
 
 log = logging.getLogger("caption")
@@ -60,7 +58,8 @@ log = logging.getLogger("caption")
 PROTOCOL = ("captioning: fine-tuned with the LM loss on the training captions (prompt excluded from the loss); "
             "the checkpoint with the best val {metric} is evaluated on test; beam search as configured under "
             "'generation'; pycocoevalcap metrics with the PTB tokenizer (0-1 scale, tables x100)")
-MOMENTUM_REASON = "momentum encoder or queue (pre-training only)"
+# the config sections a caption / VQA checkpoint's model must match
+DECODER_SECTIONS = "'model' and 'decoder' sections"
 NOT_USED_REASON = "base-model part not used by the task"
 
 
@@ -84,8 +83,7 @@ class CaptionDataConfig:
     shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
 
     def validate(self) -> None:
-        if self.eval_batch_size <= 0:
-            raise ValueError(f"data.eval_batch_size must be positive; got {self.eval_batch_size}")
+        require_positive("data.eval_batch_size", self.eval_batch_size)
 
 
 @dataclass
@@ -135,22 +133,6 @@ CONFIG_CLASS = CaptionConfig
 
 
 # ---------------------------------------------------------------------- helpers shared with VQA
-def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
-    """The evaluation autocast context for ``train.precision``."""
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def write_json(obj, path: Path, indent: Optional[int] = 1) -> None:
-    """Write JSON atomically (a temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def load_base_model(cfg: VLPConfig, ckpt: Optional[dict], path: Optional[str], dist: D.DistInfo,
                     warn_scratch: bool = True) -> VLPModel:
     """A ``VLPModel`` (no momentum copy) from a pre-training checkpoint (our names, or ALBEF/BLIP
@@ -159,41 +141,16 @@ def load_base_model(cfg: VLPConfig, ckpt: Optional[dict], path: Optional[str], d
     base = VLPModel(cfg, momentum=False)
     if ckpt is not None:
         report = load_model_state(base, dict(ckpt["model"]), source=str(path))
-        for key in report.unexpected:
-            first = key.split(".")[0]
-            if first.endswith("_m") or key.split(".")[-1] in QUEUE_KEYS:
-                report.expected_unexpected[key] = MOMENTUM_REASON
+        explain_momentum_keys(report)
         if dist.is_main:
             print(f"checkpoint {path}: {report.summary()}", flush=True)
-        try:
-            report.raise_if_unexpected()
-        except ValueError as err:
-            raise ConfigError(f"{err}\nThe config's 'model' section must describe the checkpoint's model "
-                              f"(see the config.yaml beside {path}).") from None
+        raise_on_report(report, str(path))
         return base
-    for r in load_pretrained_encoders(base):
-        if dist.is_main:
-            print(r.summary(), flush=True)
-        r.raise_if_unexpected()
+    load_encoder_weights(base, dist)
     if warn_scratch and dist.is_main:
         log.warning("no --checkpoint: fine-tuning a model that was not pre-trained on image-text pairs%s",
                     " (except the weight files named in model.*_weights)" if (cfg.vision_weights or cfg.text_weights) else "")
     return base
-
-
-def raise_on_report(report: LoadReport, path: str) -> None:
-    """Raise ``ConfigError`` for unexplained missing/unexpected/mismatched keys of ``report``."""
-    try:
-        report.raise_if_unexpected()
-    except ValueError as err:
-        raise ConfigError(f"{err}\nThe config's 'model' and 'decoder' sections must describe the checkpoint's "
-                          f"model (see the config.yaml beside {path}).") from None
-
-
-def with_vocab(cfg, tokenizer):
-    """``cfg`` with ``model.text.vocab_size`` set to the tokenizer's size."""
-    return dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
 
 
 def token_ids(tokenizer, tokens: list[str]) -> list[int]:
@@ -278,7 +235,7 @@ def evaluate_split(model: CaptionModel, generator: CaptionGenerator, split: Capt
 
 
 # ---------------------------------------------------------------------- the task
-class CaptionTask:
+class CaptionTask(SampledTrainTask):
     """Data + LM step + val evaluation for the trainer (see ``engine.trainer.Task``)."""
 
     def __init__(self, cfg: CaptionConfig, dist: D.DistInfo, dataset: PretrainDataset, tokenizer,
@@ -286,31 +243,8 @@ class CaptionTask:
         self.cfg, self.dist, self.dataset, self.tokenizer = cfg, dist, dataset, tokenizer
         self.generator, self.val = generator, val
         self.collator = CaptionTrainCollator(tokenizer, cfg.data.prompt, cfg.tokenizer.max_length)
-        self.sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.grad_accum,
-                                         dist.rank, dist.world_size, cfg.train.seed)
-        self.seen = self.bad = 0
-
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch()
-
-    def train_batches(self, epoch: int, start_step: int):
-        self.dataset.set_epoch(epoch)
-        self.sampler.set_position(epoch, start_step)
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
-                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda")
-        for group in grouped(loader, self.cfg.train.grad_accum):
-            for b in group:
-                self._count_bad(b)
-            yield [to_device(b, self.dist.device) for b in group]
-
-    def _count_bad(self, batch: dict) -> None:
-        self.seen += batch["input_ids"].shape[0]
-        self.bad += int(batch["n_bad"])
-        d = self.cfg.data
-        if self.seen >= d.bad_check_after and self.bad / (self.seen + self.bad) > d.max_bad_fraction:
-            raise RuntimeError(f"{self.bad} of {self.seen + self.bad} training images failed to load (more than "
-                               f"data.max_bad_fraction={d.max_bad_fraction}); the warnings above name them. "
-                               f"Check data.image_root={d.image_root}.")
+        self.train_data = SampledTrainData(dataset, self.collator, cfg.train, dist, cfg.data.num_workers,
+                                           BadImageCheck.from_data(cfg.data, "input_ids"))
 
     def train_step(self, model, batch: dict, state: TrainState) -> dict:
         loss = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"],
@@ -343,7 +277,7 @@ def build_model(cfg: CaptionConfig, ckpt: Optional[dict], path: Optional[str], d
         report = load_model_state(model, dict(ckpt["model"]), source=str(path))
         if dist.is_main:
             print(f"caption checkpoint {path}: {report.summary()}", flush=True)
-        raise_on_report(report, str(path))
+        raise_on_report(report, str(path), DECODER_SECTIONS)
         return model
     base = load_base_model(cfg.model, ckpt, path, dist, warn_scratch)
     model, report = CaptionModel.from_base(base, cfg.decoder)
@@ -414,12 +348,8 @@ def run(cfg: CaptionConfig, checkpoint: Optional[str] = None, evaluate: bool = F
     """Fine-tune (or with ``evaluate`` only evaluate) captioning; returns the metrics per split."""
     if evaluate and not checkpoint:
         raise ConfigError("--evaluate needs --checkpoint (a fine-tuned caption checkpoint)")
-    dist = D.init_distributed(cfg.train.device)
-    setup_logging(dist.is_main)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
     d = cfg.data
-    ensure_synthetic(d.image_root, d.shapes, dist)
+    dist = start_run(cfg.train, d.image_root, d.shapes)
     files = [f for f in (d.val_file, d.val_gt_file, d.test_file, d.test_gt_file) if f]
     require_files(([] if evaluate else list(d.train_files)) + files, "captioning annotation",
                   CAPTION_HINT + " The synthetic captioning demo: python run_finetune.py --task caption_shapes.")
@@ -459,20 +389,16 @@ def run(cfg: CaptionConfig, checkpoint: Optional[str] = None, evaluate: bool = F
               f"(init {cfg.decoder.init_from}), prompt {d.prompt!r}, {dist.world_size} process(es) on {dist.device}, "
               f"output in {out_dir}", flush=True)
     torch.manual_seed(cfg.train.seed + dist.rank)
-    trainer = Trainer(cfg.train, cfg.optim, cfg.schedule, model,
-                      model.param_groups(cfg.optim.lr, cfg.optim.lr_vision, cfg.optim.weight_decay), dist, cfg)
+    trainer = build_trainer(cfg, model, dist)
     task = CaptionTask(cfg, dist, train_set, tokenizer, generator, splits.get("val"))
     state = trainer.fit(task, resume=resume, metric_key=cfg.eval.select_metric)
     if state.global_step < state.total_steps:
         if dist.is_main:
             print("training stopped before the end: no test evaluation", flush=True)
         return {}
-    best = out_dir / "checkpoint_best.pth"
-    chosen = best if best.is_file() else out_dir / "checkpoint_last.pth"
-    final = load_checkpoint(chosen)
-    model.load_state_dict(final["model"], strict=True)
+    chosen, final, is_best = load_selected_checkpoint(model, out_dir)
     extra = {"mode": "finetune", "from_checkpoint": checkpoint,
-             "selected_by": f"val {cfg.eval.select_metric}" if chosen == best else "last checkpoint (no val split)",
+             "selected_by": f"val {cfg.eval.select_metric}" if is_best else "last checkpoint (no val split)",
              "selected_step": final["state"]["global_step"], "best_val": state.best_metric}
     del final
     return evaluate_and_write(model, generator, splits, cfg, dist, str(chosen), extra)

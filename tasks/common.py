@@ -1,20 +1,29 @@
 """Pieces every task shares: tokenizer set-up, synthetic data on first use, loading a pre-trained
-checkpoint into a (possibly differently sized) model, and moving batches to the device."""
+checkpoint into a (possibly differently sized) model, and moving batches to the device; for the
+fine-tuning tasks (caption, VQA, NLVR2, retrieval) also the start of a run, the training batches of a
+map-style dataset (with the bad-image check), the trainer, the load reports and the selected
+checkpoint at the end."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
+from torch.utils.data import DataLoader, Dataset
 
 from datasets.shapes import ShapesConfig, ensure_shapes
 from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state, train_wordpiece_tokenizer
 from engine import distributed as D
 from engine.checkpoint import load_checkpoint
-from engine.config import opt
+from engine.config import ConfigError, opt
+from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, setup_logging
 from models.vision import interpolate_pos_embed
 from models.weights import LoadReport
 
@@ -136,3 +145,174 @@ def load_pretrained(model: torch.nn.Module, path: str, expected_missing: Optiona
     state = {prefix + k: v for k, v in ckpt["model"].items()}
     report = load_model_state(model, state, source=path, expected_missing=expected_missing)
     return report, ckpt
+
+
+# ---------------------------------------------------------------------- the fine-tuning tasks
+MOMENTUM_REASON = "momentum encoder or queue (pre-training only)"
+
+
+def start_run(train: TrainConfig, image_root: str, shapes: Optional[ShapesConfig]) -> D.DistInfo:
+    """The start of a fine-tuning run: processes (``train.device``), logging, ``train.num_threads``,
+    and the synthetic shapes world in ``image_root`` on first use (when ``shapes`` is set)."""
+    dist = D.init_distributed(train.device)
+    setup_logging(dist.is_main)
+    if train.num_threads > 0:
+        torch.set_num_threads(train.num_threads)
+    ensure_synthetic(image_root, shapes, dist)
+    return dist
+
+
+def with_vocab(cfg, tokenizer):
+    """``cfg`` with ``model.text.vocab_size`` set to the tokenizer's size."""
+    return dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
+
+
+def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:
+    """The evaluation autocast context for ``train.precision``."""
+    if precision == "fp32":
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def write_json(obj: Any, path: Path, indent: Optional[int] = 1) -> None:
+    """Write JSON atomically (a temporary file, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def require_positive(key: str, value: int) -> None:
+    """``ValueError`` naming the config ``key`` when ``value`` is not positive (for ``validate()``)."""
+    if value <= 0:
+        raise ValueError(f"{key} must be positive; got {value}")
+
+
+# ---------------------------------------------------------------------- weights and load reports
+def explain_momentum_keys(report: LoadReport, prefix: str = "") -> None:
+    """Mark the keys of a pre-training checkpoint's momentum encoders (``*_m.*``) and feature queues
+    among ``report.unexpected`` as expected (a task model has neither), with :data:`MOMENTUM_REASON`.
+    ``prefix`` is where the base model's keys start in the task model (``"base."``)."""
+    for key in report.unexpected:
+        first = key[len(prefix):].split(".")[0]
+        if first.endswith("_m") or key.split(".")[-1] in QUEUE_KEYS:
+            report.expected_unexpected[key] = MOMENTUM_REASON
+
+
+def raise_on_report(report: LoadReport, path: str, sections: str = "'model' section") -> None:
+    """Raise ``ConfigError`` for unexplained missing/unexpected/mismatched keys of ``report``, adding
+    that the config's ``sections`` must describe the model of the checkpoint ``path``."""
+    try:
+        report.raise_if_unexpected()
+    except ValueError as err:
+        raise ConfigError(f"{err}\nThe config's {sections} must describe the checkpoint's model "
+                          f"(see the config.yaml beside {path}).") from None
+
+
+def load_encoder_weights(model: torch.nn.Module, dist: D.DistInfo) -> list[LoadReport]:
+    """Initialise a ``VLPModel``'s encoders from the local weight files its config names
+    (``model.vision_weights``, ``model.text_weights``); prints each report (main process) and raises
+    on unexplained keys. Returns the reports (none when no file is named)."""
+    from models.vlp import load_pretrained_encoders
+    reports = load_pretrained_encoders(model)
+    for r in reports:
+        if dist.is_main:
+            print(r.summary(), flush=True)
+        r.raise_if_unexpected()
+    return reports
+
+
+def load_selected_checkpoint(model: torch.nn.Module, out_dir: Path) -> tuple[Path, dict, bool]:
+    """Load into ``model`` the checkpoint a fine-tuning run selected: ``checkpoint_best.pth`` (best
+    val metric) when the run wrote one, else ``checkpoint_last.pth``. Returns the path, the
+    checkpoint dict and whether it is the best one."""
+    best = out_dir / "checkpoint_best.pth"
+    chosen = best if best.is_file() else out_dir / "checkpoint_last.pth"
+    ckpt = load_checkpoint(chosen)
+    model.load_state_dict(ckpt["model"], strict=True)
+    return chosen, ckpt, chosen == best
+
+
+# ---------------------------------------------------------------------- training
+def build_trainer(cfg: Any, model: torch.nn.Module, dist: D.DistInfo, find_unused: bool = False) -> Trainer:
+    """The :class:`~engine.trainer.Trainer` of a task config with ``train``, ``optim`` and ``schedule``
+    sections, over ``model.param_groups(lr, lr_vision, weight_decay)``."""
+    o = cfg.optim
+    return Trainer(cfg.train, o, cfg.schedule, model, model.param_groups(o.lr, o.lr_vision, o.weight_decay),
+                   dist, cfg, find_unused=find_unused)
+
+
+class BadImageCheck:
+    """Stops training when too many images fail to load. Called on every training batch: counts its
+    samples (the rows of ``batch[size_key]``) and the images the dataset skipped (``batch["n_bad"]``);
+    once ``check_after`` samples were seen, more than ``max_bad_fraction`` of the images tried is a
+    ``RuntimeError`` naming the config keys ``data.max_bad_fraction`` and ``data.image_root``."""
+
+    def __init__(self, max_bad_fraction: float, check_after: int, image_root: str, size_key: str) -> None:
+        self.max_bad_fraction, self.check_after, self.image_root = max_bad_fraction, check_after, image_root
+        self.size_key = size_key
+        self.seen = self.bad = 0
+
+    @classmethod
+    def from_data(cls, data: Any, size_key: str) -> "BadImageCheck":
+        """From a ``data`` config section (``max_bad_fraction``, ``bad_check_after``, ``image_root``)."""
+        return cls(data.max_bad_fraction, data.bad_check_after, data.image_root, size_key)
+
+    def __call__(self, batch: dict) -> None:
+        self.seen += batch[self.size_key].shape[0]
+        self.bad += int(batch["n_bad"])
+        if self.seen >= self.check_after and self.bad / (self.seen + self.bad) > self.max_bad_fraction:
+            raise RuntimeError(f"{self.bad} of {self.seen + self.bad} training images failed to load (more than "
+                               f"data.max_bad_fraction={self.max_bad_fraction}); the warnings above name them. "
+                               f"Check data.image_root={self.image_root}.")
+
+
+class SampledTrainData:
+    """The training batches of a map-style dataset (with ``set_epoch``): an
+    :class:`~engine.trainer.EpochBatchSampler` (deterministic, exact resume) over ``train.batch_size``,
+    a ``DataLoader`` with ``collator``, micro-batches grouped per optimiser step (``train.grad_accum``),
+    each passed to ``bad_images`` (when given) and moved to the device.
+
+    ``loader_seed``: seed of the loader's own generator (then the global RNG is left alone); ``None``
+    lets the loader draw its worker seed from the global RNG."""
+
+    def __init__(self, dataset: Dataset, collator: Callable[[list], dict], train: TrainConfig, dist: D.DistInfo,
+                 num_workers: int, bad_images: Optional[BadImageCheck] = None,
+                 loader_seed: Optional[int] = None) -> None:
+        self.dataset, self.collator, self.dist, self.num_workers = dataset, collator, dist, num_workers
+        self.grad_accum, self.bad_images, self.loader_seed = train.grad_accum, bad_images, loader_seed
+        self.sampler = EpochBatchSampler(len(dataset), train.batch_size, train.grad_accum,
+                                         dist.rank, dist.world_size, train.seed)
+
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps per epoch."""
+        return self.sampler.steps_per_epoch()
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[list[dict]]:
+        """The micro-batches of each optimiser step of ``epoch`` from ``start_step`` on, on the device."""
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_position(epoch, start_step)
+        generator = None if self.loader_seed is None else torch.Generator().manual_seed(self.loader_seed)
+        loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
+                            num_workers=self.num_workers, pin_memory=self.dist.device.type == "cuda",
+                            generator=generator)
+        for group in grouped(loader, self.grad_accum):
+            if self.bad_images is not None:
+                for b in group:
+                    self.bad_images(b)
+            yield [to_device(b, self.dist.device) for b in group]
+
+
+class SampledTrainTask:
+    """Base of the tasks whose training data is a :class:`SampledTrainData` in ``self.train_data``:
+    gives them ``steps_per_epoch`` and ``train_batches`` of ``engine.trainer.Task``."""
+
+    train_data: SampledTrainData
+
+    def steps_per_epoch(self) -> int:
+        return self.train_data.steps_per_epoch()
+
+    def train_batches(self, epoch: int, start_step: int) -> Iterator[list[dict]]:
+        return self.train_data.batches(epoch, start_step)

@@ -20,11 +20,7 @@ batch 16 x 8 GPUs and 10 epochs.
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -41,13 +37,14 @@ from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config
-from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
-                            grouped, setup_logging)
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
-from models.vlp import VLPConfig, load_pretrained_encoders
+from models.vlp import VLPConfig
 from models.weights import LoadReport
-from tasks.common import QUEUE_KEYS, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer, \
-    require_files, to_device
+from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
+                          explain_momentum_keys, load_encoder_weights, load_model_state, load_selected_checkpoint,
+                          make_tokenizer, raise_on_report, require_files, require_positive, start_run, to_device,
+                          with_vocab, write_json)
 
 log = logging.getLogger("nlvr2")
 
@@ -57,7 +54,6 @@ DATA_HINT = ("NLVR2 annotations in the ALBEF format (nlvr_train.json, nlvr_dev.j
              "The synthetic NLVR2 demo needs no download: python run_finetune.py --task nlvr2_shapes.")
 PROTOCOL = ("NLVR2: fine-tuned on train, checkpoint selected by dev accuracy, then evaluated on dev and test "
             "(test = test-P for real NLVR2). Accuracy in %.")
-MOMENTUM_REASON = "momentum encoder or queue (pre-training only)"
 
 
 @dataclass
@@ -74,8 +70,7 @@ class NLVR2DataConfig:
     shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
 
     def validate(self) -> None:
-        if self.eval_batch_size <= 0:
-            raise ValueError(f"data.eval_batch_size must be positive; got {self.eval_batch_size}")
+        require_positive("data.eval_batch_size", self.eval_batch_size)
 
 
 @dataclass
@@ -112,10 +107,7 @@ def load_nlvr2_weights(model: NLVR2Model, ckpt: dict, source: str) -> LoadReport
                 "merge.": "new merge layer (initialised to the average)",
                 "cls_head.": "new NLVR2 classifier"}
     report = load_model_state(model, prefixed, source=source, expected_missing=expected)
-    for key in report.unexpected:
-        first = key[len("base."):].split(".")[0]
-        if first.endswith("_m") or first in QUEUE_KEYS:
-            report.expected_unexpected[key] = MOMENTUM_REASON
+    explain_momentum_keys(report, "base.")
     model.init_right_from_left()
     return report
 
@@ -132,12 +124,11 @@ def predict(model: NLVR2Model, dataset: NLVR2Dataset, collator: NLVR2Collator, d
     indices = list(range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collator,
                         num_workers=num_workers, pin_memory=dist.device.type == "cuda")
-    autocast = contextlib.nullcontext() if precision == "fp32" else torch.autocast(
-        dist.device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    autocast = autocast_for(precision, dist.device)
     local: list[tuple[int, int, float]] = []
     for batch in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), dynamic_ncols=True, leave=False):
         b = to_device(batch, dist.device)
-        with autocast:
+        with autocast():
             logits = model(b["image_left"], b["image_right"], b["input_ids"], b["attention_mask"]).float()
         pred = logits.argmax(dim=1).cpu().tolist()
         prob = logits.softmax(dim=1)[:, 1].cpu().tolist()
@@ -169,34 +160,15 @@ def prediction_records(dataset: NLVR2Dataset, preds: dict[int, tuple[int, float]
     return out
 
 
-def _write_json(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------- the task
-class NLVR2Task:
+class NLVR2Task(SampledTrainTask):
     """Data + step + dev evaluation for the trainer (see ``engine.trainer.Task``)."""
 
     def __init__(self, cfg: NLVR2Config, dist: D.DistInfo, train_set: NLVR2Dataset, dev_set: Optional[NLVR2Dataset],
                  tokenizer) -> None:
         self.cfg, self.dist, self.train_set, self.dev_set, self.tokenizer = cfg, dist, train_set, dev_set, tokenizer
         self.collator = NLVR2Collator(tokenizer, cfg.tokenizer.max_length)
-        self.sampler = EpochBatchSampler(len(train_set), cfg.train.batch_size, cfg.train.grad_accum,
-                                         dist.rank, dist.world_size, cfg.train.seed)
-
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch()
-
-    def train_batches(self, epoch: int, start_step: int):
-        self.train_set.set_epoch(epoch)
-        self.sampler.set_position(epoch, start_step)
-        loader = DataLoader(self.train_set, batch_sampler=self.sampler, collate_fn=self.collator,
-                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda")
-        for group in grouped(loader, self.cfg.train.grad_accum):
-            yield [to_device(b, self.dist.device) for b in group]
+        self.train_data = SampledTrainData(train_set, self.collator, cfg.train, dist, cfg.data.num_workers)
 
     def train_step(self, model, batch: dict, state: TrainState) -> dict:
         logits = model(batch["image_left"], batch["image_right"], batch["input_ids"], batch["attention_mask"])
@@ -244,9 +216,9 @@ def evaluate_and_write(model: NLVR2Model, sets: dict[str, NLVR2Dataset], cfg: NL
         results[split] = {"accuracy": acc, "n": len(ds), "files": list(getattr(cfg.data, f"{split}_files")),
                           "predictions": str(out_dir / f"predictions_{split}.json")}
         if dist.is_main:
-            _write_json(prediction_records(ds, preds), out_dir / f"predictions_{split}.json")
+            write_json(prediction_records(ds, preds), out_dir / f"predictions_{split}.json")
     if dist.is_main:
-        _write_json(results, out_dir / "results.json")
+        write_json(results, out_dir / "results.json")
         lines = [f"  {split:5s} accuracy {results[split]['accuracy']:.2f}%  ({results[split]['n']} examples)"
                  for split in sets]
         print(f"NLVR2 results ({checkpoint}):\n" + "\n".join(lines)
@@ -258,12 +230,8 @@ def evaluate_and_write(model: NLVR2Model, sets: dict[str, NLVR2Dataset], cfg: NL
 def run(cfg: NLVR2Config, checkpoint: Optional[str] = None, evaluate: bool = False,
         resume: Optional[str] = None) -> dict:
     """Fine-tune (or with ``evaluate`` only evaluate) NLVR2; returns the results dict."""
-    dist = D.init_distributed(cfg.train.device)
-    setup_logging(dist.is_main)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
     d = cfg.data
-    ensure_synthetic(d.image_root, d.shapes, dist)
+    dist = start_run(cfg.train, d.image_root, d.shapes)
     require_files(([] if evaluate else d.train_files) + d.dev_files + d.test_files, "NLVR2 annotation", DATA_HINT)
     if evaluate and not checkpoint:
         raise ConfigError("--evaluate needs --checkpoint (a fine-tuned NLVR2 checkpoint)")
@@ -280,8 +248,7 @@ def run(cfg: NLVR2Config, checkpoint: Optional[str] = None, evaluate: bool = Fal
                                  cfg.train.seed, DATA_HINT)
     tokenizer = make_tokenizer(cfg.tokenizer, lambda: list(train_set.sentences), resume_ckpt or ckpt)
     del resume_ckpt
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
+    cfg = with_vocab(cfg, tokenizer)
 
     torch.manual_seed(cfg.train.seed)
     model = NLVR2Model(cfg.model, cfg.head)
@@ -289,19 +256,10 @@ def run(cfg: NLVR2Config, checkpoint: Optional[str] = None, evaluate: bool = Fal
         report = load_nlvr2_weights(model, ckpt, checkpoint)
         if dist.is_main:
             print(report.summary(), flush=True)
-        try:
-            report.raise_if_unexpected()
-        except ValueError as err:
-            raise ConfigError(f"{err}\nThe config's 'model' section must describe the checkpoint's model "
-                             f"(see the config.yaml beside {checkpoint}).") from None
+        raise_on_report(report, checkpoint)
     else:
-        reports = load_pretrained_encoders(model.base)
-        if reports:
+        if load_encoder_weights(model.base, dist):
             model.init_right_from_left()
-        for r in reports:
-            if dist.is_main:
-                print(r.summary(), flush=True)
-            r.raise_if_unexpected()
         if dist.is_main and not resume:
             log.warning("no --checkpoint: fine-tuning a model that was not pre-trained on image-text pairs")
     del ckpt
@@ -320,18 +278,14 @@ def run(cfg: NLVR2Config, checkpoint: Optional[str] = None, evaluate: bool = Fal
               + f"; {n_params / 1e6:.2f}M trainable parameters, merge={cfg.head.merge}, "
               f"{dist.world_size} process(es) on {dist.device}, output in {out_dir}", flush=True)
     torch.manual_seed(cfg.train.seed + dist.rank)
-    trainer = Trainer(cfg.train, cfg.optim, cfg.schedule, model,
-                      model.param_groups(cfg.optim.lr, cfg.optim.lr_vision, cfg.optim.weight_decay), dist, cfg)
+    trainer = build_trainer(cfg, model, dist)
     task = NLVR2Task(cfg, dist, train_set, eval_sets.get("dev"), tokenizer)
     state = trainer.fit(task, resume=resume, metric_key="dev_acc")
     if state.global_step < state.total_steps:  # stopped by a signal: the trainer said how to resume
         return {"stopped_at_step": state.global_step}
 
-    best = out_dir / "checkpoint_best.pth"
-    chosen = best if best.is_file() else out_dir / "checkpoint_last.pth"
-    final = load_checkpoint(chosen)
-    model.load_state_dict(final["model"], strict=True)
-    extra = {"selected_by": "dev accuracy" if chosen == best else "last checkpoint (no dev set)",
+    chosen, final, is_best = load_selected_checkpoint(model, out_dir)
+    extra = {"selected_by": "dev accuracy" if is_best else "last checkpoint (no dev set)",
              "selected_step": final["state"]["global_step"], "best_dev_acc": state.best_metric,
              "from_checkpoint": checkpoint}
     del final

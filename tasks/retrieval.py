@@ -21,17 +21,14 @@ checkpoint), ``zero-shot`` (``--zero-shot``: the given checkpoint, no training; 
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Literal, Optional
+from typing import Literal, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from datasets.retrieval_data import RETRIEVAL_HINT, RetrievalTrainCollator, RetrievalTrainDataset, read_eval_split
 from datasets.shapes import ShapesConfig
@@ -40,13 +37,13 @@ from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config
-from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
-                            grouped, setup_logging)
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models import losses as L
-from models.vlp import ContrastiveConfig, PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
+from models.vlp import ContrastiveConfig, PretrainLossConfig, VLPConfig, VLPModel
 from models.weights import LoadReport
-from tasks.common import QUEUE_KEYS, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer, \
-    require_files, to_device
+from tasks.common import (QUEUE_KEYS, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
+                          load_encoder_weights, load_model_state, load_selected_checkpoint, make_tokenizer,
+                          require_files, start_run, with_vocab)
 from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator, RetrievalResult, format_table, \
     memory_estimate, ranked_json
 
@@ -105,28 +102,16 @@ class RetrievalConfig:
 
 
 # ------------------------------------------------------------------------------------------- task
-class RetrievalTask:
+class RetrievalTask(SampledTrainTask):
     """Data + step + validation for fine-tuning (see ``engine.trainer.Task``)."""
 
     def __init__(self, cfg: RetrievalConfig, dist: D.DistInfo, dataset: RetrievalTrainDataset, tokenizer,
                  val: RetrievalEvaluator, reporter: "Reporter") -> None:
         self.cfg, self.dist, self.dataset, self.tokenizer, self.val, self.reporter = cfg, dist, dataset, tokenizer, val, reporter
-        self.sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.grad_accum,
-                                         dist.rank, dist.world_size, cfg.train.seed)
         self.collator = RetrievalTrainCollator(tokenizer, cfg.tokenizer.max_length)
+        self.train_data = SampledTrainData(dataset, self.collator, cfg.train, dist, cfg.data.num_workers,
+                                           loader_seed=0)  # the loader's own generator leaves the global RNG alone
         self.loss_cfg = cfg.loss.pretrain_loss()
-
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch()
-
-    def train_batches(self, epoch: int, start_step: int):
-        self.dataset.set_epoch(epoch)
-        self.sampler.set_position(epoch, start_step)
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
-                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
-        for group in grouped(loader, self.cfg.train.grad_accum):
-            yield [to_device(b, self.dist.device) for b in group]
 
     def train_step(self, model, batch: dict, state: TrainState) -> dict:
         out = model(batch, self.loss_cfg, 0.0)
@@ -178,14 +163,6 @@ class Reporter:
 
 
 # ------------------------------------------------------------------------------------ building
-def autocast_factory(precision: str, device: torch.device) -> Callable[[], ContextManager]:
-    """The evaluation autocast context for ``train.precision``."""
-    if precision == "fp32":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device.type, dtype=dtype)
-
-
 def check_architecture(model_cfg: VLPConfig, ckpt_config: Optional[dict], path: str) -> None:
     """A clear error when the config's model sizes differ from those the checkpoint was trained with."""
     saved = (ckpt_config or {}).get("model")
@@ -263,12 +240,8 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
     finetune = mode == "finetune"
     if not finetune and not checkpoint:
         raise ConfigError(f"--{mode.replace('_', '-')} evaluates a checkpoint: pass --checkpoint")
-    dist = D.init_distributed(cfg.train.device)
-    setup_logging(dist.is_main)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
     d = cfg.data
-    ensure_synthetic(d.image_root, d.shapes, dist)
+    dist = start_run(cfg.train, d.image_root, d.shapes)
     require_files(([*d.train_files, d.val_file] if finetune else []) + [d.test_file], "retrieval annotation",
                   RETRIEVAL_HINT + " The synthetic retrieval demo: python run_finetune.py --task retrieval_shapes "
                   "--checkpoint <demo pre-training checkpoint>.")
@@ -290,8 +263,7 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
         raise ConfigError(f"checkpoint {checkpoint} holds no tokenizer: set tokenizer.path to its vocabulary")
     tokenizer = make_tokenizer(cfg.tokenizer, train_set.all_captions if train_set else list, tok_source)
     del tok_source
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
+    cfg = with_vocab(cfg, tokenizer)
     if ckpt is not None:
         check_architecture(cfg.model, ckpt.get("config"), checkpoint)
 
@@ -308,10 +280,7 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
             log.warning("no --checkpoint: fine-tuning from scratch (random initialisation%s); retrieval "
                         "results will be far below a pre-trained model's",
                         " except the weight files named in model.*_weights" if (cfg.model.vision_weights or cfg.model.text_weights) else "")
-        for r in load_pretrained_encoders(model):
-            if dist.is_main:
-                print(r.summary(), flush=True)
-            r.raise_if_unexpected()
+        load_encoder_weights(model, dist)
     freeze_mlm_only(model)
     model.to(dist.device)
     torch.manual_seed(cfg.train.seed + dist.rank)
@@ -321,7 +290,7 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
     protocol = protocol_text(mode, checkpoint, cfg)
     reporter = Reporter(cfg, out_dir, tag, protocol, checkpoint, splits)
     eval_tf = build_transform(img, False, d.transform)
-    autocast = autocast_factory(cfg.train.precision, dist.device)
+    autocast = autocast_for(cfg.train.precision, dist.device)
 
     def evaluator(split: str) -> RetrievalEvaluator:
         return RetrievalEvaluator(splits[split], tokenizer, cfg.eval, eval_tf, cfg.tokenizer.max_length,
@@ -342,9 +311,7 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
         return result.flat()
 
     lw = cfg.loss
-    trainer = Trainer(cfg.train, cfg.optim, cfg.schedule, model,
-                      model.param_groups(cfg.optim.lr, cfg.optim.lr_vision, cfg.optim.weight_decay),
-                      dist, cfg, find_unused=lw.itm == 0)
+    trainer = build_trainer(cfg, model, dist, find_unused=lw.itm == 0)
     task = RetrievalTask(cfg, dist, train_set, tokenizer, evaluator("val"), reporter)
     t0 = time.perf_counter()
     state = trainer.fit(task, resume=resume, metric_key="r_mean")
@@ -352,9 +319,7 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
         if dist.is_main:
             print("training stopped before the end: no test evaluation", flush=True)
         return {}
-    best = out_dir / "checkpoint_best.pth"
-    path = best if best.is_file() else out_dir / "checkpoint_last.pth"
-    model.load_state_dict(load_checkpoint(path)["model"], strict=True)
+    path = load_selected_checkpoint(model, out_dir)[0]
     result = evaluator("test").run(model)
     reporter.report(result, "test", f"checkpoint {path.name}",
                     extra={"evaluated_checkpoint": str(path), "best_val_r_mean": state.best_metric,

@@ -22,7 +22,6 @@ Written to ``train.output_dir``: ``vqa_{val,test}_result.json`` and ``results.js
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +39,15 @@ from datasets.vqa_data import (VQA_HINT, VQAEvalCollator, VQAEvalDataset, VQATra
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config, to_dict
-from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
-                            grouped, setup_logging)
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
 from models.vqa import VQAModel, pad_vocab_rows
 from models.vlp import VLPConfig
-from tasks.caption import MOMENTUM_REASON, autocast_for, raise_on_report, token_ids, with_vocab, write_json
-from tasks.common import QUEUE_KEYS, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer, \
-    require_files, to_device
+from tasks.caption import DECODER_SECTIONS, token_ids
+from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
+                          build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
+                          load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
+                          require_positive, start_run, to_device, with_vocab, write_json)
 from tasks.retrieval import check_architecture
 from tasks.vqa_metrics import evaluate_vqa
 
@@ -80,8 +80,7 @@ class VQADataConfig:
     shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
 
     def validate(self) -> None:
-        if self.eval_batch_size <= 0:
-            raise ValueError(f"data.eval_batch_size must be positive; got {self.eval_batch_size}")
+        require_positive("data.eval_batch_size", self.eval_batch_size)
         if self.max_answer_tokens < 3:
             raise ValueError(f"data.max_answer_tokens must be >= 3 ([CLS], a token, [SEP]); got {self.max_answer_tokens}")
 
@@ -185,7 +184,7 @@ def result_records(preds: dict[int, str]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- the task
-class VQATask:
+class VQATask(SampledTrainTask):
     """Data + answer-weighted LM step + val accuracy for the trainer (see ``engine.trainer.Task``)."""
 
     def __init__(self, cfg: VQAConfig, dist: D.DistInfo, dataset: VQATrainDataset, tokenizer,
@@ -193,31 +192,8 @@ class VQATask:
         self.cfg, self.dist, self.dataset, self.tokenizer = cfg, dist, dataset, tokenizer
         self.predictor, self.val = predictor, val
         self.collator = VQATrainCollator(tokenizer, cfg.tokenizer.max_length, cfg.data.max_answer_tokens)
-        self.sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.grad_accum,
-                                         dist.rank, dist.world_size, cfg.train.seed)
-        self.seen = self.bad = 0
-
-    def steps_per_epoch(self) -> int:
-        return self.sampler.steps_per_epoch()
-
-    def train_batches(self, epoch: int, start_step: int):
-        self.dataset.set_epoch(epoch)
-        self.sampler.set_position(epoch, start_step)
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
-                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda")
-        for group in grouped(loader, self.cfg.train.grad_accum):
-            for b in group:
-                self._count_bad(b)
-            yield [to_device(b, self.dist.device) for b in group]
-
-    def _count_bad(self, batch: dict) -> None:
-        self.seen += batch["question_ids"].shape[0]
-        self.bad += int(batch["n_bad"])
-        d = self.cfg.data
-        if self.seen >= d.bad_check_after and self.bad / (self.seen + self.bad) > d.max_bad_fraction:
-            raise RuntimeError(f"{self.bad} of {self.seen + self.bad} training images failed to load (more than "
-                               f"data.max_bad_fraction={d.max_bad_fraction}); the warnings above name them. "
-                               f"Check data.image_root={d.image_root}.")
+        self.train_data = SampledTrainData(dataset, self.collator, cfg.train, dist, cfg.data.num_workers,
+                                           BadImageCheck.from_data(cfg.data, "question_ids"))
 
     def train_step(self, model, batch: dict, state: TrainState) -> dict:
         loss = model(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
@@ -257,10 +233,7 @@ def load_weights(model: VQAModel, ckpt: dict, source: str) -> list:
     else:
         report = load_model_state(model, {"base." + k: v for k, v in state.items()}, source=source,
                                   expected_missing={"decoder.": "answer decoder: initialised from the base model"})
-        for key in report.unexpected:
-            first = key[len("base."):].split(".")[0]
-            if first.endswith("_m") or key.split(".")[-1] in QUEUE_KEYS:
-                report.expected_unexpected[key] = MOMENTUM_REASON
+        explain_momentum_keys(report, "base.")
         reports = [report, model.init_decoder_from_base()]
     if extended:
         reports[0].interpolated.extend(k for k in extended if k in reports[0].loaded or "base." + k in reports[0].loaded)
@@ -276,13 +249,9 @@ def build_model(cfg: VQAConfig, ckpt: Optional[dict], path: Optional[str], dist:
         for r in reports:
             if dist.is_main:
                 print(f"{path}: {r.summary()}", flush=True)
-            raise_on_report(r, str(path))
+            raise_on_report(r, str(path), DECODER_SECTIONS)
         return model
-    from models.vlp import load_pretrained_encoders
-    for r in load_pretrained_encoders(model.base):
-        if dist.is_main:
-            print(r.summary(), flush=True)
-        r.raise_if_unexpected()
+    load_encoder_weights(model.base, dist)
     r = model.init_decoder_from_base()
     if dist.is_main:
         print(f"decoder initialised from the base model ({cfg.decoder.init_from}): {r.summary()}", flush=True)
@@ -354,12 +323,8 @@ def run(cfg: VQAConfig, checkpoint: Optional[str] = None, evaluate: bool = False
     """Fine-tune (or with ``evaluate`` only evaluate) VQA; returns the results dict."""
     if evaluate and not checkpoint:
         raise ConfigError("--evaluate needs --checkpoint (a fine-tuned VQA checkpoint)")
-    dist = D.init_distributed(cfg.train.device)
-    setup_logging(dist.is_main)
-    if cfg.train.num_threads > 0:
-        torch.set_num_threads(cfg.train.num_threads)
     d = cfg.data
-    ensure_synthetic(d.image_root, d.shapes, dist)
+    dist = start_run(cfg.train, d.image_root, d.shapes)
     require_files(([] if evaluate else list(d.train_files)) + [f for f in (d.val_file, d.test_file, d.test_gt_file) if f]
                   + [d.answer_list], "VQA annotation",
                   VQA_HINT + " The synthetic VQA demo: python run_finetune.py --task vqa_shapes.")
@@ -411,20 +376,16 @@ def run(cfg: VQAConfig, checkpoint: Optional[str] = None, evaluate: bool = False
               f"{model.decoder.num_layers} layers (init {cfg.decoder.init_from}); {dist.world_size} process(es) on "
               f"{dist.device}, output in {out_dir}", flush=True)
     torch.manual_seed(cfg.train.seed + dist.rank)
-    trainer = Trainer(cfg.train, cfg.optim, cfg.schedule, model,
-                      model.param_groups(cfg.optim.lr, cfg.optim.lr_vision, cfg.optim.weight_decay), dist, cfg)
+    trainer = build_trainer(cfg, model, dist)
     task = VQATask(cfg, dist, train_set, tokenizer, predictor, eval_sets.get("val"))
     state = trainer.fit(task, resume=resume, metric_key="overall")
     if state.global_step < state.total_steps:
         if dist.is_main:
             print("training stopped before the end: no test evaluation", flush=True)
         return {"stopped_at_step": state.global_step}
-    best = out_dir / "checkpoint_best.pth"
-    chosen = best if best.is_file() else out_dir / "checkpoint_last.pth"
-    final = load_checkpoint(chosen)
-    model.load_state_dict(final["model"], strict=True)
+    chosen, final, is_best = load_selected_checkpoint(model, out_dir)
     extra = {"mode": "finetune", "from_checkpoint": checkpoint,
-             "selected_by": "val accuracy" if chosen == best else "last checkpoint (no val split)",
+             "selected_by": "val accuracy" if is_best else "last checkpoint (no val split)",
              "selected_step": final["state"]["global_step"], "best_val_accuracy": state.best_metric}
     del final
     return evaluate_and_write(model, predictor, eval_sets, cfg, dist, str(chosen), extra)
