@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+import torch.nn.functional as F
 
 __all__ = [
     "regulation_weights",
@@ -45,6 +46,7 @@ __all__ = [
     "regulation_summary",
     "roc_auc",
     "false_negative_auc",
+    "mean_offdiag_cosine",
 ]
 
 
@@ -320,6 +322,21 @@ def sample_hard_negatives(
 # ----------------------------------------------------------------------------------------------
 # diagnostics
 # ----------------------------------------------------------------------------------------------
+def mean_offdiag_cosine(feat: Tensor) -> Tensor:
+    """Mean cosine similarity between different rows of ``feat`` (N, D), detached; NaN for N < 2.
+
+    A collapse detector: a model whose features no longer depend on the input (e.g. text [CLS]
+    features of a randomly initialised post-LN BERT) gives values near 1."""
+    _check_2d("feat", feat)
+    with torch.no_grad():
+        n = feat.shape[0]
+        if n < 2:
+            return torch.tensor(float("nan"))
+        f = F.normalize(feat.detach().float(), dim=-1)
+        total = f.sum(0)
+        return ((total @ total - (f * f).sum()) / (n * (n - 1))).detach()
+
+
 def regulation_summary(weights: Tensor, neg_mask: Tensor, sim: Tensor) -> dict[str, float]:
     """Statistics of the SRCL weights for logging.
 

@@ -292,6 +292,8 @@ class VLPModel(nn.Module):
         loss_t2i = L.contrastive_loss(logits_t2i, pos, valid, w_t2i, soft_t2i).mean()
         out["loss_itc"] = (loss_i2t + loss_t2i) / 2
         out["temp"] = self.temp.detach()
+        # mean cosine between different items of the batch: near 1 = collapsed features
+        out["image_cos"], out["text_cos"] = L.mean_offdiag_cosine(image_feat), L.mean_offdiag_cosine(text_feat)
         if w_i2t is not None:
             out["weights_i2t"] = w_i2t
             out["weights_t2i"] = w_t2i

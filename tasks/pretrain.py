@@ -129,6 +129,7 @@ class PretrainTask:
         helper_feats = self._helper_feats(batch)
         out = model(batch, self.cfg.loss, alpha, helper_feats)
         logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
+        logs["feat/image_cos"], logs["feat/text_cos"] = out["image_cos"], out["text_cos"]
         logs["alpha"] = alpha
         logs["_pairs"] = batch["image"].shape[0]
         if "weights_i2t" in out:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models.losses import (
+    mean_offdiag_cosine,
     contrastive_loss,
     false_negative_auc,
     regulation_summary,
@@ -494,3 +495,27 @@ def test_errors():
         contrastive_loss(logits, pos.long())
     with pytest.raises(ValueError, match="non-negative"):
         contrastive_loss(logits, pos, weights=-torch.ones(2, 4))
+
+
+# ---------------------------------------------------------------------- collapse detector
+def test_mean_offdiag_cosine_matches_a_plain_loop():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 5, generator=g)
+    rows = [[float(v) for v in r] for r in x.double()]
+    total, count = 0.0, 0
+    for i in range(7):
+        for j in range(7):
+            if i != j:
+                a, b = rows[i], rows[j]
+                dot = sum(p * q for p, q in zip(a, b))
+                total += dot / math.sqrt(sum(p * p for p in a) * sum(q * q for q in b))
+                count += 1
+    assert float(mean_offdiag_cosine(x)) == pytest.approx(total / count, abs=1e-6)
+
+
+def test_mean_offdiag_cosine_is_one_for_collapsed_features_and_nan_for_one_row():
+    same = torch.tensor([[1.0, 2.0, 3.0]]).repeat(4, 1) * torch.tensor([[1.0], [2.0], [0.5], [3.0]])
+    assert float(mean_offdiag_cosine(same)) == pytest.approx(1.0, abs=1e-6)
+    assert math.isnan(float(mean_offdiag_cosine(torch.ones(1, 3))))
+    with pytest.raises(ValueError):
+        mean_offdiag_cosine(torch.ones(3))
