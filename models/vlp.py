@@ -60,6 +60,9 @@ class ContrastiveConfig:
     helper_checkpoint: Optional[str] = opt(None, "frozen helper model (an earlier checkpoint of this project); without it alpha is 0")
     similarity_source: Literal["momentum", "online"] = opt("momentum", "model similarity used for the weights: momentum (EMA) model or the online model (detached)")
     use_queue: bool = opt(True, "queued momentum features also serve as (weighted) negatives")
+    queue_start_step: int = opt(0, "optimiser step from which the queued features join the loss (the queue fills from step 0); "
+                                   "a model trained from random weights needs in-batch negatives first: while its text features "
+                                   "are still collapsed, a queue of them drives the image features to collapse too")
     distill: bool = opt(False, "ALBEF momentum distillation of the contrastive targets")
     distill_alpha: float = opt(0.4, "weight of the momentum soft targets when distill is on")
 
@@ -81,6 +84,8 @@ class ContrastiveConfig:
                 raise ValueError(f"loss.contrastive.{name} must be in [0, 1]; got {v}")
         if self.delta < 0:
             raise ValueError(f"loss.contrastive.delta must be >= 0; got {self.delta}")
+        if self.queue_start_step < 0:
+            raise ValueError(f"loss.contrastive.queue_start_step must be >= 0; got {self.queue_start_step}")
 
 
 @dataclass
@@ -221,10 +226,12 @@ class VLPModel(nn.Module):
     # ------------------------------------------------------------------ pre-training
     def forward(self, batch: dict, loss_cfg: PretrainLossConfig, alpha: float = 0.0,
                 helper_feats: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
-                generator: Optional[torch.Generator] = None) -> dict:
+                generator: Optional[torch.Generator] = None, step: Optional[int] = None) -> dict:
         """One pre-training forward; returns a dict with ``loss`` (weighted total), the parts and
         detached statistics. ``helper_feats`` are the frozen helper's normalised (image, text)
-        features of this batch, needed when ``alpha > 0``."""
+        features of this batch, needed when ``alpha > 0``. ``step`` (the optimiser step) decides
+        whether the queue is used yet (``loss.contrastive.queue_start_step``); None counts as
+        past the start."""
         if not self.has_momentum:
             raise RuntimeError("pre-training needs the momentum model (VLPModel(momentum=True))")
         ccfg = loss_cfg.contrastive
@@ -245,7 +252,8 @@ class VLPModel(nn.Module):
             image_feat_m = F.normalize(self.vision_proj_m(vit_tokens(self.visual_m, image)[:, 0]).float(), dim=-1)
             text_feat_m = F.normalize(self.text_proj_m(self.text_m.forward_text(ids, mask)[:, 0]).float(), dim=-1)
             image_m_g, text_m_g, idx_g = (all_gather_nograd(t) for t in (image_feat_m, text_feat_m, idx))
-            use_queue = ccfg.use_queue and self.image_queue.shape[1] > 0
+            use_queue = (ccfg.use_queue and self.image_queue.shape[1] > 0
+                         and (step is None or step >= ccfg.queue_start_step))
             if use_queue:
                 q_valid = self.idx_queue >= 0
                 image_all = torch.cat([image_m_g, self.image_queue.T.float()])

@@ -127,7 +127,7 @@ class PretrainTask:
         alpha = ccfg.alpha_at(state.progress)
         queue_ptr = _queue_ptr(model) if self.queue_texts is not None else None
         helper_feats = self._helper_feats(batch)
-        out = model(batch, self.cfg.loss, alpha, helper_feats)
+        out = model(batch, self.cfg.loss, alpha, helper_feats, step=state.global_step)
         logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
         logs["feat/image_cos"], logs["feat/text_cos"] = out["image_cos"], out["text_cos"]
         logs["alpha"] = alpha

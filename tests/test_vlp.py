@@ -93,6 +93,33 @@ def test_pretrain_forward_backward_and_queue_positives():
     assert torch.allclose((w * neg).sum(1) / neg.sum(1), torch.ones(4), atol=1e-5)
 
 
+def test_queue_joins_the_loss_at_queue_start_step():
+    torch.manual_seed(0)
+    model = VLPModel(tiny_cfg(queue=8, momentum=0.0))
+    model.eval()  # deterministic forward
+    batch = tiny_batch(4)
+    model(batch, PretrainLossConfig(itm=0.0, mlm=0.0))  # fill half of the queue
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def run(step, **contrastive):
+        model.load_state_dict(state)
+        cfg = PretrainLossConfig(itm=0.0, mlm=0.0, contrastive=ContrastiveConfig(kind="infonce", **contrastive))
+        return model(batch, cfg, step=step)
+
+    without = run(None, use_queue=False)
+    before = run(4, queue_start_step=5)
+    after = run(5, queue_start_step=5)
+    assert before["neg_mask"].shape[1] == 4 and after["neg_mask"].shape[1] == 12
+    torch.testing.assert_close(before["loss_itc"], without["loss_itc"])
+    assert not torch.allclose(after["loss_itc"], without["loss_itc"])
+    # the queue is written either way
+    model.load_state_dict(state)
+    run(4, queue_start_step=5)
+    assert int(model.queue_ptr) == 0 and model.idx_queue.tolist() == [0, 1, 2, 3] * 2
+    with pytest.raises(ValueError, match="queue_start_step"):
+        ContrastiveConfig(queue_start_step=-1).validate()
+
+
 def test_infonce_kind_has_no_weights_and_srcl_delta0_equals_infonce():
     torch.manual_seed(0)
     model = VLPModel(tiny_cfg(queue=0))
