@@ -42,7 +42,7 @@ from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config, to_dict
-from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState, ignore_stop_signals
 from models.caption import CaptionModel
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
 from models.vlp import VLPConfig, VLPModel
@@ -187,7 +187,8 @@ class CaptionGenerator:
         mine = list(range(dist.rank, len(files), dist.world_size))
         ds = ImageListDataset([files[i] for i in mine], self.transform, source)
         loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, shuffle=False, collate_fn=ImageListDataset.collate,
-                            num_workers=min(self.cfg.data.num_workers, 2), pin_memory=dist.device.type == "cuda")
+                            num_workers=min(self.cfg.data.num_workers, 2), pin_memory=dist.device.type == "cuda",
+                            worker_init_fn=ignore_stop_signals)
         gen = torch.Generator(device=dist.device).manual_seed(g.seed + dist.rank) if g.strategy == "nucleus" else None
         local: list[tuple[int, str]] = []
         prompt = self.prompt_ids.to(dist.device)

@@ -23,7 +23,7 @@ from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state,
 from engine import distributed as D
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, opt
-from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, setup_logging
+from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, setup_logging, ignore_stop_signals
 from models.vision import interpolate_pos_embed
 from models.weights import LoadReport
 
@@ -297,7 +297,7 @@ class SampledTrainData:
         generator = None if self.loader_seed is None else torch.Generator().manual_seed(self.loader_seed)
         loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
                             num_workers=self.num_workers, pin_memory=self.dist.device.type == "cuda",
-                            generator=generator)
+                            generator=generator, worker_init_fn=ignore_stop_signals)
         for group in grouped(loader, self.grad_accum):
             if self.bad_images is not None:
                 for b in group:

@@ -37,7 +37,7 @@ from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config
-from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState, ignore_stop_signals
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
 from models.vlp import VLPConfig
 from models.weights import LoadReport
@@ -123,7 +123,7 @@ def predict(model: NLVR2Model, dataset: NLVR2Dataset, collator: NLVR2Collator, d
     model.eval()
     indices = list(range(dist.rank, len(dataset), dist.world_size))
     loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collator,
-                        num_workers=num_workers, pin_memory=dist.device.type == "cuda")
+                        num_workers=num_workers, pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals)
     autocast = autocast_for(precision, dist.device)
     local: list[tuple[int, int, float]] = []
     for batch in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), dynamic_ncols=True, leave=False):

@@ -24,7 +24,7 @@ from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import opt, save_config
 from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
-                            grouped, setup_logging)
+                            grouped, ignore_stop_signals, setup_logging)
 from models import losses as L
 from tasks.common import (QUEUE_KEYS, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer,
                           require_files, to_device)
@@ -100,7 +100,7 @@ class PretrainTask:
         loader = DataLoader(self.dataset, collate_fn=self.collator, **batching,
                             num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
                             generator=torch.Generator().manual_seed(0),
-                            persistent_workers=False)
+                            persistent_workers=False, worker_init_fn=ignore_stop_signals)
         for group in grouped(loader, self.cfg.train.grad_accum):
             for b in group:
                 self._count_bad(b)

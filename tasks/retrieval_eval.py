@@ -50,6 +50,7 @@ from tqdm import tqdm
 from datasets.retrieval_data import ImageListDataset, RetrievalEvalData, tokenize_texts
 from engine import distributed as D
 from engine.config import opt
+from engine.trainer import ignore_stop_signals
 
 log = logging.getLogger("retrieval")
 
@@ -235,7 +236,7 @@ class RetrievalEvaluator:
             return
         loader = DataLoader(self.dataset, batch_sampler=[list(range(*self.chunks[c])) for c in chunks],
                             collate_fn=ImageListDataset.collate, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda")
+                            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals)
         for c, (_, images) in zip(chunks, loader):
             yield c, images.to(self.device, non_blocking=True)
 

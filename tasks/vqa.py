@@ -39,7 +39,7 @@ from datasets.vqa_data import (VQA_HINT, VQAEvalCollator, VQAEvalDataset, VQATra
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config, to_dict
-from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState, ignore_stop_signals
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
 from models.vqa import VQAModel, pad_vocab_rows
 from models.vlp import VLPConfig
@@ -153,7 +153,7 @@ class VQAPredictor:
         indices = list(range(dist.rank, len(dataset), dist.world_size))
         loader = DataLoader(Subset(dataset, indices), batch_size=self.cfg.data.eval_batch_size, shuffle=False,
                             collate_fn=self.collator, num_workers=min(self.cfg.data.num_workers, 2),
-                            pin_memory=dist.device.type == "cuda")
+                            pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals)
         local: list[tuple[int, str]] = []
         for batch in tqdm(loader, desc=desc, disable=not (self.cfg.train.progress and dist.is_main),
                           dynamic_ncols=True, leave=False):

@@ -85,6 +85,27 @@ def test_sigterm_saves_and_exits_cleanly(world, tmp_path):
     assert ckpt["state"]["global_step"] >= 2
 
 
+def test_signal_to_the_process_group_with_loader_workers_still_saves(world, tmp_path):
+    """Batch schedulers (SIGTERM) and Ctrl-C (SIGINT) signal every process of the group, loader workers included:
+    the workers must not die of it before the main process has saved its checkpoint."""
+    out = tmp_path / "group"
+    args = [sys.executable, str(ROOT / "run_pretrain.py"), "--config", str(DEMO), "--set",
+            *tiny_overrides(world, out, **{"train.epochs": 200, "data.num_workers": 1})]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "log.jsonl").is_file() and len(read_log(out)) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    assert "checkpoint saved" in output and "Traceback" not in output
+    ckpt = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    assert ckpt["state"]["global_step"] >= 2
+
+
 def test_nan_loss_stops_naming_step_and_part(world, tmp_path, monkeypatch):
     from models import vlp
     real = vlp.VLPModel.forward
