@@ -23,7 +23,7 @@ from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state,
 from engine import distributed as D
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, opt
-from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, setup_logging, ignore_stop_signals
+from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, ignore_stop_signals, setup_logging
 from models.vision import interpolate_pos_embed
 from models.weights import LoadReport
 

@@ -53,6 +53,10 @@ class PretrainDataConfig:
 @dataclass
 class DiagnosticsConfig:
     every: int = opt(0, "optimiser steps between SRCL diagnostics (needs shapes data; 0 = off)")
+    collapse_check_step: int = opt(300, "at this optimiser step, warn when the image or text features of the batch are "
+                                        "still collapsed (mean pairwise cosine above collapse_threshold; logged every step "
+                                        "as feat/image_cos, feat/text_cos); 0 = off")
+    collapse_threshold: float = opt(0.98, "mean pairwise cosine above which features count as collapsed")
 
 
 @dataclass
@@ -130,6 +134,7 @@ class PretrainTask:
         out = model(batch, self.cfg.loss, alpha, helper_feats, step=state.global_step)
         logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
         logs["feat/image_cos"], logs["feat/text_cos"] = out["image_cos"], out["text_cos"]
+        self._check_collapse(state.global_step + 1, out)
         logs["alpha"] = alpha
         logs["_pairs"] = batch["image"].shape[0]
         if "weights_i2t" in out:
@@ -144,6 +149,20 @@ class PretrainTask:
                 texts = [c for part in D.all_gather_object(list(texts)) for c in part]
             self.queue_texts.write(queue_ptr, texts)
         return logs
+
+    def _check_collapse(self, step: int, out: dict) -> None:
+        d = self.cfg.diagnostics
+        if not d.collapse_check_step or step != d.collapse_check_step or not self.dist.is_main:
+            return
+        for name in ("image", "text"):
+            cos = float(out[f"{name}_cos"])
+            if cos > d.collapse_threshold:
+                log.warning(
+                    "step %d: the %s features are still collapsed (mean cosine between batch items %.3f): the "
+                    "contrastive loss cannot learn from them. From random weights this is the usual start; if it "
+                    "persists, turn text dropout off, delay the queue (loss.contrastive.queue_start_step) or lower "
+                    "model.momentum, as configs/demo/pretrain.yaml does (README, 'What the demo does').",
+                    step, name, cos)
 
     def diagnostics(self, batch: dict, out: dict, helper_feats=None) -> dict:
         """How well low weight (and high raw similarity) finds the true false negatives among the

@@ -3,6 +3,7 @@ bad inputs, and 2-process torchrun equivalence."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -104,6 +105,19 @@ def test_signal_to_the_process_group_with_loader_workers_still_saves(world, tmp_
     assert "checkpoint saved" in output and "Traceback" not in output
     ckpt = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=False)
     assert ckpt["state"]["global_step"] >= 2
+
+
+def test_collapse_check_warns_only_above_the_threshold(world, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        run(cfg_for(world, tmp_path / "warn", **{"diagnostics.collapse_check_step": 2,
+                                                   "diagnostics.collapse_threshold": -1.0, "train.epochs": 1}))
+    warned = [r.getMessage() for r in caplog.records if "still collapsed" in r.getMessage()]
+    assert len(warned) == 2 and all(m.startswith("step 2:") for m in warned)  # image and text, once
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pretrain"):
+        run(cfg_for(world, tmp_path / "quiet", **{"diagnostics.collapse_check_step": 2,
+                                                    "diagnostics.collapse_threshold": 1.0, "train.epochs": 1}))
+    assert not any("still collapsed" in r.getMessage() for r in caplog.records)
 
 
 def test_nan_loss_stops_naming_step_and_part(world, tmp_path, monkeypatch):
