@@ -21,7 +21,7 @@ Stages (all under ``--work-dir``; finished stages are reused when their settings
 4. the grid: probability x method x seed, ``--steps`` steps each, ``--jobs`` runs in parallel;
 5. results: JSON with every number, PNG plots, a Markdown table.
 
-    python benchmarks/srcl_study.py                       # the default study (~30 min on 2 idle cores)
+    python benchmarks/srcl_study.py                       # the default study (23 min on 2 idle cores)
     python benchmarks/srcl_study.py --quick               # smoke run of the whole pipeline (a few minutes)
     python benchmarks/srcl_study.py --probs 1.0 --seeds 0 1 --methods srcl \\
         --variant srcl_d4:loss.contrastive.delta=4 --out benchmarks/results/srcl_sweep_delta.json
