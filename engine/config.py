@@ -150,7 +150,12 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if callable(validate):
-        validate()
+        try:
+            validate()
+        except ConfigError:
+            raise
+        except ValueError as err:  # a schema's own check: a config error like any other
+            raise ConfigError(str(err)) from None
     return obj
 
 

@@ -50,8 +50,7 @@ from tasks.caption_eval import METRIC_KEYS, METRICS, CaptionScores, format_table
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
                           build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
-                          require_positive, start_run, with_vocab, write_json)
-from tasks.retrieval import check_architecture
+                          fit_model_config, require_fraction, require_positive, start_run, write_json)
 
 log = logging.getLogger("caption")
 
@@ -91,8 +90,7 @@ class CaptionLossConfig:
     label_smoothing: float = opt(0.1, "label smoothing of the LM loss (BLIP: 0.1)")
 
     def validate(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing must be in [0, 1); got {self.label_smoothing}")
+        require_fraction("loss.label_smoothing", self.label_smoothing)
 
 
 @dataclass
@@ -337,8 +335,7 @@ def predict_files(cfg: CaptionConfig, checkpoint: str, files: list[str]) -> list
         raise ConfigError(f"{checkpoint} has no caption decoder (it is a pre-training checkpoint): fine-tune it "
                           "first (run without --predict), then pass the fine-tuned checkpoint")
     tokenizer = make_tokenizer(cfg.tokenizer, list, ckpt)
-    cfg = with_vocab(cfg, tokenizer)
-    check_architecture(cfg.model, ckpt.get("config"), checkpoint)
+    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
     model = build_model(cfg, ckpt, checkpoint, dist).to(dist.device)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
     return CaptionGenerator(cfg, tokenizer, dist).captions(model, [os.path.abspath(f) for f in files], "--predict")
@@ -366,9 +363,7 @@ def run(cfg: CaptionConfig, checkpoint: Optional[str] = None, evaluate: bool = F
     resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, lambda: train_set.all_captions() + [d.prompt], resume_ckpt or ckpt)
     del resume_ckpt
-    cfg = with_vocab(cfg, tokenizer)
-    if ckpt is not None:
-        check_architecture(cfg.model, ckpt.get("config"), checkpoint)
+    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, ckpt, checkpoint, dist, warn_scratch=not resume)
     del ckpt

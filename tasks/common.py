@@ -25,6 +25,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, opt
 from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, ignore_stop_signals, setup_logging
 from models.vision import interpolate_pos_embed
+from models.vlp import VLPConfig
 from models.weights import LoadReport
 
 log = logging.getLogger("tasks")
@@ -166,6 +167,47 @@ def with_vocab(cfg, tokenizer):
     """``cfg`` with ``model.text.vocab_size`` set to the tokenizer's size."""
     return dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
+
+
+# the base-model config keys that must equal the checkpoint's (image size, dropout, queue may differ)
+ARCH_KEYS = {"vision": ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "pre_norm", "act"),
+             "text": ("hidden_size", "num_text_layers", "num_fusion_layers", "num_heads", "intermediate_size",
+                      "max_position_embeddings", "type_vocab_size"),
+             "": ("embed_dim",)}
+
+
+def check_architecture(model_cfg: VLPConfig, ckpt_config: Optional[dict], path: str) -> None:
+    """A clear error when the config's model sizes differ from those the checkpoint was trained with."""
+    saved = (ckpt_config or {}).get("model")
+    if not isinstance(saved, dict):
+        return
+    diffs = []
+    for section, keys in ARCH_KEYS.items():
+        ours = getattr(model_cfg, section) if section else model_cfg
+        theirs = saved.get(section, {}) if section else saved
+        for key in keys:
+            if key in theirs and theirs[key] != getattr(ours, key):
+                name = f"model.{section + '.' if section else ''}{key}"
+                diffs.append(f"{name}: checkpoint {theirs[key]!r}, config {getattr(ours, key)!r}")
+    if diffs:
+        raise ConfigError(f"checkpoint {path} was trained with another architecture than the config: "
+                          + "; ".join(diffs) + ". Use the config matching the checkpoint or set the values with "
+                          "--set (the image size, dropout and queue size may differ)")
+
+
+def fit_model_config(cfg, tokenizer, ckpt: Optional[dict], path: Optional[str]):
+    """``cfg`` with the tokenizer's vocabulary size, checked against the architecture the checkpoint
+    ``ckpt`` (loaded from ``path``; None = from scratch) was trained with."""
+    cfg = with_vocab(cfg, tokenizer)
+    if ckpt is not None:
+        check_architecture(cfg.model, ckpt.get("config"), path)
+    return cfg
+
+
+def require_fraction(key: str, value: float) -> None:
+    """``ValueError`` naming the config ``key`` unless 0 <= ``value`` < 1 (for ``validate()``)."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{key} must be in [0, 1); got {value}")
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextManager]:

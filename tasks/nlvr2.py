@@ -44,7 +44,7 @@ from models.weights import LoadReport
 from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
                           explain_momentum_keys, load_encoder_weights, load_model_state, load_selected_checkpoint,
                           make_tokenizer, raise_on_report, require_files, require_positive, start_run, to_device,
-                          with_vocab, write_json)
+                          fit_model_config, write_json)
 
 log = logging.getLogger("nlvr2")
 
@@ -248,7 +248,7 @@ def run(cfg: NLVR2Config, checkpoint: Optional[str] = None, evaluate: bool = Fal
                                  cfg.train.seed, DATA_HINT)
     tokenizer = make_tokenizer(cfg.tokenizer, lambda: list(train_set.sentences), resume_ckpt or ckpt)
     del resume_ckpt
-    cfg = with_vocab(cfg, tokenizer)
+    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
 
     torch.manual_seed(cfg.train.seed)
     model = NLVR2Model(cfg.model, cfg.head)

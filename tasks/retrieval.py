@@ -43,7 +43,7 @@ from models.vlp import ContrastiveConfig, PretrainLossConfig, VLPConfig, VLPMode
 from models.weights import LoadReport
 from tasks.common import (QUEUE_KEYS, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
                           load_encoder_weights, load_model_state, load_selected_checkpoint, make_tokenizer,
-                          require_files, start_run, with_vocab)
+                          fit_model_config, require_files, start_run)
 from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator, RetrievalResult, format_table, \
     memory_estimate, ranked_json
 
@@ -52,12 +52,6 @@ log = logging.getLogger("retrieval")
 Mode = Literal["finetune", "zero_shot", "evaluate"]
 MOMENTUM_PREFIXES = ("visual_m.", "text_m.", "vision_proj_m.", "text_proj_m.")
 # architecture fields that must agree between the config and a checkpoint (sizes that change shapes)
-ARCH_KEYS = {"vision": ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "pre_norm", "act"),
-             "text": ("hidden_size", "num_text_layers", "num_fusion_layers", "num_heads", "intermediate_size",
-                      "max_position_embeddings", "type_vocab_size"),
-             "": ("embed_dim",)}
-
-
 @dataclass
 class RetrievalDataConfig:
     name: str = opt("shapes", "dataset name printed with the results (flickr30k, coco, shapes, ...)")
@@ -163,25 +157,6 @@ class Reporter:
 
 
 # ------------------------------------------------------------------------------------ building
-def check_architecture(model_cfg: VLPConfig, ckpt_config: Optional[dict], path: str) -> None:
-    """A clear error when the config's model sizes differ from those the checkpoint was trained with."""
-    saved = (ckpt_config or {}).get("model")
-    if not isinstance(saved, dict):
-        return
-    diffs = []
-    for section, keys in ARCH_KEYS.items():
-        ours = getattr(model_cfg, section) if section else model_cfg
-        theirs = saved.get(section, {}) if section else saved
-        for key in keys:
-            if key in theirs and theirs[key] != getattr(ours, key):
-                name = f"model.{section + '.' if section else ''}{key}"
-                diffs.append(f"{name}: checkpoint {theirs[key]!r}, config {getattr(ours, key)!r}")
-    if diffs:
-        raise ConfigError(f"checkpoint {path} was trained with another architecture than the config: "
-                          + "; ".join(diffs) + ". Use the config matching the checkpoint or set the values with "
-                          "--set (the image size, dropout and queue size may differ)")
-
-
 def load_into(model: VLPModel, ckpt: dict, path: str, finetune: bool) -> LoadReport:
     """Load a checkpoint (ours, pre-training or retrieval; or ALBEF/BLIP names, converted by
     ``load_model_state``) with an explicit report.
@@ -263,9 +238,7 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
         raise ConfigError(f"checkpoint {checkpoint} holds no tokenizer: set tokenizer.path to its vocabulary")
     tokenizer = make_tokenizer(cfg.tokenizer, train_set.all_captions if train_set else list, tok_source)
     del tok_source
-    cfg = with_vocab(cfg, tokenizer)
-    if ckpt is not None:
-        check_architecture(cfg.model, ckpt.get("config"), checkpoint)
+    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
 
     torch.manual_seed(cfg.train.seed)
     model = VLPModel(cfg.model, momentum=finetune)
@@ -343,4 +316,4 @@ def main(args) -> int:
 
 
 __all__ = ["RetrievalConfig", "RetrievalDataConfig", "RetrievalLossConfig", "RetrievalTask", "run", "main",
-           "check_architecture", "load_into"]
+           "load_into"]

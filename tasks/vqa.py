@@ -47,8 +47,7 @@ from tasks.caption import DECODER_SECTIONS, token_ids
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
                           build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
-                          require_positive, start_run, to_device, with_vocab, write_json)
-from tasks.retrieval import check_architecture
+                          fit_model_config, require_fraction, require_positive, start_run, to_device, write_json)
 from tasks.vqa_metrics import evaluate_vqa
 
 log = logging.getLogger("vqa")
@@ -91,8 +90,7 @@ class VQALossConfig:
     label_smoothing: float = opt(0.0, "label smoothing of the answer LM loss (ALBEF: none)")
 
     def validate(self) -> None:
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"loss.label_smoothing must be in [0, 1); got {self.label_smoothing}")
+        require_fraction("loss.label_smoothing", self.label_smoothing)
 
 
 @dataclass
@@ -353,9 +351,7 @@ def run(cfg: VQAConfig, checkpoint: Optional[str] = None, evaluate: bool = False
     if unk and dist.is_main:
         log.warning("%d answers of %s contain [UNK] tokens (first: %s); set data.extend_vocab=true",
                     len(unk), d.answer_list, unk[:5])
-    cfg = with_vocab(cfg, tokenizer)
-    if ckpt is not None:
-        check_architecture(cfg.model, ckpt.get("config"), checkpoint)
+    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, ckpt, checkpoint, dist, warn_scratch=not resume)
     del ckpt

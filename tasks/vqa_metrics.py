@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Mapping, Optional, Sequence, Union
+from typing import Mapping, Sequence, Union
 
 __all__ = ["CONTRACTIONS", "MANUAL_MAP", "ARTICLES", "PUNCTUATION", "process_punctuation",
            "process_digit_article", "normalize_answer", "normalize_gt_answers", "vqa_accuracy",

@@ -16,7 +16,8 @@ from datasets.text import tokenizer_state, train_wordpiece_tokenizer
 from engine import distributed as D
 from engine.config import ConfigError, load_config, to_dict
 from models.vlp import VLPModel
-from tasks.caption import CaptionConfig, build_model, main, run, with_vocab
+from tasks.caption import CaptionConfig, build_model, main, run
+from tasks.common import with_vocab
 from tasks.caption_eval import SPICE_JARS, score_captions, spice_command
 from tests.pretrain_helpers import make_world
 

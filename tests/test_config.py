@@ -87,3 +87,15 @@ def test_schema_markdown_lists_every_leaf():
     md = schema_markdown(Outer, "Outer")
     for key in ("inner.lr", "inner.kind", "inner.path", "steps", "flag", "files", "betas"):
         assert f"`{key}`" in md
+
+
+def test_a_schemas_own_check_is_a_clear_cli_error(capsys):
+    """validate() failures (value out of range) reach the user as a one-line error, exit 2."""
+    import run_finetune
+
+    with pytest.raises(ConfigError, match=r"loss.label_smoothing must be in \[0, 1\); got 1.0"):
+        from tasks.vqa import VQAConfig
+        load_config(VQAConfig, None, ["loss.label_smoothing=1.0"])
+    assert run_finetune.main(["--task", "caption_shapes", "--set", "loss.label_smoothing=-0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "loss.label_smoothing must be in [0, 1); got -0.1" in err and "Traceback" not in err

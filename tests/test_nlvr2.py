@@ -292,7 +292,8 @@ def test_clear_errors(world, pretrained, tmp_path, capsys):
     # a config whose model does not match the checkpoint
     assert run_finetune.main(base + ["--checkpoint", str(pretrained), "--set",
                                      *nlvr2_overrides(world, tmp_path / "b", **{"model.text.intermediate_size": 48})]) == 2
-    assert "shape mismatches" in capsys.readouterr().err
+    err = capsys.readouterr().err  # named by config key before any weight is loaded
+    assert "model.text.intermediate_size: checkpoint 64, config 48" in err
     # a missing annotation file names the file
     assert run_finetune.main(base + ["--set", *nlvr2_overrides(world, tmp_path / "c", **{
         "data.dev_files": f"[{world / 'nope.json'}]"})]) == 2

@@ -17,7 +17,8 @@ from engine.config import ConfigError, load_config
 from models.text import TextConfig
 from models.vision import VisionConfig
 from models.vlp import VLPConfig, VLPModel
-from tasks.retrieval import RetrievalConfig, check_architecture
+from tasks.common import check_architecture
+from tasks.retrieval import RetrievalConfig
 from tasks.retrieval_eval import (RetrievalEvalConfig, RetrievalEvaluator, final_ranks, itc_candidates, query_ranks,
                                   ranks_from_score_matrix, recall_metrics, rerank)
 from tests.pretrain_helpers import ROOT, make_world
