@@ -39,10 +39,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def rng_state() -> dict:
-    """Every RNG a training step can draw from (python, numpy, torch CPU and CUDA)."""
+    """Every RNG a training step can draw from (python, numpy, torch CPU and CUDA).
+
+    Plain values and tensors only: numpy's state is stored with its key as a list of ints (not an
+    ndarray), so that a checkpoint loads with torch's weights-only reader and nothing else."""
+    np_state = np.random.get_state()  # ("MT19937", uint32 key array, pos, has_gauss, cached_gaussian)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -51,8 +55,10 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`; numpy's key may be a list of ints or an ndarray (older checkpoints)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -66,7 +72,8 @@ class CheckpointError(ValueError):
 def _allowed_globals() -> list[tuple[Any, str]]:
     """``(object, pickle name)`` pairs a checkpoint of this project may need beyond what
     ``torch.load(weights_only=True)`` allows by default (tensors, storages, ``OrderedDict``, plain
-    Python values). Our checkpoints hold numpy's RNG state as a ``uint32`` ndarray: reading it takes numpy's array reconstructor (named
+    Python values). Checkpoints written by earlier versions of this project hold numpy's RNG state as
+    a ``uint32`` ndarray: reading it back takes numpy's array reconstructor (named
     ``numpy._core.multiarray`` by numpy 2, ``numpy.core.multiarray`` by numpy 1), the ndarray and
     dtype classes, and the ``uint32`` dtype class (its state is set when unpickled). These only build
     arrays of numbers; no other numpy type, no function, no class of any other library is allowed."""
