@@ -323,6 +323,7 @@ def test_own_checkpoints_hold_only_plain_values(pretrained, world, tmp_path):
 def test_rng_state_round_trip_new_and_legacy_numpy_state(tmp_path):
     np.random.seed(5)
     state = rng_state()
+    assert isinstance(state["numpy"][1], list) and len(state["numpy"][1]) == 624  # plain ints, no ndarray
     expect = (np.random.random(3), torch.rand(3))
     for legacy in (False, True):
         s = dict(state)
