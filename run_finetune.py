@@ -56,11 +56,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     module = importlib.import_module(TASKS[args.task][0])
+    from engine.checkpoint import CheckpointError
     from engine.config import ConfigError
     from engine.distributed import cleanup
     try:
         return int(module.main(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
+    except (CheckpointError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

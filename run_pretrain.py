@@ -30,6 +30,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from engine.checkpoint import CheckpointError
     from engine.config import ConfigError, load_config
     from tasks.pretrain import PretrainConfig, run
 
@@ -40,7 +41,7 @@ def main(argv=None) -> int:
         return 2
     try:
         run(cfg, resume=args.resume, init_from=args.init_from)
-    except FileNotFoundError as err:
+    except (CheckpointError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

@@ -1,8 +1,14 @@
-"""Checkpoints: atomic writes, RNG state capture, and loading with clear errors."""
+"""Checkpoints: atomic writes, RNG state capture, and loading with clear errors.
+
+Every checkpoint file is read by :func:`read_torch_file`: ``torch.load(weights_only=True)`` with
+the small allow-list :data:`ALLOWED_GLOBALS`, so that no code from the file ever runs. A file
+that needs anything else is refused with a :class:`CheckpointError` that names it.
+"""
 from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -33,10 +39,14 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
 
 
 def rng_state() -> dict:
-    """Every RNG a training step can draw from (python, numpy, torch CPU and CUDA)."""
+    """Every RNG a training step can draw from (python, numpy, torch CPU and CUDA).
+
+    Plain values and tensors only: numpy's state is stored with its key as a list of ints (not an
+    ndarray), so that a checkpoint loads with torch's weights-only reader and nothing else."""
+    np_state = np.random.get_state()  # ("MT19937", uint32 key array, pos, has_gauss, cached_gaussian)
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -45,24 +55,87 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`; numpy's key may be a list of ints or an ndarray (older checkpoints)."""
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
-    """Load one of our checkpoints (a dict); a missing or unreadable file is a clear error."""
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read, or not without running code from it; the message is one
+    line that names the file (the command-line tools print it and exit with status 2)."""
+
+
+def _allowed_globals() -> list[tuple[Any, str]]:
+    """``(object, pickle name)`` pairs a checkpoint of this project may need beyond what
+    ``torch.load(weights_only=True)`` allows by default (tensors, storages, ``OrderedDict``, plain
+    Python values). Checkpoints written by earlier versions of this project hold numpy's RNG state as
+    a ``uint32`` ndarray: reading it back takes numpy's array reconstructor (named
+    ``numpy._core.multiarray`` by numpy 2, ``numpy.core.multiarray`` by numpy 1), the ndarray and
+    dtype classes, and the ``uint32`` dtype class (its state is set when unpickled). These only build
+    arrays of numbers; no other numpy type, no function, no class of any other library is allowed."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
+    uint32 = type(np.dtype(np.uint32))
+    return [(_reconstruct, "numpy._core.multiarray._reconstruct"),
+            (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            (np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype"),
+            (uint32, f"{uint32.__module__}.{uint32.__qualname__}")]
+
+
+ALLOWED_GLOBALS: tuple[str, ...] = tuple(name for _, name in _allowed_globals())
+
+
+def _refusal(path: Path, err: Exception) -> str:
+    """The one-line reason why ``torch.load`` (weights only) could not read ``path``."""
+    text = " ".join(str(err).split())
+    reason = text.split("WeightsUnpickler error:", 1)[-1].split(" Check the documentation of torch.load", 1)[0].strip()
+    try:  # every global the pickle names, from its opcodes (nothing is run); zip checkpoints only
+        needs = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in ALLOWED_GLOBALS]
+    except Exception:  # noqa: BLE001 - a legacy or broken file: the reason may still name it
+        needs = []
+    if not needs:
+        named = re.search(r"GLOBAL (\S+)|but got <class '([^']+)'>|unrecognized function (\S+)", reason)
+        needs = [next(g for g in named.groups() if g)] if named else []
+    if needs:
+        return (f"refused to load {path}: it needs {', '.join(needs)}, which a checkpoint may not hold (only "
+                "tensors, numbers, strings, lists and dicts); nothing from the file was run. If you trust the file, "
+                "load it yourself with torch.load(weights_only=False) and save its state dicts again (torch.save or "
+                "safetensors)")
+    return (f"cannot read checkpoint {path} (truncated, or not a file written by torch.save): "
+            f"{type(err).__name__}: {reason[:300] or 'the file ends early'}")
+
+
+def read_torch_file(path: str | os.PathLike) -> Any:
+    """Read a ``torch.save`` file without running code from it: ``torch.load(weights_only=True)``
+    with :data:`ALLOWED_GLOBALS` allowed for this call only, on the CPU.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        CheckpointError: the file needs more than the allow-list (the message names which global),
+            or is not readable at all (truncated, not a torch file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise RuntimeError(f"cannot read checkpoint {path}: {err}") from err
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - re-raised as one line naming the file
+        raise CheckpointError(_refusal(path, err)) from err
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Load one of our checkpoints (a dict with a ``model`` entry) with :func:`read_torch_file`; a
+    missing, unreadable or unsafe file is a clear error."""
+    ckpt = read_torch_file(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint of this project (no 'model' entry)")
+        raise CheckpointError(f"{path} is not a checkpoint of this project (no 'model' entry)")
     return ckpt
 
 

@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from engine.checkpoint import read_torch_file
 from models.weights import LoadReport
 
 __all__ = ["LAYOUTS", "ConversionNotes", "ForeignLoadReport", "PreparedState", "detect_layout", "albef_to_ours",
@@ -491,16 +492,14 @@ def fit_problems(arch: Dict[str, Any], cfg: Any) -> Tuple[List[str], List[str]]:
 
 # ----------------------------------------------------------------------------- reading
 def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
-    """Read a checkpoint file without running pickled code (``weights_only=True``; numpy arrays, as in our
-    checkpoints' RNG state, are allowed). A bare state dict is wrapped as ``{"model": sd}``; a
-    ``{"state_dict": ...}`` wrapper is renamed to ``model``; a DDP ``module.`` prefix is removed.
+    """Read a checkpoint file without running pickled code (:func:`engine.checkpoint.read_torch_file`). A
+    bare state dict is wrapped as ``{"model": sd}``; a ``{"state_dict": ...}`` wrapper is renamed to
+    ``model``; a DDP ``module.`` prefix is removed.
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file cannot be read safely or holds no state dict of tensors.
+        ValueError: the file cannot be read safely (``CheckpointError``) or holds no state dict of tensors.
     """
-    import numpy as np
-
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -508,20 +507,7 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
         from safetensors.torch import load_file
 
         return {"model": load_file(path, device="cpu")}
-    allowed = [np.ndarray, np.dtype]
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct  # type: ignore[no-redef]
-    allowed.append(_reconstruct)
-    allowed += [type(np.dtype(t)) for t in ("uint32", "int64", "float64", "float32")]
-    try:
-        with torch.serialization.safe_globals(allowed):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file name and what to do
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"cannot read {path} safely (torch.load weights_only=True: {type(e).__name__}: {first}); "
-                         "re-save its state dict from a trusted environment") from e
+    obj = read_torch_file(path)
     if isinstance(obj, dict) and "model" not in obj and isinstance(obj.get("state_dict"), dict):
         obj = {**obj, "model": obj.pop("state_dict")}
     if isinstance(obj, dict) and "model" not in obj and any(isinstance(v, Tensor) for v in obj.values()):

@@ -15,6 +15,8 @@ from typing import Dict, List
 
 import torch
 
+from engine.checkpoint import read_torch_file
+
 __all__ = ["LoadReport", "read_state_dict", "copy_into"]
 
 
@@ -102,13 +104,13 @@ class LoadReport:
 def read_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
     """Read a flat ``{name: tensor}`` dict from ``.safetensors`` or a torch file, on the CPU.
 
-    Torch files (``.bin``/``.pth``/``.pt``/other) are read with ``weights_only=True`` (no arbitrary
-    pickled code). A ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper and a DDP ``module.``
-    prefix are removed. An OpenAI CLIP TorchScript archive is read through ``torch.jit.load``.
+    Torch files (``.bin``/``.pth``/``.pt``/other) are read with
+    :func:`engine.checkpoint.read_torch_file` (``weights_only=True``: no pickled code runs). A
+    ``{"model": ...}`` or ``{"state_dict": ...}`` wrapper and a DDP ``module.`` prefix are removed. An OpenAI CLIP TorchScript archive is read through ``torch.jit.load``.
 
     Raises:
         FileNotFoundError: the path does not exist (the message names it).
-        ValueError: the file could not be read safely or holds no tensors.
+        ValueError: the file could not be read safely (``CheckpointError``) or holds no tensors.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -121,14 +123,7 @@ def read_state_dict(path: str | os.PathLike) -> Dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # TorchScript (how OpenAI ships CLIP): deprecated but readable
             warnings.simplefilter("ignore", FutureWarning)
             return dict(torch.jit.load(path, map_location="cpu").state_dict())
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with a clearer message
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(
-            f"could not read {path} with torch.load(weights_only=True) ({type(e).__name__}: {first_line}). "
-            "The file holds more than plain tensors; re-save it as a state dict of tensors "
-            "(or as .safetensors) from a trusted environment.") from e
+    obj = read_torch_file(path)
     for wrapper in ("model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

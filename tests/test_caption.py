@@ -14,6 +14,7 @@ from datasets.caption_data import (CaptionTrainCollator, coco_image_id, load_coc
                                    read_caption_split)
 from datasets.text import tokenizer_state, train_wordpiece_tokenizer
 from engine import distributed as D
+from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, load_config, to_dict
 from models.vlp import VLPModel
 from tasks.caption import CaptionConfig, build_model, main, run
@@ -205,4 +206,4 @@ def test_end_to_end_train_generate_score_evaluate_predict(world, tmp_path, capsy
 
 def _tok(out: Path):
     from datasets.text import tokenizer_from_state
-    return tokenizer_from_state(torch.load(out / "checkpoint_best.pth", weights_only=False)["tokenizer"])
+    return tokenizer_from_state(load_checkpoint(out / "checkpoint_best.pth")["tokenizer"])

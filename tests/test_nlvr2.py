@@ -13,6 +13,7 @@ import torch
 import run_finetune
 from datasets.nlvr2_data import LABELS, NLVR2Dataset, int_to_label, label_to_int, read_nlvr2
 from datasets.transforms import build_transform
+from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, load_config
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
 from models.vlp import VLPConfig
@@ -222,7 +223,7 @@ def test_every_trainable_parameter_gets_a_gradient():
 
 
 def test_pretraining_checkpoint_initialises_both_cross_attention_copies(pretrained):
-    ckpt = torch.load(pretrained, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(pretrained)
     state = ckpt["model"]
     model = tiny_model(vocab=len(ckpt["tokenizer"]["vocab"]))
     report = load_nlvr2_weights(model, ckpt, str(pretrained))

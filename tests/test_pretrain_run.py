@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, load_config
 from engine.trainer import NonFiniteLossError, Trainer
 from tasks.pretrain import PretrainConfig, run
@@ -33,7 +34,7 @@ def test_demo_run_writes_checkpoint_config_and_log(world, tmp_path):
     out = tmp_path / "run"
     state = run(cfg_for(world, out, **{"diagnostics.every": 2}))
     assert state.global_step == 12 and state.epoch == 2  # 48 pairs / batch 8 = 6 steps x 2 epochs
-    ckpt = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(out / "checkpoint_last.pth")
     for key in ("model", "optimizer", "scheduler", "scaler", "state", "rng", "config", "tokenizer"):
         assert key in ckpt, key
     assert ckpt["state"]["global_step"] == 12
@@ -82,7 +83,7 @@ def test_sigterm_saves_and_exits_cleanly(world, tmp_path):
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "checkpoint saved" in output and "--resume" in output
-    ckpt = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(out / "checkpoint_last.pth")
     assert ckpt["state"]["global_step"] >= 2
 
 
@@ -103,7 +104,7 @@ def test_signal_to_the_process_group_with_loader_workers_still_saves(world, tmp_
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, output
     assert "checkpoint saved" in output and "Traceback" not in output
-    ckpt = torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(out / "checkpoint_last.pth")
     assert ckpt["state"]["global_step"] >= 2
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import run_finetune
+from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from tasks.pretrain import PretrainConfig, run as pretrain
 from tests.pretrain_helpers import DEMO, ROOT, make_world, read_log, tiny_overrides
@@ -88,7 +89,7 @@ def test_finetune_then_evaluate_and_zero_shot(world, pretrained, tmp_path, capsy
     assert all(r["loss"] == pytest.approx(r["loss_itc"] + r["loss_itm"], rel=1e-5) for r in steps)
     evals = [r for r in log if "eval/r_mean" in r]
     assert evals and res["best_val_r_mean"] == pytest.approx(max(r["eval/r_mean"] for r in evals))
-    ckpt = torch.load(out / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(out / "checkpoint_best.pth")
     assert "tokenizer" in ckpt and ckpt["config"]["eval"]["k_test"] == 4
 
     # --evaluate of the best checkpoint reproduces the final test numbers

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from engine.checkpoint import load_checkpoint  # noqa: E402
 from tests.pretrain_helpers import DEMO, make_world, step_losses, tiny_overrides  # noqa: E402
 
 STEPS, STOP_AT = 4, 2
@@ -47,7 +48,7 @@ def _worker(world: Path, base: Path) -> None:
 
 
 def _model_state(out: Path) -> dict:
-    return torch.load(out / "checkpoint_last.pth", map_location="cpu", weights_only=False)["model"]
+    return load_checkpoint(out / "checkpoint_last.pth")["model"]
 
 
 @pytest.mark.distributed
@@ -81,9 +82,9 @@ def test_zero_and_fsdp_match_ddp_and_one_process(tmp_path):
             else:
                 assert torch.equal(state[k], v), (setting, k)
     # the optimiser state is saved in the one-process format whatever the sharding
-    ref_opt = torch.load(one / "checkpoint_last.pth", map_location="cpu", weights_only=False)["optimizer"]
+    ref_opt = load_checkpoint(one / "checkpoint_last.pth")["optimizer"]
     for setting in ("zero", "fsdp"):
-        opt = torch.load(base / setting / "checkpoint_last.pth", map_location="cpu", weights_only=False)["optimizer"]
+        opt = load_checkpoint(base / setting / "checkpoint_last.pth")["optimizer"]
         # (resuming under FSDP initialises the state of parameters that never had a gradient, here
         # itm_head with loss.itm=0, to zero moments: torch.distributed.checkpoint does that)
         assert set(opt["state"]) >= set(ref_opt["state"]), setting

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from datasets.shapes import ShapesWorld, claim_is_true, parse_caption
+from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from models import losses as L
 from models.vlp import VLPModel
@@ -268,7 +269,7 @@ def test_init_from_and_helper_diagnostics(tiny_run, world, tmp_path):
         "loss.contrastive.helper_checkpoint": ckpt}))
     # the initialisation alone: every weight of the checkpoint, empty queues
     model = VLPModel(load_config(P.PretrainConfig, first / "config.yaml").model, momentum=True)
-    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    saved = load_checkpoint(ckpt)
     P.init_from_checkpoint(model, saved, ckpt)
     empty = VLPModel(load_config(P.PretrainConfig, first / "config.yaml").model, momentum=True).state_dict()
     for key, value in model.state_dict().items():

@@ -208,7 +208,7 @@ def test_read_state_dict_wrappers_and_unsafe_files(tmp_path):
 
     # arbitrary pickled objects (here argparse.Namespace, common in research checkpoints) are refused
     torch.save({"model": lin.state_dict(), "args": argparse.Namespace(lr=1)}, tmp_path / "pickled.pth")
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match=r"it needs argparse\.Namespace.*nothing from the file was run"):
         read_state_dict(tmp_path / "pickled.pth")
     torch.jit.save(torch.jit.script(lin), str(tmp_path / "jit.pt"))  # TorchScript, as OpenAI ships CLIP
     torch.testing.assert_close(read_state_dict(tmp_path / "jit.pt")["weight"], lin.weight.detach())

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from datasets.text import tokenizer_state, train_wordpiece_tokenizer
 from datasets.vqa_data import answer_targets, extend_tokenizer, read_vqa, tokenize_answers
+from engine.checkpoint import load_checkpoint
 from engine.config import load_config, to_dict
 from models.decoder import DecoderConfig
 from models.vlp import VLPConfig, VLPModel
@@ -187,7 +188,7 @@ def test_end_to_end_from_a_pretraining_checkpoint(world, tmp_path):
 
     out = tmp_path / "run"
     results = run(load_config(VQAConfig, DEMO, tiny_vqa_overrides(world, out)), checkpoint=str(ckpt_path))
-    saved = torch.load(out / "checkpoint_best.pth", weights_only=False)
+    saved = load_checkpoint(out / "checkpoint_best.pth")
     assert len(saved["tokenizer"]["vocab"]) > len(ptok)  # extended and saved with the model
     answer_list = json.loads((world / "answer_list.json").read_text())
     for split, gt_file in (("val", "vqa_val.json"), ("test", "vqa_test_gt.json")):
