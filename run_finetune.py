@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evaluate", action="store_true", help="evaluate --checkpoint on the test split only")
     p.add_argument("--zero-shot", action="store_true", help="evaluate a pre-trained checkpoint without fine-tuning")
     p.add_argument("--resume", default=None, metavar="CKPT_OR_DIR", help="continue an interrupted fine-tuning run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="fine-tune in a train.output_dir that holds another run's checkpoints and log: they are "
+                        "removed first (without it such a folder is refused; --evaluate and --zero-shot never are)")
     p.add_argument("--predict", nargs="+", default=None, metavar="IMAGE",
                    help="caption tasks: print a caption for each image file with --checkpoint")
     args = p.parse_args(argv)
@@ -56,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     module = importlib.import_module(TASKS[args.task][0])
-    from engine.checkpoint import CheckpointError
+    from engine.checkpoint import CheckpointError, CheckpointWriteError, disk_full_message
     from engine.config import ConfigError
     from engine.distributed import cleanup
     try:
@@ -64,6 +67,12 @@ def main(argv=None) -> int:
     except (CheckpointError, ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk: one line naming the file and the free space
+        message = str(err) if isinstance(err, CheckpointWriteError) else disk_full_message(err, None)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     finally:
         cleanup()
 

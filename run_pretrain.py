@@ -22,6 +22,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override config values, e.g. --set optim.lr=1e-4 train.batch_size=8")
     p.add_argument("--resume", default=None, metavar="CKPT_OR_DIR",
                    help="continue a run from a checkpoint file or an output directory (its checkpoint_last.pth)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a train.output_dir that holds another run's checkpoints and log: "
+                        "they are removed first (without it such a folder is refused)")
     p.add_argument("--init-from", default=None, metavar="CKPT",
                    help="start a new run from the model weights and tokenizer of a pre-training checkpoint "
                         "(fresh optimiser, schedule, step count and queues; ignored with --resume)")
@@ -39,11 +42,18 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from engine.checkpoint import CheckpointWriteError, disk_full_message
     try:
-        run(cfg, resume=args.resume, init_from=args.init_from)
-    except (CheckpointError, FileNotFoundError) as err:
+        run(cfg, resume=args.resume, init_from=args.init_from, overwrite=args.overwrite)
+    except (CheckpointError, FileNotFoundError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk: one line naming the file and the free space
+        message = str(err) if isinstance(err, CheckpointWriteError) else disk_full_message(err, cfg.train.output_dir)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 1
     finally:
         from engine.distributed import cleanup
         cleanup()

@@ -36,6 +36,12 @@ Files written under ``out`` (which is the ``image_root``; every ``image`` path i
     caption_{val,test}.json               [{"image", "caption": [refs], "image_id": int}]
     caption_{val,test}_gt.json            COCO ground truth that pycocotools reads
     manifest.json                         config, counts, version, false-negative statistics
+    .shapes_written.json                  every file written: size and SHA-256
+
+The generator never writes over a file it did not write itself (or that was changed since): such a
+file is named in the error and nothing is written. A run config's ``data.shapes`` generates the
+world into ``data.shapes.root`` (default ``data/shapes``), and only when one of the run's data
+paths lies in that folder.
 
 Semantics of the claims (the truth oracle):
   * objects are existential and distinct: each described object must be matched by a different
@@ -59,6 +65,7 @@ import argparse
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -73,6 +80,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 GENERATOR_VERSION = "shapes-1.0"
+DEFAULT_ROOT = "data/shapes"
+# the record of every file the generator wrote into a folder (name -> size and SHA-256); the
+# generator never writes over a file that this record does not name or that changed since
+WRITTEN_RECORD = ".shapes_written.json"
 
 # --------------------------------------------------------------------------------- vocabulary
 SHAPES: Tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star", "cross")
@@ -139,6 +150,9 @@ class ShapesConfig:
     nlvr2_pairs: Tuple[int, int, int] = (1000, 200, 200)  # train / dev / test
     annotators: int = 10
     vqa_answer_noise: float = 0.1
+    # where a run generates the world (the run configs' ``data.shapes.root``); not part of the
+    # content: two folders with the same other fields hold byte-identical files
+    root: str = DEFAULT_ROOT
 
     def __post_init__(self) -> None:
         pairs = tuple(int(x) for x in self.nlvr2_pairs)
@@ -167,12 +181,17 @@ class ShapesConfig:
             problems.append("nlvr2_pairs must be three counts >= 0 (train, dev, test)")
         if self.annotators < 1:
             problems.append("annotators must be >= 1")
+        if not isinstance(self.root, str) or not self.root.strip():
+            problems.append("root must be a folder name")
         if problems:
             raise ValueError("invalid ShapesConfig: " + "; ".join(problems))
 
     def to_json(self) -> Dict[str, Any]:
-        """The config as plain JSON values (tuples become lists), as stored in the manifest."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The content-determining fields as plain JSON values (tuples become lists), as stored in
+        the manifest (``root``, where the files go, is not one of them)."""
+        d = dataclasses.asdict(self)
+        d.pop("root")
+        return json.loads(json.dumps(d))
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ShapesConfig":
@@ -1297,12 +1316,81 @@ ANNOTATION_FILES = (
 )
 
 
-def _write_json(path: str, obj: Any, indent: Optional[int] = None) -> None:
+def _write_bytes(path: str, data: bytes) -> Dict[str, Any]:
+    """Write ``data`` to ``path`` (a temporary file, then rename); its entry of the written record."""
     tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=indent, ensure_ascii=True)
-        fh.write("\n")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
     os.replace(tmp, path)
+    return {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _write_json(path: str, obj: Any, indent: Optional[int] = None) -> Dict[str, Any]:
+    text = json.dumps(obj, indent=indent, ensure_ascii=True) + "\n"
+    return _write_bytes(path, text.encode("utf-8"))
+
+
+def _file_entry(path: str) -> Dict[str, Any]:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return {"size": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def read_written(out_dir: Union[str, os.PathLike]) -> Dict[str, Dict[str, Any]]:
+    """The record of the files the generator wrote into ``out_dir`` (relative path -> entry: size and
+    sha256, or ``pending`` while a generation that was about to write it has not finished).
+
+    A folder generated before this record existed: the files its manifest names, untested."""
+    out_dir = os.fspath(out_dir)
+    try:
+        with open(os.path.join(out_dir, WRITTEN_RECORD), "r", encoding="utf-8") as fh:
+            rec = json.load(fh)
+        if isinstance(rec, dict) and isinstance(rec.get("files"), dict):
+            return dict(rec["files"])
+    except (OSError, ValueError):
+        pass
+    man = read_manifest(out_dir)
+    if not isinstance(man, dict) or man.get("generator") != "datasets.shapes":
+        return {}
+    legacy = {name: {"legacy": True} for name in man.get("files", {})}
+    legacy["manifest.json"] = {"legacy": True}
+    try:
+        cfg = ShapesConfig.from_dict(man.get("config", {}))
+    except (TypeError, ValueError):
+        return legacy
+    for split, iid in _all_image_paths(cfg):
+        legacy[image_path(split, iid, cfg.image_format)] = {"legacy": True}
+    return legacy
+
+
+def _save_written(out_dir: str, files: Dict[str, Dict[str, Any]]) -> None:
+    _write_json(os.path.join(out_dir, WRITTEN_RECORD),
+                {"generator": "datasets.shapes", "version": GENERATOR_VERSION,
+                 "files": dict(sorted(files.items()))}, indent=0)
+
+
+def _ours(out_dir: str, rel: str, written: Dict[str, Dict[str, Any]]) -> bool:
+    """Whether the existing file ``rel`` is one the generator wrote and nobody changed since."""
+    entry = written.get(rel)
+    if entry is None:
+        return False
+    if entry.get("pending") or entry.get("legacy"):
+        return True
+    path = os.path.join(out_dir, rel)
+    return os.path.getsize(path) == entry.get("size") and _file_entry(path)["sha256"] == entry.get("sha256")
+
+
+def _check_not_foreign(out_dir: str, targets: Sequence[str], written: Dict[str, Dict[str, Any]]) -> None:
+    """``FileExistsError`` naming the first of ``targets`` that exists but is not the generator's own."""
+    for rel in targets:
+        path = os.path.join(out_dir, rel)
+        if os.path.lexists(path) and not (os.path.isfile(path) and _ours(out_dir, rel, written)):
+            raise FileExistsError(
+                f"refusing to write the shapes world over {path}: the shapes generator did not write this file "
+                f"(or it was changed since; see {os.path.join(out_dir, WRITTEN_RECORD)}); move it away or "
+                "generate the world into another folder")
 
 
 def read_manifest(out_dir: Union[str, os.PathLike]) -> Optional[Dict[str, Any]]:
@@ -1414,8 +1502,6 @@ def _generate(out_dir: str, cfg: ShapesConfig, workers: int,
               progress: Optional[bool]) -> Dict[str, Any]:
     fmt = cfg.image_format
     man_path = os.path.join(out_dir, "manifest.json")
-    if os.path.exists(man_path):
-        os.remove(man_path)  # an interrupted regeneration must not look complete
     # 1. scenes (one stream per split: val/test do not change with the number of train images)
     scenes: Dict[str, Scene] = {}
     by_split: Dict[str, List[Tuple[str, Scene]]] = {s: [] for s in SPLITS}
@@ -1432,13 +1518,27 @@ def _generate(out_dir: str, cfg: ShapesConfig, workers: int,
     rng = _rng(cfg, 2)
     captions: Dict[str, List[CaptionSample]] = {p: make_captions(sc, cfg, rng)
                                                 for p, sc in scenes.items()}
+    # the files this generation writes: refused before anything is touched when one of them exists
+    # and is not the generator's own; then all are recorded as about to be written, so that an
+    # interrupted generation can be redone
+    written = read_written(out_dir)
+    targets = ["manifest.json", *ANNOTATION_FILES, *scenes]
+    _check_not_foreign(out_dir, targets, written)
+    stale = [rel for rel in written if rel not in scenes and re.fullmatch(r"images/(train|val|test)/\d{6}\.(png|jpg)", rel)
+             and os.path.isfile(os.path.join(out_dir, rel)) and _ours(out_dir, rel, written)]
+    written.update({rel: {"pending": True} for rel in targets})
+    _save_written(out_dir, written)
+    if os.path.exists(man_path):
+        os.remove(man_path)  # an interrupted regeneration must not look complete
     # 3. images
+    for rel in stale:  # the generator's images of an earlier, different config
+        os.remove(os.path.join(out_dir, rel))
+        del written[rel]
     for split in SPLITS:
         d = os.path.join(out_dir, "images", split)
         os.makedirs(d, exist_ok=True)
-        wanted = {os.path.basename(p) for p, _ in by_split[split]}
-        for name in os.listdir(d):  # stale images of an earlier, different config
-            if re.fullmatch(r"\d{6}\.(png|jpg)(\.tmp)?", name) and name not in wanted:
+        for name in os.listdir(d):  # temporary files of an interrupted generation
+            if re.fullmatch(r"\d{6}\.(png|jpg)\.tmp", name):
                 os.remove(os.path.join(d, name))
     jobs = [(os.path.join(out_dir, p), sc.to_dict(), cfg.image_size, fmt)
             for p, sc in scenes.items()]
@@ -1464,11 +1564,13 @@ def _generate(out_dir: str, cfg: ShapesConfig, workers: int,
             _render_job(job)
             bar.update(1)
     bar.close()
+    for rel in scenes:
+        written[rel] = _file_entry(os.path.join(out_dir, rel))
 
     files: Dict[str, Any] = {}
 
     def write(name: str, obj: Any, indent: Optional[int] = None) -> None:
-        _write_json(os.path.join(out_dir, name), obj, indent)
+        written[name] = _write_json(os.path.join(out_dir, name), obj, indent)
         files[name] = len(obj)
 
     # 4. scenes.json
@@ -1502,7 +1604,7 @@ def _generate(out_dir: str, cfg: ShapesConfig, workers: int,
         gt = {"images": [{"id": sc.image_id} for _, sc in recs], "annotations": anns,
               "info": {"description": "shapes world captions, " + split},
               "licenses": [], "type": "captions"}
-        _write_json(os.path.join(out_dir, f"caption_{split}_gt.json"), gt)
+        written[f"caption_{split}_gt.json"] = _write_json(os.path.join(out_dir, f"caption_{split}_gt.json"), gt)
         files[f"caption_{split}_gt.json"] = len(anns)
     # 6. VQA
     qid = 0
@@ -1559,7 +1661,8 @@ def _generate(out_dir: str, cfg: ShapesConfig, workers: int,
         "false_negatives": fn,
         "complete": True,
     }
-    _write_json(man_path, manifest, indent=2)
+    written["manifest.json"] = _write_json(man_path, manifest, indent=2)
+    _save_written(out_dir, written)
     return manifest
 
 
@@ -1568,7 +1671,9 @@ def ensure_shapes(out_dir: Union[str, os.PathLike], cfg: Optional[ShapesConfig] 
                   progress: Optional[bool] = None) -> Tuple[Dict[str, Any], bool]:
     """Generate the world into ``out_dir`` unless a complete one for ``cfg`` is there.
 
-    Returns (manifest, created). Safe against concurrent callers (a file lock serialises them)."""
+    Returns (manifest, created). Safe against concurrent callers (a file lock serialises them).
+    Never writes over a file the generator did not write (or that changed since it wrote it):
+    ``FileExistsError`` names the file (see :data:`WRITTEN_RECORD`)."""
     cfg = cfg or ShapesConfig()
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -1592,9 +1697,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m datasets.shapes",
         description="Generate the synthetic shapes world (images + ALBEF/BLIP-format JSONs).")
-    p.add_argument("--out", default="data/shapes", help="output folder = image_root")
+    p.add_argument("--out", default=DEFAULT_ROOT, help="output folder = image_root")
     defaults = ShapesConfig()
     for f in dataclasses.fields(ShapesConfig):
+        if f.name == "root":  # --out
+            continue
         opt = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         if isinstance(default, bool):
@@ -1618,15 +1725,19 @@ def build_arg_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_arg_parser().parse_args(argv)
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(ShapesConfig)
-                 if getattr(args, f.name) is not None}
+                 if f.name != "root" and getattr(args, f.name) is not None}
     try:
-        cfg = ShapesConfig(**overrides)
+        cfg = ShapesConfig(**overrides, root=args.out)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    manifest, created = ensure_shapes(args.out, cfg, force=args.force, workers=args.workers,
-                                      progress=args.progress)
+    try:
+        manifest, created = ensure_shapes(args.out, cfg, force=args.force, workers=args.workers,
+                                          progress=args.progress)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     dt = time.perf_counter() - t0
     if not created:
         print(f"{args.out}: up to date (same config, generator {GENERATOR_VERSION}); "

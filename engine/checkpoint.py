@@ -6,34 +6,97 @@ that needs anything else is refused with a :class:`CheckpointError` that names i
 """
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (usually a full disk); the message is one line naming the
+    file and the free space, and the previous checkpoint of that name is intact."""
+
+
+# what torch's zip writer says when a write comes up short (a full disk)
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def free_space(directory: str | os.PathLike) -> str:
+    """``'1.2 MiB free of 2.0 MiB'`` for the file system holding ``directory``."""
+    try:
+        usage = shutil.disk_usage(directory)
+    except OSError:
+        return "free space unknown"
+    return f"{format_bytes(usage.free)} free of {format_bytes(usage.total)}"
+
+
+def disk_full_message(err: OSError, directory: Optional[str | os.PathLike]) -> Optional[str]:
+    """One line for an ``OSError`` of a full disk (ENOSPC, EDQUOT) raised by any write, naming the file
+    (when the error does) and the free space there (or in ``directory``); None for other errors."""
+    if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = err.filename or directory
+    space = free_space(Path(where).parent if err.filename else where) if where else "free space unknown"
+    return f"no space left on device writing {where or 'a file'} ({space}). Free space or choose another train.output_dir"
+
+
+def _write_failure(err: BaseException, path: Path) -> Optional[CheckpointWriteError]:
+    """The one-line error for a failed checkpoint write, None for errors that are not about writing."""
+    if isinstance(err, OSError):
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "no space left on device"
+        else:
+            what = f"{err.strerror or err}"
+    elif isinstance(err, RuntimeError) and any(s in str(err) for s in _TORCH_WRITE_FAILURES):
+        first = " ".join(str(err).split())[:160]
+        what = f"the write came up short, the disk is probably full (torch: {first})"
+    else:
+        return None
+    kept = f"; the previous {path.name} is intact" if path.exists() else ""
+    return CheckpointWriteError(f"cannot write checkpoint {path}: {what} ({free_space(path.parent)} on that file "
+                                f"system){kept}. Free space or choose another train.output_dir")
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
 
-    A run killed mid-write leaves the previous checkpoint intact.
+    A run killed mid-write leaves the previous checkpoint intact. A failed write (a full disk:
+    ``OSError`` ENOSPC, or torch's ``unexpected pos``) removes the temporary file and raises
+    :class:`CheckpointWriteError` with one line naming ``path`` and the free space.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise _write_failure(err, path) from err
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        failure = _write_failure(err, path)
+        if failure is not None:
+            raise failure from err
         raise
     return path
 

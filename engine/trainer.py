@@ -22,8 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from engine import distributed as D
-from engine.checkpoint import atomic_torch_save, find_resume, load_checkpoint, rng_state, set_rng_state
+from engine.checkpoint import (CheckpointWriteError, atomic_torch_save, find_resume, load_checkpoint, rng_state,
+                               set_rng_state)
 from engine.config import opt, to_dict
+from engine.rundir import truncate_log
 
 log = logging.getLogger("engine")
 
@@ -229,14 +231,20 @@ class Trainer:
 
     def save(self, task: Task, name: str = "checkpoint_last.pth") -> Optional[Path]:
         ckpt = self._checkpoint(task)  # collective (rng gather): every rank calls it
-        path = None
+        path, error = None, None
         if self.dist.is_main:
-            path = atomic_torch_save(ckpt, self.out_dir / name)
-        D.barrier()
+            try:
+                path = atomic_torch_save(ckpt, self.out_dir / name)
+            except CheckpointWriteError as err:  # every process stops with it (none waits forever)
+                error = str(err)
+        error = D.broadcast_object(error)
+        if error is not None:
+            raise CheckpointWriteError(error)
         return path
 
     def resume(self, path: str) -> None:
         ckpt = load_checkpoint(find_resume(path))
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
         if self.sharding == "fsdp":
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
@@ -248,6 +256,7 @@ class Trainer:
             self.model.load_state_dict(ckpt["model"], strict=True)
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
+        self._reapply_hyperparameters(fresh)
         self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["state"])
         rngs = ckpt["rng"]
@@ -257,6 +266,21 @@ class Trainer:
         set_rng_state(rngs[self.dist.rank % len(rngs)])
         if self.dist.is_main:
             log.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.global_step)
+
+    def _reapply_hyperparameters(self, fresh: list[dict]) -> None:
+        """The optimiser hyperparameters of this run's config (``fresh``: the param groups before the
+        checkpoint was loaded), not the resumed state's: a resume may change the learning rates,
+        weight decay, betas and eps (tasks/resume.py). Unchanged values give the same numbers."""
+        groups = self.optimizer.param_groups
+        for g, f in zip(groups, fresh):
+            for key in ("initial_lr", "weight_decay", "betas", "eps"):
+                if key in f:
+                    g[key] = f[key]
+        sched = self.scheduler
+        sched.base_lrs = [f["initial_lr"] for f in fresh]
+        for g, base, fn in zip(groups, sched.base_lrs, sched.lr_lambdas):
+            g["lr"] = base * fn(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in groups]
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
@@ -276,6 +300,9 @@ class Trainer:
         if resume:
             self.resume(resume)
             self.state.total_steps = total
+            if self.dist.is_main:  # the steps after the checkpoint are logged again
+                truncate_log(self.out_dir / "log.jsonl", self.state.global_step,
+                             drop_eval_at_step=self.state.step_in_epoch >= spe)
         st = self.state
         bar = tqdm(total=total, initial=st.global_step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True, smoothing=0.1)

@@ -51,6 +51,9 @@ from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, Tok
                           build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
                           fit_model_config, require_fraction, require_positive, start_run, write_json)
+from engine.rundir import OutputDir
+from tasks.common import SHAPES_HELP
+from tasks.resume import check_resume_config
 
 log = logging.getLogger("caption")
 
@@ -79,7 +82,7 @@ class CaptionDataConfig:
     eval_batch_size: int = opt(64, "images per generation batch (per process)")
     max_bad_fraction: float = opt(0.01, "stop when more than this fraction of training images fail to load")
     bad_check_after: int = opt(500, "training samples seen before the bad-image fraction is checked")
-    shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
+    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         require_positive("data.eval_batch_size", self.eval_batch_size)
@@ -342,12 +345,23 @@ def predict_files(cfg: CaptionConfig, checkpoint: str, files: list[str]) -> list
 
 
 def run(cfg: CaptionConfig, checkpoint: Optional[str] = None, evaluate: bool = False,
-        resume: Optional[str] = None) -> dict:
-    """Fine-tune (or with ``evaluate`` only evaluate) captioning; returns the metrics per split."""
+        resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Fine-tune (or with ``evaluate`` only evaluate) captioning; returns the metrics per split.
+    ``train.output_dir`` is claimed for the run (``engine/rundir.py``: fine-tuning refuses another run's
+    checkpoints unless ``resume`` or ``overwrite``; evaluation writes no checkpoint and is not refused
+    because of one)."""
+    with OutputDir(cfg.train.output_dir, training=not evaluate, resume=resume, overwrite=overwrite) as out:
+        return _run(cfg, checkpoint, evaluate, resume, out)
+
+
+def _run(cfg: CaptionConfig, checkpoint: Optional[str], evaluate: bool, resume: Optional[str], out: OutputDir) -> dict:
     if evaluate and not checkpoint:
         raise ConfigError("--evaluate needs --checkpoint (a fine-tuned caption checkpoint)")
     d = cfg.data
-    dist = start_run(cfg.train, d.image_root, d.shapes)
+    dist = start_run(cfg.train, d, out)
+    resume_ckpt = load_checkpoint(find_resume(resume)) if resume and not evaluate else None
+    if resume_ckpt is not None:  # before anything is written
+        check_resume_config(cfg, resume_ckpt, resume, "caption", dist)
     files = [f for f in (d.val_file, d.val_gt_file, d.test_file, d.test_gt_file) if f]
     require_files(([] if evaluate else list(d.train_files)) + files, "captioning annotation",
                   CAPTION_HINT + " The synthetic captioning demo: python run_finetune.py --task caption_shapes.")
@@ -360,7 +374,6 @@ def run(cfg: CaptionConfig, checkpoint: Optional[str] = None, evaluate: bool = F
         train_set = PretrainDataset(d.train_files, d.image_root,
                                     build_transform(cfg.model.vision.img_size, True, d.transform),
                                     d.max_words, d.clean_style, cfg.train.seed, hint=CAPTION_HINT)
-    resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, lambda: train_set.all_captions() + [d.prompt], resume_ckpt or ckpt)
     del resume_ckpt
     cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
@@ -411,7 +424,8 @@ def main(args) -> int:
         for f, caption in zip(args.predict, predict_files(cfg, args.checkpoint, list(args.predict))):
             print(f"{f}\t{caption}", flush=True)
         return 0
-    result = run(cfg, checkpoint=args.checkpoint, evaluate=args.evaluate, resume=args.resume)
+    result = run(cfg, checkpoint=args.checkpoint, evaluate=args.evaluate, resume=args.resume,
+                 overwrite=getattr(args, "overwrite", False))
     return 0 if result is not None else 1
 
 

@@ -23,6 +23,7 @@ from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state,
 from engine import distributed as D
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, opt
+from engine.rundir import OutputDir
 from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, ignore_stop_signals, setup_logging
 from models.vision import interpolate_pos_embed
 from models.vlp import VLPConfig
@@ -32,6 +33,10 @@ log = logging.getLogger("tasks")
 
 SYNTHETIC_HINT = ("To try the project without downloading data, run the synthetic demo: "
                   "python run_pretrain.py --config configs/demo/pretrain.yaml")
+
+SHAPES_HELP = ("generate the synthetic shapes world on first use ({} = the default world; keys: root = its folder, "
+               "default data/shapes, and the generator's options, python -m datasets.shapes --help); only into root, "
+               "only when a data path lies in root, never over a file the generator did not write")
 
 
 @dataclass
@@ -45,16 +50,46 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def ensure_synthetic(image_root: str, shapes: Optional[ShapesConfig], dist: D.DistInfo) -> None:
-    """Generate the shapes world into ``image_root`` on first use (main process), then sync."""
+def data_paths(data: Any) -> list[str]:
+    """The files and folders a data config section names: its ``*_root``, ``*_file``, ``*_files``
+    and ``answer_list`` fields."""
+    out: list[str] = []
+    for f in dataclasses.fields(data):
+        if f.name.endswith(("_root", "_file", "_files")) or f.name == "answer_list":
+            value = getattr(data, f.name)
+            out += [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+    return out
+
+
+def _inside(path: str, folder: Path) -> bool:
+    p = Path(path).resolve()
+    return p == folder or folder in p.parents
+
+
+def ensure_synthetic(paths: list[str], shapes: Optional[ShapesConfig], dist: D.DistInfo) -> None:
+    """With ``data.shapes`` set: generate the shapes world into its own folder ``shapes.root`` on
+    first use (main process; the others wait), when one of the run's data ``paths`` lies in that
+    folder; a run whose data paths point elsewhere uses its own data. The generator never writes over
+    a file it did not write: ``ConfigError`` names it (on every process)."""
     if shapes is None:
         return
+    if not any(_inside(p, Path(shapes.root).resolve()) for p in paths):
+        if dist.is_main:
+            log.info("data.shapes is set, but no data path lies in data.shapes.root=%s: the synthetic world is "
+                     "not generated", shapes.root)
+        return
+    error = None
     if dist.is_main:
         t0 = time.time()
-        _, created = ensure_shapes(image_root, shapes)
-        if created:
-            print(f"created the synthetic shapes data in {image_root} ({time.time() - t0:.1f} s)", flush=True)
-    D.barrier()
+        try:
+            _, created = ensure_shapes(shapes.root, shapes)
+            if created:
+                print(f"created the synthetic shapes data in {shapes.root} ({time.time() - t0:.1f} s)", flush=True)
+        except FileExistsError as err:
+            error = f"{err} (data.shapes.root={shapes.root})"
+    error = D.broadcast_object(error)
+    if error is not None:
+        raise ConfigError(error)
 
 
 def require_files(paths: list[str], what: str, how_to_get: str) -> None:
@@ -152,14 +187,18 @@ def load_pretrained(model: torch.nn.Module, path: str, expected_missing: Optiona
 MOMENTUM_REASON = "momentum encoder or queue (pre-training only)"
 
 
-def start_run(train: TrainConfig, image_root: str, shapes: Optional[ShapesConfig]) -> D.DistInfo:
+def start_run(train: TrainConfig, data: Any, out: Optional[OutputDir] = None) -> D.DistInfo:
     """The start of a fine-tuning run: processes (``train.device``), logging, ``train.num_threads``,
-    and the synthetic shapes world in ``image_root`` on first use (when ``shapes`` is set)."""
+    the output directory claimed (``out``, see :class:`engine.rundir.OutputDir`), and the synthetic
+    shapes world on first use (when the ``data`` section's ``shapes`` is set and a data path lies in
+    its folder)."""
     dist = D.init_distributed(train.device)
     setup_logging(dist.is_main)
     if train.num_threads > 0:
         torch.set_num_threads(train.num_threads)
-    ensure_synthetic(image_root, shapes, dist)
+    if out is not None:
+        out.open(dist)
+    ensure_synthetic(data_paths(data), data.shapes, dist)
     return dist
 
 

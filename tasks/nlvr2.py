@@ -45,6 +45,9 @@ from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, a
                           explain_momentum_keys, load_encoder_weights, load_model_state, load_selected_checkpoint,
                           make_tokenizer, raise_on_report, require_files, require_positive, start_run, to_device,
                           fit_model_config, write_json)
+from engine.rundir import OutputDir
+from tasks.common import SHAPES_HELP
+from tasks.resume import check_resume_config
 
 log = logging.getLogger("nlvr2")
 
@@ -67,7 +70,7 @@ class NLVR2DataConfig:
     transform: TransformConfig = opt(TransformConfig, "training image augmentation (each image of a pair augmented independently)")
     num_workers: int = opt(4, "data-loading worker processes per process")
     eval_batch_size: int = opt(64, "examples per evaluation batch (per process)")
-    shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
+    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         require_positive("data.eval_batch_size", self.eval_batch_size)
@@ -228,10 +231,20 @@ def evaluate_and_write(model: NLVR2Model, sets: dict[str, NLVR2Dataset], cfg: NL
 
 
 def run(cfg: NLVR2Config, checkpoint: Optional[str] = None, evaluate: bool = False,
-        resume: Optional[str] = None) -> dict:
-    """Fine-tune (or with ``evaluate`` only evaluate) NLVR2; returns the results dict."""
+        resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Fine-tune (or with ``evaluate`` only evaluate) NLVR2; returns the results dict. ``train.output_dir``
+    is claimed for the run (``engine/rundir.py``: fine-tuning refuses another run's checkpoints unless
+    ``resume`` or ``overwrite``; evaluation writes no checkpoint and is not refused because of one)."""
+    with OutputDir(cfg.train.output_dir, training=not evaluate, resume=resume, overwrite=overwrite) as out:
+        return _run(cfg, checkpoint, evaluate, resume, out)
+
+
+def _run(cfg: NLVR2Config, checkpoint: Optional[str], evaluate: bool, resume: Optional[str], out: OutputDir) -> dict:
     d = cfg.data
-    dist = start_run(cfg.train, d.image_root, d.shapes)
+    dist = start_run(cfg.train, d, out)
+    resume_ckpt = load_checkpoint(find_resume(resume)) if resume and not evaluate else None
+    if resume_ckpt is not None:  # before anything is written
+        check_resume_config(cfg, resume_ckpt, resume, "nlvr2", dist)
     require_files(([] if evaluate else d.train_files) + d.dev_files + d.test_files, "NLVR2 annotation", DATA_HINT)
     if evaluate and not checkpoint:
         raise ConfigError("--evaluate needs --checkpoint (a fine-tuned NLVR2 checkpoint)")
@@ -240,7 +253,6 @@ def run(cfg: NLVR2Config, checkpoint: Optional[str] = None, evaluate: bool = Fal
     if evaluate and not is_nlvr2_state(ckpt["model"]):
         raise ConfigError(f"{checkpoint} has no NLVR2 classifier (it is a pre-training checkpoint): "
                           "fine-tune it first (run without --evaluate)")
-    resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
     train_set = None
     if not evaluate:
         transform = build_transform(cfg.model.vision.img_size, True, d.transform)
@@ -302,5 +314,6 @@ def main(args) -> int:
         cfg = load_config(NLVR2Config, args.config, args.set)
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    result = run(cfg, checkpoint=args.checkpoint, evaluate=args.evaluate, resume=args.resume)
+    result = run(cfg, checkpoint=args.checkpoint, evaluate=args.evaluate, resume=args.resume,
+                 overwrite=getattr(args, "overwrite", False))
     return 0 if result else 1

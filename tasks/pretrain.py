@@ -23,12 +23,14 @@ from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import opt, save_config
+from engine.rundir import OutputDir
 from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
                             grouped, ignore_stop_signals, setup_logging)
 from models import losses as L
-from tasks.common import (QUEUE_KEYS, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer,
+from tasks.common import (QUEUE_KEYS, SHAPES_HELP, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer,
                           require_files, to_device)
 from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
+from tasks.resume import check_resume_config
 from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics
 
 log = logging.getLogger("pretrain")
@@ -47,7 +49,7 @@ class PretrainDataConfig:
     num_workers: int = opt(2, "data-loading worker processes per training process")
     max_bad_fraction: float = opt(0.01, "stop when more than this fraction of images fail to load")
     bad_check_after: int = opt(500, "samples seen before the bad-image fraction is checked")
-    shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
+    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
 
 @dataclass
@@ -216,7 +218,7 @@ def prepare_data(cfg: PretrainConfig, dist: D.DistInfo) -> Optional[ShapesWorld]
     """Create the synthetic data on first use, check that the files exist; the shapes world
     (for diagnostics) when the data is synthetic."""
     d = cfg.data
-    ensure_synthetic(d.image_root, d.shapes, dist)
+    ensure_synthetic([d.image_root, *d.train_files] if d.format == "json" else list(d.shards), d.shapes, dist)
     if d.format == "json":
         require_files(d.train_files, "pre-training annotation",
                       "Real data (CC3M, SBU, COCO, VG) comes as ALBEF-format JSON lists; see README 'Datasets'.")
@@ -262,14 +264,26 @@ def init_from_checkpoint(model: VLPModel, ckpt: dict, path: str):
     return report
 
 
-def run(cfg: PretrainConfig, resume: Optional[str] = None, init_from: Optional[str] = None) -> TrainState:
-    """Pre-train. ``resume``: continue a run exactly (checkpoint or output folder);
-    ``init_from``: start a new run (fresh optimiser and schedule) from the weights and tokenizer of a
-    pre-training checkpoint (ignored when resuming)."""
+def run(cfg: PretrainConfig, resume: Optional[str] = None, init_from: Optional[str] = None,
+        overwrite: bool = False) -> TrainState:
+    """Pre-train. ``resume``: continue a run exactly (checkpoint or output folder; the config may
+    differ from the checkpoint's only where ``tasks/resume.py`` allows); ``init_from``: start a new run
+    (fresh optimiser and schedule) from the weights and tokenizer of a pre-training checkpoint
+    (ignored when resuming). ``train.output_dir`` is locked for the run; a new run refuses a folder
+    that holds another run's checkpoints or log unless ``overwrite`` (see ``engine/rundir.py``)."""
+    with OutputDir(cfg.train.output_dir, training=True, resume=resume, overwrite=overwrite) as out:
+        return _run(cfg, resume, init_from, out)
+
+
+def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], out: OutputDir) -> TrainState:
     dist = D.init_distributed(cfg.train.device)
     setup_logging(dist.is_main)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
+    out.open(dist)
+    resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
+    if resume_ckpt is not None:  # before anything is written
+        check_resume_config(cfg, resume_ckpt, resume, "pretrain", dist)
     world = prepare_data(cfg, dist)
     d = cfg.data
     transform = build_transform(cfg.model.vision.img_size, True, d.transform)
@@ -278,7 +292,6 @@ def run(cfg: PretrainConfig, resume: Optional[str] = None, init_from: Optional[s
                                        d.shards_shuffle_buffer, d.shards_num_samples)
     else:
         dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed)
-    resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
     init_ckpt = load_checkpoint(init_from) if init_from and not resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt or init_ckpt)
     del resume_ckpt

@@ -44,6 +44,9 @@ from models.weights import LoadReport
 from tasks.common import (QUEUE_KEYS, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
                           load_encoder_weights, load_model_state, load_selected_checkpoint, make_tokenizer,
                           fit_model_config, require_files, start_run)
+from engine.rundir import OutputDir
+from tasks.common import SHAPES_HELP
+from tasks.resume import check_resume_config
 from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator, RetrievalResult, format_table, \
     memory_estimate, ranked_json
 
@@ -64,7 +67,7 @@ class RetrievalDataConfig:
     transform: TransformConfig = opt(TransformConfig, "training augmentation (evaluation uses its mean/std/interpolation only)")
     num_workers: int = opt(2, "data-loading worker processes per process")
     check_images: bool = opt(True, "check at start that every image file exists (errors name the record)")
-    shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
+    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
 
 @dataclass
@@ -210,13 +213,23 @@ def protocol_text(mode: Mode, checkpoint: Optional[str], cfg: RetrievalConfig) -
 
 
 def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str] = None,
-        resume: Optional[str] = None) -> dict:
-    """Fine-tune and/or evaluate; returns the test metrics (on every process)."""
+        resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Fine-tune and/or evaluate; returns the test metrics (on every process). ``train.output_dir`` is
+    claimed for the run (``engine/rundir.py``: fine-tuning refuses another run's checkpoints unless
+    ``resume`` or ``overwrite``; evaluation writes no checkpoint and is not refused because of one)."""
+    with OutputDir(cfg.train.output_dir, training=mode == "finetune", resume=resume, overwrite=overwrite) as out:
+        return _run(cfg, mode, checkpoint, resume, out)
+
+
+def _run(cfg: RetrievalConfig, mode: Mode, checkpoint: Optional[str], resume: Optional[str], out: OutputDir) -> dict:
     finetune = mode == "finetune"
     if not finetune and not checkpoint:
         raise ConfigError(f"--{mode.replace('_', '-')} evaluates a checkpoint: pass --checkpoint")
     d = cfg.data
-    dist = start_run(cfg.train, d.image_root, d.shapes)
+    dist = start_run(cfg.train, d, out)
+    resume_ckpt = load_checkpoint(find_resume(resume)) if resume and finetune else None
+    if resume_ckpt is not None:  # before anything is written
+        check_resume_config(cfg, resume_ckpt, resume, "retrieval", dist)
     require_files(([*d.train_files, d.val_file] if finetune else []) + [d.test_file], "retrieval annotation",
                   RETRIEVAL_HINT + " The synthetic retrieval demo: python run_finetune.py --task retrieval_shapes "
                   "--checkpoint <demo pre-training checkpoint>.")
@@ -233,11 +246,11 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
         raise ConfigError(f"bad retrieval data: {err}") from err
 
     ckpt = load_checkpoint(checkpoint) if checkpoint else None
-    tok_source = ckpt if ckpt is not None else (load_checkpoint(find_resume(resume)) if resume else None)
+    tok_source = ckpt if ckpt is not None else resume_ckpt
     if not finetune and "tokenizer" not in ckpt and not cfg.tokenizer.path:
         raise ConfigError(f"checkpoint {checkpoint} holds no tokenizer: set tokenizer.path to its vocabulary")
     tokenizer = make_tokenizer(cfg.tokenizer, train_set.all_captions if train_set else list, tok_source)
-    del tok_source
+    del tok_source, resume_ckpt
     cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
 
     torch.manual_seed(cfg.train.seed)
@@ -311,7 +324,7 @@ def main(args) -> int:
     except ValueError as err:  # a validate() message names the key
         raise ConfigError(str(err)) from err
     mode: Mode = "zero_shot" if args.zero_shot else "evaluate" if args.evaluate else "finetune"
-    run(cfg, mode, checkpoint=args.checkpoint, resume=args.resume)
+    run(cfg, mode, checkpoint=args.checkpoint, resume=args.resume, overwrite=getattr(args, "overwrite", False))
     return 0
 
 

@@ -48,6 +48,9 @@ from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, Tok
                           build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
                           fit_model_config, require_fraction, require_positive, start_run, to_device, write_json)
+from engine.rundir import OutputDir
+from tasks.common import SHAPES_HELP
+from tasks.resume import check_resume_config
 from tasks.vqa_metrics import evaluate_vqa
 
 log = logging.getLogger("vqa")
@@ -76,7 +79,7 @@ class VQADataConfig:
     eval_batch_size: int = opt(32, "questions per evaluation batch (per process)")
     max_bad_fraction: float = opt(0.01, "stop when more than this fraction of training images fail to load")
     bad_check_after: int = opt(500, "training samples seen before the bad-image fraction is checked")
-    shapes: Optional[ShapesConfig] = opt(None, "generate the synthetic shapes world into image_root when it is missing")
+    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         require_positive("data.eval_batch_size", self.eval_batch_size)
@@ -317,12 +320,22 @@ def evaluate_and_write(model: VQAModel, predictor: VQAPredictor, sets: dict[str,
 
 
 def run(cfg: VQAConfig, checkpoint: Optional[str] = None, evaluate: bool = False,
-        resume: Optional[str] = None) -> dict:
-    """Fine-tune (or with ``evaluate`` only evaluate) VQA; returns the results dict."""
+        resume: Optional[str] = None, overwrite: bool = False) -> dict:
+    """Fine-tune (or with ``evaluate`` only evaluate) VQA; returns the results dict. ``train.output_dir``
+    is claimed for the run (``engine/rundir.py``: fine-tuning refuses another run's checkpoints unless
+    ``resume`` or ``overwrite``; evaluation writes no checkpoint and is not refused because of one)."""
+    with OutputDir(cfg.train.output_dir, training=not evaluate, resume=resume, overwrite=overwrite) as out:
+        return _run(cfg, checkpoint, evaluate, resume, out)
+
+
+def _run(cfg: VQAConfig, checkpoint: Optional[str], evaluate: bool, resume: Optional[str], out: OutputDir) -> dict:
     if evaluate and not checkpoint:
         raise ConfigError("--evaluate needs --checkpoint (a fine-tuned VQA checkpoint)")
     d = cfg.data
-    dist = start_run(cfg.train, d.image_root, d.shapes)
+    dist = start_run(cfg.train, d, out)
+    resume_ckpt = load_checkpoint(find_resume(resume)) if resume and not evaluate else None
+    if resume_ckpt is not None:  # before anything is written
+        check_resume_config(cfg, resume_ckpt, resume, "vqa", dist)
     require_files(([] if evaluate else list(d.train_files)) + [f for f in (d.val_file, d.test_file, d.test_gt_file) if f]
                   + [d.answer_list], "VQA annotation",
                   VQA_HINT + " The synthetic VQA demo: python run_finetune.py --task vqa_shapes.")
@@ -337,7 +350,6 @@ def run(cfg: VQAConfig, checkpoint: Optional[str] = None, evaluate: bool = False
                                     build_transform(cfg.model.vision.img_size, True, d.transform), d.max_words,
                                     cfg.train.seed, cfg.loss.vg_answer_weight, d.vg_image_root)
     eval_sets = _eval_sets(cfg)
-    resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
     tok_source = resume_ckpt or ckpt
     tokenizer = make_tokenizer(cfg.tokenizer, lambda: train_set.texts() + answer_list, tok_source)
     del resume_ckpt
@@ -394,7 +406,8 @@ def main(args) -> int:
     if getattr(args, "predict", None):
         raise ConfigError("--predict is for the caption tasks; VQA writes vqa_<split>_result.json")
     cfg = load_config(VQAConfig, args.config, args.set)
-    result = run(cfg, checkpoint=args.checkpoint, evaluate=args.evaluate, resume=args.resume)
+    result = run(cfg, checkpoint=args.checkpoint, evaluate=args.evaluate, resume=args.resume,
+                 overwrite=getattr(args, "overwrite", False))
     return 0 if result else 1
 
 
