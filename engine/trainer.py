@@ -38,6 +38,12 @@ class OptimConfig:
     fused: Literal["auto", "on", "off"] = opt("auto", "fused AdamW kernel: auto = on for CPU and CUDA (torch has one for both; on CPU it is about 13x faster than the default per-tensor loop)")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0 = off)")
 
+    def validate(self) -> None:
+        for key in ("lr", "lr_vision"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"optim.{key} must be a finite positive number; got {value}")
+
 
 @dataclass
 class ScheduleConfig:
@@ -73,6 +79,15 @@ class TrainConfig:
             raise ValueError("train.batch_size, train.grad_accum and train.epochs must be positive")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})")
+        for key in ("log_every", "save_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be positive; got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"train.max_steps must be positive (or null = train.epochs decides); got {self.max_steps}")
+        if self.max_nan_skips < 0:
+            raise ValueError(f"train.max_nan_skips must be >= 0; got {self.max_nan_skips}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but this machine has no CUDA device; use train.device=cpu or auto")
 
 
 class NonFiniteLossError(RuntimeError):

@@ -42,6 +42,8 @@ class VLPConfig:
     text_weights: Optional[str] = opt(None, "local bert-base-uncased directory to initialise the text and fusion layers")
 
     def validate(self) -> None:
+        if self.embed_dim <= 0:
+            raise ValueError(f"model.embed_dim must be positive; got {self.embed_dim}")
         if self.queue_size < 0:
             raise ValueError(f"model.queue_size must be >= 0; got {self.queue_size}")
         if not 0.0 <= self.momentum < 1.0:
@@ -95,6 +97,14 @@ class PretrainLossConfig:
     itm: float = opt(1.0, "weight of the image-text matching loss (hard negatives)")
     mlm: float = opt(1.0, "weight of the masked language modelling loss")
     mlm_prob: float = opt(0.15, "fraction of tokens masked for MLM (80/10/10 mask/random/keep)")
+
+    def validate(self) -> None:
+        for key in ("itc", "itm", "mlm"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"loss.{key} must be a finite number >= 0; got {value}")
+        if not 0.0 < self.mlm_prob < 1.0:
+            raise ValueError(f"loss.mlm_prob must be in (0, 1) (the fraction of tokens masked); got {self.mlm_prob}")
 
 
 class VLPModel(nn.Module):

@@ -204,6 +204,17 @@ def fit_model_config(cfg, tokenizer, ckpt: Optional[dict], path: Optional[str]):
     return cfg
 
 
+def saved_run_config(cls: type, data: dict):
+    """The run config ``data`` saved in a checkpoint, as ``cls``. Its ``train.device`` describes the
+    machine that trained, not this one: it is read as ``auto`` (so that a CUDA run's checkpoint
+    loads on a machine without CUDA)."""
+    from engine.config import from_dict
+    data = dict(data)
+    if isinstance(data.get("train"), dict):
+        data["train"] = {**data["train"], "device": "auto"}
+    return from_dict(cls, data)
+
+
 def require_fraction(key: str, value: float) -> None:
     """``ValueError`` naming the config ``key`` unless 0 <= ``value`` < 1 (for ``validate()``)."""
     if not 0.0 <= value < 1.0:
