@@ -56,13 +56,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     module = importlib.import_module(TASKS[args.task][0])
+    from datasets.formats import DataError
     from engine.config import ConfigError
     from engine.distributed import cleanup
+    from engine.trainer import NonFiniteLossError
     try:
         return int(module.main(args) or 0)
-    except (ConfigError, FileNotFoundError) as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:  # bad input: the message names it
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # the run diverged: the message names the step
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         cleanup()
 

@@ -30,7 +30,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from datasets.formats import DataError
     from engine.config import ConfigError, load_config
+    from engine.trainer import NonFiniteLossError
     from tasks.pretrain import PretrainConfig, run
 
     try:
@@ -40,9 +42,12 @@ def main(argv=None) -> int:
         return 2
     try:
         run(cfg, resume=args.resume, init_from=args.init_from)
-    except FileNotFoundError as err:
+    except (ConfigError, DataError, FileNotFoundError) as err:  # bad input: the message names it
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # the run diverged: the message names the step
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         from engine.distributed import cleanup
         cleanup()

@@ -104,6 +104,8 @@ class Task(Protocol):
         """Forward on one micro-batch; returns ``loss`` (tensor) and other scalars to log."""
     def evaluate(self, model: nn.Module, epoch: int) -> Optional[dict]: ...
     def checkpoint_extra(self) -> dict: ...
+    # optional: ``log_state() -> dict`` of running counters (e.g. ``data/bad_images``), written summed
+    # over the processes into every log.jsonl line and printed at the end of the run
 
 
 @dataclass
@@ -316,6 +318,7 @@ class Trainer:
                                "lr": self.optimizer.param_groups[0]["lr"],
                                "pairs_per_s": pairs_window * self.dist.world_size / max(dt, 1e-9)}
                         rec.update(self._reduce_window(window))
+                        rec.update(self._task_state(task))
                         self._log(rec)
                         window, t_window, pairs_window = {}, time.perf_counter(), 0
                     stop_now = self._stop_requested(stop)
@@ -323,6 +326,7 @@ class Trainer:
                         self.save(task)
                     if stop_now:
                         bar.close()
+                        self._report_task_state(task)
                         if self.dist.is_main:
                             print(f"stopped by signal at step {st.global_step}; checkpoint saved to "
                                   f"{self.out_dir / 'checkpoint_last.pth'}; continue with --resume {self.out_dir}", flush=True)
@@ -340,7 +344,24 @@ class Trainer:
                 if not epoch_done:
                     break
         bar.close()
+        self._report_task_state(task)
         return st
+
+    def _task_state(self, task: Task) -> dict:
+        """``task.log_state()`` (when the task has it) summed over the processes (collective)."""
+        fn = getattr(task, "log_state", None)
+        state = fn() if fn is not None else {}
+        if not state:
+            return {}
+        keys = sorted(state)
+        total = D.all_reduce_sum(torch.tensor([float(state[k]) for k in keys], dtype=torch.float64))
+        return {k: (int(v) if float(v).is_integer() else v) for k, v in zip(keys, total.tolist())}
+
+    def _report_task_state(self, task: Task) -> None:
+        state = self._task_state(task)
+        if state and self.dist.is_main:
+            print("end of training: " + ", ".join(f"{k} {v}" for k, v in state.items())
+                  + (" (summed over the processes)" if self.dist.world_size > 1 else ""), flush=True)
 
     def _after_epoch(self, task: Task, metrics: Optional[dict], metric_key: Optional[str], epoch_done: bool = True) -> None:
         st = self.state
