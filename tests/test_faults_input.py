@@ -372,3 +372,50 @@ def test_bad_images_logged_with_the_step_and_reported_at_the_end(world, tmp_path
     assert len(warned) == 1, [r.getMessage() for r in warned]
     assert json.loads((tmp_path / "out" / "log.jsonl").read_text().splitlines()[-1])
 
+
+# ----------------------------------------------------------------------------- diverging runs
+def test_cli_diverging_run_stops_naming_the_step(world, tmp_path):
+    res = _cli("run_pretrain.py", "--config", str(DEMO), "--set",
+               *tiny_overrides(world, tmp_path / "out", **{"optim.lr": 1000, "optim.lr_vision": 1000,
+                                                           "schedule.warmup_steps": 0, "train.epochs": 4}))
+    line = _one_line_error(res, 1, "non-finite loss at step", "train.nan_policy")
+    assert "sample_hard_negatives" not in line
+
+
+def _nan_images_at(monkeypatch, step: int) -> None:
+    """The images of optimiser step ``step`` (0-based) become NaN, as a diverging encoder's features would."""
+    from tasks.pretrain import PretrainTask
+    real = PretrainTask.train_batches
+
+    def poisoned(self, epoch, start_step):
+        for group in real(self, epoch, start_step):
+            self._groups = getattr(self, "_groups", 0) + 1
+            if self._groups == step + 1:
+                for b in group:
+                    b["image"] = torch.full_like(b["image"], float("nan"))
+            yield group
+
+    monkeypatch.setattr(PretrainTask, "train_batches", poisoned)
+
+
+def test_non_finite_features_stop_naming_the_step(world, tmp_path, monkeypatch):
+    from engine.trainer import NonFiniteLossError
+    from tasks.pretrain import run
+    _nan_images_at(monkeypatch, 2)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 2 \(epoch 0\)"):
+        run(load_config(PretrainConfig, DEMO, tiny_overrides(world, tmp_path / "out")))
+
+
+def test_non_finite_features_skip_the_step_and_training_goes_on(world, tmp_path, monkeypatch):
+    import math
+    from tasks.pretrain import run
+    from tests.pretrain_helpers import read_log
+    _nan_images_at(monkeypatch, 2)
+    state = run(load_config(PretrainConfig, DEMO, tiny_overrides(world, tmp_path / "out", **{"train.nan_policy": "skip"})))
+    assert state.global_step == 12
+    log = [r for r in read_log(tmp_path / "out") if "loss" in r]
+    assert [r["step"] for r in log if r.get("nan_skipped")] == [3]
+    # the skipped step left no NaN in the queue: every later step is finite
+    assert all(math.isfinite(r["loss"]) for r in log if r["step"] != 3)
+    ckpt = torch.load(tmp_path / "out" / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values() if v.is_floating_point())
