@@ -59,14 +59,19 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     module = importlib.import_module(TASKS[args.task][0])
+    from datasets.formats import DataError
     from engine.checkpoint import CheckpointError, CheckpointWriteError, disk_full_message
     from engine.config import ConfigError
     from engine.distributed import cleanup
+    from engine.trainer import NonFiniteLossError
     try:
         return int(module.main(args) or 0)
-    except (CheckpointError, ConfigError, FileNotFoundError) as err:
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError) as err:  # bad input: the message names it
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # the run diverged: the message names the step
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except OSError as err:  # a full disk: one line naming the file and the free space
         message = str(err) if isinstance(err, CheckpointWriteError) else disk_full_message(err, None)
         if message is None:

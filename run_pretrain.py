@@ -33,8 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from datasets.formats import DataError
     from engine.checkpoint import CheckpointError
     from engine.config import ConfigError, load_config
+    from engine.trainer import NonFiniteLossError
     from tasks.pretrain import PretrainConfig, run
 
     try:
@@ -45,9 +47,12 @@ def main(argv=None) -> int:
     from engine.checkpoint import CheckpointWriteError, disk_full_message
     try:
         run(cfg, resume=args.resume, init_from=args.init_from, overwrite=args.overwrite)
-    except (CheckpointError, FileNotFoundError, ConfigError) as err:
+    except (CheckpointError, ConfigError, DataError, FileNotFoundError) as err:  # bad input: the message names it
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as err:  # the run diverged: the message names the step
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except OSError as err:  # a full disk: one line naming the file and the free space
         message = str(err) if isinstance(err, CheckpointWriteError) else disk_full_message(err, cfg.train.output_dir)
         if message is None:

@@ -151,4 +151,6 @@ class CaptionTrainCollator:
         labels[:, :self.prompt_len] = -100
         return {"image": torch.stack([s["image"] for s in samples]), "input_ids": ids, "attention_mask": mask,
                 "labels": labels, "n_bad": sum(int(s.get("n_bad", 0)) for s in samples),
+                "bad_images": [f for s in samples for f in s.get("bad_images", ())],
+                "failed": any(s.get("failed", False) for s in samples),
                 "index": torch.tensor([int(s["index"]) for s in samples], dtype=torch.long)}

@@ -5,29 +5,34 @@ Reproducibility: every random choice for a sample (caption pick, augmentation, M
 ``sample_seed(seed, epoch, index)``, so a run gives the same samples whatever the number of loader
 workers or processes, the order of access, or a resume in the middle of an epoch.
 
-Bad images: ``PretrainDataset`` skips an image that cannot be loaded (warning once per path and
-process on the ``"datasets"`` logger), substitutes the next record and reports the count in the
-sample's ``n_bad`` (summed by the collator). Deciding when too many images are bad is the trainer's
-job: it sums ``n_bad`` over the run and stops past its own threshold.
+Bad images: ``PretrainDataset`` skips an image that cannot be loaded (missing, truncated, undecodable,
+or more pixels than ``max_image_pixels``) and substitutes another record (see
+:func:`load_image_or_substitute`); the sample's ``bad_images`` lists the ``(path, reason)`` of every
+failed try, and ``n_bad`` their number (the collator concatenates and sums them). Deciding when too
+many images are bad, and warning once per image, is the training loop's job (``tasks.common.BadImageCheck``
+counts the distinct paths in the main process, whatever the number of loader workers).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import math
 import os
 import random
-from typing import Any, Callable, Sequence
+import warnings
+from typing import IO, Any, Callable, Optional, Sequence
 
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset
 
 from .text import mask_tokens, pre_caption
 from .transforms import apply_seeded
 
-__all__ = ["sample_seed", "derive_seed", "read_json", "read_annotations", "ImageLoadError", "load_image",
-           "load_image_or_next", "PretrainDataset", "PretrainCollator"]
+__all__ = ["sample_seed", "derive_seed", "DataError", "TooManyBadImagesError", "read_json", "read_annotations",
+           "DEFAULT_MAX_IMAGE_PIXELS", "ImageLoadError", "load_image", "load_image_or_substitute", "placeholder_image",
+           "PretrainDataset", "PretrainCollator"]
 
 logger = logging.getLogger("datasets")
 PathLike = str | os.PathLike
@@ -58,18 +63,72 @@ def _type_names(types: type | tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
 
 
+class DataError(ValueError):
+    """Bad training or evaluation data: an annotation file or record that cannot be used, or too many
+    images that cannot be loaded. The message is one line naming the file and the record (or the
+    config key to check); the command-line entry points print it and exit with status 2."""
+
+
+class TooManyBadImagesError(DataError, RuntimeError):
+    """More images failed to load than ``data.max_bad_fraction`` allows (a ``RuntimeError`` too: the
+    run stops)."""
+
+
+_JSON_TYPES = {dict: "object", list: "list", str: "string", int: "integer", float: "number", bool: "boolean",
+               type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _record_at(text: str, pos: int) -> Optional[int]:
+    """The index of the element of the top-level JSON list ``text`` that spans character ``pos`` (or
+    the first that does not parse before it); None when ``text`` is not a list."""
+    i = len(text) - len(text.lstrip())
+    if not text.startswith("[", i):
+        return None
+    decoder, n, i = json.JSONDecoder(), 0, i + 1
+    while True:
+        while i < len(text) and (text[i].isspace() or text[i] == ","):
+            i += 1
+        if i >= len(text) or text[i] == "]":
+            return n
+        try:
+            _, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return n
+        if end > pos:
+            return n
+        i, n = end, n + 1
+
+
 def read_json(path: PathLike, what: str, hint: str = "") -> Any:
     """The parsed content of the JSON file ``path``; ``what`` names the file in the errors
     (``"VQA answer list"``, ...). Raises ``FileNotFoundError`` ("<what> not found: <path>", followed by
-    ``hint`` when given, e.g. where to get the data) and ``ValueError`` for invalid JSON."""
+    ``hint`` when given, e.g. where to get the data) and :class:`DataError` (a ``ValueError``) for a
+    file that is not UTF-8 (e.g. Latin-1 bytes) or not valid JSON (e.g. truncated), naming the byte or
+    line and, for a JSON list, the record. A UTF-8 byte-order mark is accepted."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} not found: {path!r}" + (f". {hint}" if hint else ""))
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{what} {path!r} is not valid JSON: {e}") from e
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        record = _record_at(raw.decode("utf-8", "replace"), len(raw[:e.start].decode("utf-8", "replace")))
+        where = f", record {record}" if record is not None else ""
+        raise DataError(f"{what} {path!r} is not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} "
+                        f"(line {line}{where}); JSON files must be UTF-8 (convert it, e.g. with "
+                        "iconv -f latin1 -t utf-8)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        record = _record_at(text, e.pos)
+        where = f" (record {record} does not parse)" if record is not None else ""
+        raise DataError(f"{what} {path!r} is not valid JSON{where}: {e}; a truncated or partly written file?") from None
 
 
 def read_annotations(paths: PathLike | Sequence[PathLike], required: dict[str, type | tuple[type, ...]],
@@ -78,8 +137,9 @@ def read_annotations(paths: PathLike | Sequence[PathLike], required: dict[str, t
 
     ``required`` maps each key every record must have to its allowed type(s). Raises
     ``FileNotFoundError`` naming the file (followed by ``hint``, e.g. where to get the data), and
-    ``ValueError`` naming the file (and the record index and key) for invalid JSON, a file that is
-    not a JSON list, a record that is not an object, a missing key or a value of the wrong type.
+    :class:`DataError` (a ``ValueError``) naming the file (and the record index and key) for a file
+    that is not UTF-8 or not valid JSON, a file that is not a JSON list, a record that is not an object,
+    a missing key or a value of the wrong type (``null`` included).
     Each returned record gains ``"_source"``: the path of its file.
     """
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
@@ -87,25 +147,31 @@ def read_annotations(paths: PathLike | Sequence[PathLike], required: dict[str, t
     for path in map(os.fspath, paths):
         data = read_json(path, f"{kind} annotation file", hint)
         if not isinstance(data, list):
-            raise ValueError(f"{kind} annotation file {path!r} must hold a JSON list of records, "
-                             f"found a JSON {type(data).__name__}")
+            raise DataError(f"{kind} annotation file {path!r} must hold a JSON list of records, "
+                            f"found a JSON {_json_type(data)}")
         for i, rec in enumerate(data):
             if not isinstance(rec, dict):
-                raise ValueError(f"{path!r} record {i}: expected a JSON object, found {type(rec).__name__}")
+                raise DataError(f"{path!r} record {i}: expected a JSON object, found a {_json_type(rec)}")
             for key, types in required.items():
                 if key not in rec:
-                    raise ValueError(f"{path!r} record {i}: missing key {key!r} (a {kind} record needs "
-                                     f"{sorted(required)})")
+                    raise DataError(f"{path!r} record {i}: missing key {key!r} (a {kind} record needs "
+                                    f"{sorted(required)})")
                 if not _type_ok(rec[key], types):
-                    raise ValueError(f"{path!r} record {i}: key {key!r} must be {_type_names(types)}, "
-                                     f"found {type(rec[key]).__name__}")
+                    raise DataError(f"{path!r} record {i}: key {key!r} must be {_type_names(types)}, "
+                                    f"found {_json_type(rec[key])}")
             rec["_source"] = path
             records.append(rec)
     return records
 
 
+# PIL's decompression-bomb warning limit (Image.MAX_IMAGE_PIXELS, about 89 MP, 0.27 GB as RGB);
+# PIL itself refuses images over twice as many pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
 class ImageLoadError(OSError):
-    """An image file that is missing, truncated or cannot be decoded."""
+    """An image file that is missing, truncated, too large or cannot be decoded."""
 
     def __init__(self, path: PathLike, reason: str):
         super().__init__(f"cannot load image {os.fspath(path)!r}: {reason}")
@@ -115,38 +181,102 @@ class ImageLoadError(OSError):
         return type(self), (self.path, self.reason)
 
 
-def load_image(path: PathLike) -> Image.Image:
-    """Open and fully decode an image as RGB; raise :class:`ImageLoadError` if that fails."""
+def _reduce_on_open(img: Image.Image, min_side: int) -> None:
+    """JPEG only: decode at the largest DCT scale (1/2, 1/4, 1/8) whose shorter side stays >= ``min_side``
+    (``Image.draft``). Images that are not at least twice that large are left alone."""
+    if img.format != "JPEG":
+        return
+    w, h = img.size
+    short = min(w, h)
+    if short >= 2 * min_side:
+        scale = min_side / short
+        img.draft(img.mode, (math.ceil(w * scale), math.ceil(h * scale)))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB; 16-bit (and 32-bit integer) grayscale is scaled to 8 bits rather than clipped."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        img = img.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    return img.convert("RGB")
+
+
+def load_image(path: PathLike | IO[bytes], max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+               min_side: Optional[int] = None, name: Optional[str] = None) -> Image.Image:
+    """Open and fully decode an image as upright 8-bit RGB; raise :class:`ImageLoadError` if that fails.
+
+    ``path``: a file, or a binary file object (then ``name`` names it in errors). The EXIF orientation
+    is applied (``ImageOps.exif_transpose``); 16-bit grayscale (PNG mode ``I;16``, ``I``) is scaled to
+    8 bits. ``min_side``: a JPEG whose shorter side is at least twice this is decoded reduced (1/2,
+    1/4 or 1/8) to the smallest size whose shorter side stays >= ``min_side`` (other images decode
+    unchanged). ``max_pixels``: an image that would still decode to more pixels is refused before
+    decoding (``None`` = no bound beyond PIL's own)."""
+    label = name if name is not None else os.fspath(path)
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():  # the bound below decides, not PIL's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            if min_side:
+                _reduce_on_open(img, min_side)
+            w, h = img.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise ImageLoadError(label, f"{w} x {h} = {w * h} pixels to decode, more than "
+                                            f"data.max_image_pixels={max_pixels}")
             img.load()  # force a full decode so truncated files fail here, not in a transform
-            return img.convert("RGB")
+            if img.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except ImageLoadError:
+        raise
     except FileNotFoundError:
-        raise ImageLoadError(path, "file not found") from None
+        raise ImageLoadError(label, "file not found") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(path, f"{type(e).__name__}: {e}") from e
+        raise ImageLoadError(label, f"{type(e).__name__}: {e}") from e
 
 
-def load_image_or_next(index: int, count: int, path_of: Callable[[int], str], max_bad_retries: int,
-                       warned: set[str]) -> tuple[Image.Image, int, int]:
+def _coprime_stride(count: int, rng: random.Random) -> int:
+    stride = rng.randrange(1, count)
+    while math.gcd(stride, count) != 1:
+        stride = stride % (count - 1) + 1
+    return stride
+
+
+def load_image_or_substitute(index: int, count: int, path_of: Callable[[int], str], seed: int,
+                             max_failures: Optional[int] = None, **load_kwargs: Any
+                             ) -> tuple[Optional[Image.Image], int, list[tuple[str, str]]]:
     """Load the image of record ``index`` of ``count`` records (``path_of(record)`` is its file); when it
-    cannot be loaded, try the next records (wrapping around), at most ``max_bad_retries`` more times.
+    cannot be loaded, try substitute records until one loads. ``load_kwargs`` go to :func:`load_image`.
 
-    Each unreadable file is warned about once (on the ``"datasets"`` logger) per ``warned`` set, which
-    the caller keeps (one per dataset and process). Returns ``(image, record used, images skipped)``;
-    raises ``RuntimeError`` naming the files when every try failed."""
-    tried: list[str] = []
-    for attempt in range(max_bad_retries + 1):
-        used = (index + attempt) % count
+    The substitutes follow a walk through all records with a stride coprime to ``count``, both drawn
+    from ``seed`` (the sample seed): deterministic, each record at most once, and scattered, so that
+    a run of adjacent bad files is not tried in a row (each try is bad with about the dataset's
+    bad fraction, which keeps the count of failures an unbiased sample of it).
+
+    Returns ``(image, record used, failures)``, ``failures`` the ``(path, reason)`` of every failed try.
+    Gives up, returning ``(None, index, failures)``, once every record was tried or more than
+    ``max_failures`` distinct files failed in this call. Logs nothing: the caller counts and warns."""
+    failures: list[tuple[str, str]] = []
+    distinct: set[str] = set()
+    used, stride = index, 0
+    for attempt in range(count):
+        if attempt == 1:
+            stride = _coprime_stride(count, random.Random(derive_seed(seed, "substitute")))
+        used = (index + attempt * stride) % count
         path = path_of(used)
         try:
-            return load_image(path), used, len(tried)
+            return load_image(path, **load_kwargs), used, failures
         except ImageLoadError as e:
-            tried.append(path)
-            if path not in warned:
-                warned.add(path)
-                logger.warning("skipping unreadable image %s (%s)", path, e.reason)
-    raise RuntimeError(f"{len(tried)} images in a row failed to load from index {index}: {tried}")
+            failures.append((path, e.reason))
+            distinct.add(path)
+            if max_failures is not None and len(distinct) > max_failures:
+                break
+    return None, index, failures
+
+
+def placeholder_image(size: int) -> Image.Image:
+    """A black square that stands in for a sample whose image and substitutes all failed: the
+    bad-image check stops the run before such a batch is used."""
+    return Image.new("RGB", (max(1, size), max(1, size)))
 
 
 class PretrainDataset(Dataset):
@@ -156,27 +286,36 @@ class PretrainDataset(Dataset):
     records whose captions are all empty afterwards are dropped with one warning per file. Every
     unique image path gets an ``image_idx`` (captions of one image are never each other's negatives).
     ``__getitem__`` returns ``image`` (tensor), ``caption`` (str), ``image_idx``, ``index`` (the
-    record actually used), ``seed`` (the sample seed, for the collator's masking) and ``n_bad``.
-    A list caption picks one caption from the sample seed; the transform runs under
-    :func:`apply_seeded`. A failing image is replaced by the next record, at most ``max_bad_retries``
-    times, then ``RuntimeError``; see the module docstring for who decides when there are too many.
+    record actually used), ``seed`` (the sample seed, for the collator's masking), ``bad_images`` and
+    ``n_bad`` (the failed tries). A list caption picks one caption from the sample seed; the transform
+    runs under :func:`apply_seeded`. A failing image is replaced by a substitute record
+    (:func:`load_image_or_substitute`); when more than ``max_bad_fraction`` of all images failed
+    within one sample (or every record), the sample is a black placeholder with ``failed`` True,
+    which the bad-image check stops on. ``max_image_pixels`` and ``decode_min_side`` bound the decode
+    (see :func:`load_image`).
     """
 
     def __init__(self, files: PathLike | Sequence[PathLike], image_root: PathLike, transform: Callable,
-                 max_words: int = 30, clean_style: str = "albef", seed: int = 0, max_bad_retries: int = 10,
-                 hint: str = ""):
+                 max_words: int = 30, clean_style: str = "albef", seed: int = 0, max_bad_fraction: float = 1.0,
+                 hint: str = "", max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 decode_min_side: Optional[int] = None):
         records = read_annotations(files, {"image": str, "caption": (str, list)}, "pre-training", hint)
-        self.transform, self.seed, self.max_bad_retries, self.epoch = transform, seed, max_bad_retries, 0
+        self.transform, self.seed, self.epoch = transform, seed, 0
+        self.load_kwargs = {"max_pixels": max_image_pixels, "min_side": decode_min_side}
         self.items: list[tuple[str, list[str], int]] = []  # (image path, cleaned captions, image_idx)
         self.image_ids: dict[str, int] = {}
         dropped: dict[str, list[int]] = {}  # file -> [records dropped, empty captions removed from lists]
+        counters: dict[str, int] = {}
         for rec in records:
+            src = rec["_source"]
+            i = counters[src] = counters.get(src, -1) + 1
             raw = rec["caption"] if isinstance(rec["caption"], list) else [rec["caption"]]
-            if not all(isinstance(c, str) for c in raw):
-                raise ValueError(f"{rec['_source']!r}, record of image {rec['image']!r}: key 'caption' must be a "
-                                 "string or a list of strings")
+            bad = next((j for j, c in enumerate(raw) if not isinstance(c, str)), None)
+            if bad is not None:
+                raise DataError(f"{src!r} record {i} (image {rec['image']!r}): key 'caption' must be a string or "
+                                f"a list of strings; caption {bad} is a {_json_type(raw[bad])}")
             captions = [c for c in (pre_caption(c, max_words, clean_style) for c in raw) if c]
-            counts = dropped.setdefault(rec["_source"], [0, 0])
+            counts = dropped.setdefault(src, [0, 0])
             if not captions:
                 counts[0] += 1
                 continue
@@ -188,8 +327,10 @@ class PretrainDataset(Dataset):
                 logger.warning("%s: dropped %d record(s) whose caption is empty after %s cleaning and %d empty "
                                "caption(s) from caption lists", source, n_rec, clean_style, n_cap)
         if not self.items:
-            raise ValueError(f"no usable pre-training records in {files!r}")
-        self._warned: set[str] = set()
+            raise DataError(f"no usable pre-training records in {files!r}")
+        # one sample gives up when its failed tries alone exceed the allowed bad fraction of all images
+        self.max_failures = int(max_bad_fraction * len(self.image_ids))
+        self.placeholder_size = decode_min_side or 1
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose augmentation, caption choice and masking ``__getitem__`` produces."""
@@ -210,13 +351,18 @@ class PretrainDataset(Dataset):
         index = int(index)
         if not 0 <= index < len(self.items):
             raise IndexError(f"index {index} out of range for {len(self.items)} records")
-        image, used, n_bad = load_image_or_next(index, len(self.items), self.image_path, self.max_bad_retries,
-                                                self._warned)
+        image, used, failures = load_image_or_substitute(index, len(self.items), self.image_path,
+                                                         sample_seed(self.seed, self.epoch, index),
+                                                         self.max_failures, **self.load_kwargs)
         _, captions, image_idx = self.items[used]
         seed = sample_seed(self.seed, self.epoch, used)
         caption = captions[random.Random(derive_seed(seed, "caption")).randrange(len(captions))]
+        failed = image is None
+        if failed:
+            image = placeholder_image(self.placeholder_size)
         return {"image": apply_seeded(self.transform, image, derive_seed(seed, "augment")), "caption": caption,
-                "image_idx": image_idx, "index": used, "seed": seed, "n_bad": n_bad}
+                "image_idx": image_idx, "index": used, "seed": seed, "bad_images": failures, "n_bad": len(failures),
+                "failed": failed}
 
 
 class PretrainCollator:
@@ -251,5 +397,7 @@ class PretrainCollator:
             "image_idx": torch.tensor([s["image_idx"] for s in samples], dtype=torch.long),
             "index": torch.tensor([s["index"] for s in samples], dtype=torch.long),
             "n_bad": sum(int(s["n_bad"]) for s in samples),
+            "bad_images": [f for s in samples for f in s.get("bad_images", ())],
+            "failed": any(s.get("failed", False) for s in samples),
             "captions": captions,
         }

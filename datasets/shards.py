@@ -53,7 +53,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .formats import ImageLoadError, derive_seed, read_annotations, sample_seed
+from .formats import ImageLoadError, derive_seed, load_image, placeholder_image, read_annotations, sample_seed
 from .text import pre_caption
 from .transforms import apply_seeded
 
@@ -342,12 +342,7 @@ def plan_epoch(infos: Sequence[ShardInfo], epoch: int, seed: int, num_samples: i
 # ----------------------------------------------------------------------------- reader
 def _decode_image(data: bytes, name: str) -> Image.Image:
     """Fully decode image bytes as RGB (as ``load_image`` does for files)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(name, f"{type(e).__name__}: {e}") from e
+    return load_image(io.BytesIO(data), name=name)
 
 
 class ShardPretrainDataset(IterableDataset):
@@ -362,15 +357,16 @@ class ShardPretrainDataset(IterableDataset):
     ``steps_per_epoch() * grad_accum`` micro-batches per epoch, whatever the shard sizes.
 
     A sample whose image is missing, cannot be decoded, or whose captions are all empty after
-    cleaning is skipped with a warning and replaced by the worker's previous good sample (or the next
-    one, at the start), which carries ``n_bad = 1``: the counts stay exact and the trainer sums
-    ``n_bad`` as for the JSON reader. More than ``max_bad_retries`` bad samples in a row raise
-    ``RuntimeError``. A damaged tar counts its unreadable rest as bad samples.
+    cleaning is skipped and replaced by the worker's previous good sample (or the next one, at the
+    start), which carries ``n_bad = 1`` and ``bad_images = [(sample name, reason)]``, as the JSON
+    reader's samples do: the training loop's bad-image check counts and warns (once per sample). When
+    every sample of a loader worker is bad, its samples are black placeholders with ``failed`` True,
+    which the check stops on. A damaged tar counts its unreadable rest as bad samples.
     """
 
     def __init__(self, shards: str | Sequence[str], transform: Callable, max_words: int = 30,
                  clean_style: str = "albef", seed: int = 0, shuffle_buffer: int = 1000,
-                 num_samples: Optional[int] = None, max_bad_retries: int = 10) -> None:
+                 num_samples: Optional[int] = None) -> None:
         self.paths = expand_shard_patterns(shards)
         self.infos = read_shard_infos(self.paths)
         self.total = self.infos[-1].first + self.infos[-1].num_samples
@@ -379,7 +375,7 @@ class ShardPretrainDataset(IterableDataset):
             raise ValueError(f"data.shards_num_samples={num_samples} must be in [1, {self.total}] "
                              f"(the shards hold {self.total} samples)")
         self.transform, self.max_words, self.clean_style, self.seed = transform, max_words, clean_style, seed
-        self.shuffle_buffer, self.max_bad_retries = shuffle_buffer, max_bad_retries
+        self.shuffle_buffer = shuffle_buffer
         self.global_batch, self.grad_accum, self.rank, self.world = 0, 1, 0, 1
         self.epoch, self.start_step = 0, 0
         self._firsts = [i.first for i in self.infos]
@@ -506,8 +502,7 @@ class ShardPretrainDataset(IterableDataset):
         pending: dict[int, tuple[str, Optional[dict[str, bytes]]]] = {}
         stream = self._raw_stream(plan, needed)
         last_good: Optional[dict] = None
-        owed = 0       # bad samples not yet replaced (at the start of the stream)
-        in_a_row = 0
+        owed: list[tuple[int, tuple[str, str]]] = []  # bad samples not yet replaced (at the start of the stream)
         for idx in plan:
             while idx not in pending:
                 try:
@@ -521,24 +516,22 @@ class ShardPretrainDataset(IterableDataset):
                     raise ImageLoadError(name, "unreadable (damaged tar)")
                 sample = self._sample(idx, name, parts)
             except (ImageLoadError, ValueError, UnicodeDecodeError) as e:
-                in_a_row += 1
-                logger.warning("skipping bad shard sample %s: %s", name, e)
-                if in_a_row > self.max_bad_retries:
-                    raise RuntimeError(f"{in_a_row} shard samples in a row were bad, the last {name}; "
-                                       "check the shards (the warnings above name them)") from e
+                failure = (name, e.reason if isinstance(e, ImageLoadError) else f"{type(e).__name__}: {e}")
                 if last_good is None:
-                    owed += 1
+                    owed.append((idx, failure))
                 else:
-                    yield {**last_good, "n_bad": 1}
+                    yield {**last_good, "n_bad": 1, "bad_images": [failure]}
                 continue
-            in_a_row = 0
             yield sample
-            for _ in range(owed):
-                yield {**sample, "n_bad": 1}
-            owed = 0
+            for _, failure in owed:
+                yield {**sample, "n_bad": 1, "bad_images": [failure]}
+            owed = []
             last_good = sample
-        if owed:
-            raise RuntimeError(f"every shard sample of this loader worker was bad ({owed})")
+        for idx, failure in owed:  # every sample of this worker was bad
+            seed = sample_seed(self.seed, self.epoch, idx)
+            yield {"image": apply_seeded(self.transform, placeholder_image(1), derive_seed(seed, "augment")),
+                   "caption": "", "image_idx": idx, "index": idx, "seed": seed, "n_bad": 1,
+                   "bad_images": [failure], "failed": True, "image_name": failure[0]}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,6 +1,7 @@
 """Image transforms (train / eval) and seeded application for per-sample reproducible augmentation."""
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 from typing import Callable
@@ -10,8 +11,10 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-__all__ = ["TransformConfig", "build_transform", "apply_seeded"]
+__all__ = ["TransformConfig", "build_transform", "decode_min_side", "apply_seeded"]
 
+# torchvision RandomResizedCrop's default aspect-ratio range is (3/4, 4/3): the narrowest crop
+RRC_MIN_ASPECT = 3.0 / 4.0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _INTERPOLATIONS = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
@@ -51,6 +54,17 @@ def build_transform(img_size: int, train: bool, cfg: TransformConfig | None = No
         steps = [T.Resize((img_size, img_size), interpolation=interp)]
     steps += [T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
     return T.Compose(steps)
+
+
+def decode_min_side(img_size: int, train: bool, cfg: TransformConfig | None = None) -> int:
+    """The shorter image side a decode must keep for :func:`build_transform` to lose no detail (a JPEG
+    much larger than this may be decoded reduced, see ``datasets.formats.load_image``). Eval resizes
+    to ``img_size``; training's smallest random crop (area ``scale_min``, aspect ratio down to 3/4)
+    must still span ``img_size`` pixels."""
+    if not train:
+        return img_size
+    cfg = cfg or TransformConfig()
+    return math.ceil(img_size / math.sqrt(cfg.scale_min * RRC_MIN_ASPECT))
 
 
 def apply_seeded(transform: Callable, img, seed: int):

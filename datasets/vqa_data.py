@@ -23,7 +23,8 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .formats import ImageLoadError, load_image, load_image_or_next, read_annotations, read_json, sample_seed
+from .formats import (DEFAULT_MAX_IMAGE_PIXELS, DataError, ImageLoadError, load_image, load_image_or_substitute,
+                      placeholder_image, read_annotations, read_json, sample_seed)
 from .text import pre_question, tokenizer_from_state, tokenizer_state
 from .transforms import apply_seeded
 
@@ -41,7 +42,8 @@ def read_vqa(paths: PathLike | Sequence[PathLike], require_answers: bool, hint: 
     """Read and validate VQA records (files concatenated). ``dataset`` defaults to ``"vqa"``; with
     ``require_answers`` every record needs a non-empty ``answer`` (list of strings, or one string).
 
-    Raises ``FileNotFoundError`` / ``ValueError`` naming the file, record index and key."""
+    Raises ``FileNotFoundError`` / :class:`~datasets.formats.DataError` (a ``ValueError``) naming the
+    file, record index and key."""
     records = read_annotations(paths, {"question_id": int, "question": str, "image": str}, "VQA", hint)
     counters: dict[str, int] = {}
     for rec in records:
@@ -49,15 +51,15 @@ def read_vqa(paths: PathLike | Sequence[PathLike], require_answers: bool, hint: 
         i = counters[src] = counters.get(src, -1) + 1
         rec.setdefault("dataset", "vqa")
         if rec["dataset"] not in ("vqa", "vg"):
-            raise ValueError(f"{src!r} record {i}: key 'dataset' must be 'vqa' or 'vg', found {rec['dataset']!r}")
+            raise DataError(f"{src!r} record {i}: key 'dataset' must be 'vqa' or 'vg', found {rec['dataset']!r}")
         if "answer" in rec:
             ans = rec["answer"]
             ans = [ans] if isinstance(ans, str) else ans
             if not isinstance(ans, list) or not all(isinstance(a, str) for a in ans):
-                raise ValueError(f"{src!r} record {i}: key 'answer' must be a list of strings (or one string)")
+                raise DataError(f"{src!r} record {i}: key 'answer' must be a list of strings (or one string)")
             rec["answer"] = ans
         if require_answers and not rec.get("answer"):
-            raise ValueError(f"{src!r} record {i} (question_id {rec['question_id']}): no answers; training needs "
+            raise DataError(f"{src!r} record {i} (question_id {rec['question_id']}): no answers; training needs "
                              "the annotators' answers (key 'answer')")
     return records
 
@@ -67,10 +69,10 @@ def read_answer_list(path: PathLike, hint: str = VQA_HINT) -> list[str]:
     path = os.fspath(path)
     answers = read_json(path, "VQA answer list", hint)
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise ValueError(f"VQA answer list {path!r} must be a non-empty JSON list of strings")
+        raise DataError(f"VQA answer list {path!r} must be a non-empty JSON list of strings")
     dup = [a for a, n in Counter(answers).items() if n > 1]
     if dup:
-        raise ValueError(f"VQA answer list {path!r} repeats answers: {dup[:5]}")
+        raise DataError(f"VQA answer list {path!r} repeats answers: {dup[:5]}")
     return answers
 
 
@@ -85,10 +87,12 @@ def answer_targets(answers: Sequence[str], dataset: str = "vqa", vg_answer_weigh
 
 class _VQADatasetBase(Dataset):
     def __init__(self, records: list[dict], image_root: PathLike, transform: Callable, max_words: int,
-                 vg_image_root: Optional[PathLike] = None) -> None:
+                 vg_image_root: Optional[PathLike] = None,
+                 max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.records, self.transform, self.max_words = records, transform, max_words
         self.image_root, self.vg_image_root = os.fspath(image_root), os.fspath(vg_image_root or image_root)
         self.questions = [pre_question(r["question"], max_words) for r in records]
+        self.load_kwargs: dict = {"max_pixels": max_image_pixels}
 
     def __len__(self) -> int:
         return len(self.records)
@@ -101,16 +105,23 @@ class _VQADatasetBase(Dataset):
 
 class VQATrainDataset(_VQADatasetBase):
     """Training questions with ALBEF's answer targets. Augmentation is seeded per sample; an image
-    that cannot be loaded is replaced by the next record (at most ``max_bad_retries`` times, warned
-    once per path) and counted in the sample's ``n_bad``."""
+    that cannot be loaded is replaced by a substitute record
+    (:func:`~datasets.formats.load_image_or_substitute`) and the sample's ``bad_images`` / ``n_bad``
+    list / count the failed tries; a sample whose tries alone exceed ``max_bad_fraction`` of all images
+    is a placeholder with ``failed`` True (the bad-image check stops the run on it).
+    ``max_image_pixels`` and ``decode_min_side`` bound the decode (see :func:`~datasets.formats.load_image`)."""
 
     def __init__(self, records: list[dict], image_root: PathLike, transform: Callable, max_words: int = 35,
                  seed: int = 0, vg_answer_weight: float = 0.5, vg_image_root: Optional[PathLike] = None,
-                 max_bad_retries: int = 10) -> None:
-        super().__init__(records, image_root, transform, max_words, vg_image_root)
-        self.seed, self.epoch, self.max_bad_retries = seed, 0, max_bad_retries
+                 max_bad_fraction: float = 1.0, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 decode_min_side: Optional[int] = None) -> None:
+        super().__init__(records, image_root, transform, max_words, vg_image_root, max_image_pixels)
+        self.seed, self.epoch = seed, 0
+        self.load_kwargs["min_side"] = decode_min_side
         self.targets = [answer_targets(r["answer"], r["dataset"], vg_answer_weight) for r in records]
-        self._warned: set[str] = set()
+        self.num_images = len({self.image_path(i) for i in range(len(records))})  # distinct image files
+        self.max_failures = int(max_bad_fraction * self.num_images)
+        self.placeholder_size = decode_min_side or 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -120,12 +131,17 @@ class VQATrainDataset(_VQADatasetBase):
         return self.questions + [a for ans, _ in self.targets for a in ans]
 
     def __getitem__(self, index: int) -> dict:
-        image, used, n_bad = load_image_or_next(int(index), len(self.records), self.image_path,
-                                                self.max_bad_retries, self._warned)
+        image, used, failures = load_image_or_substitute(int(index), len(self.records), self.image_path,
+                                                         sample_seed(self.seed, self.epoch, int(index)),
+                                                         self.max_failures, **self.load_kwargs)
+        failed = image is None
+        if failed:
+            image = placeholder_image(self.placeholder_size)
         seed = sample_seed(self.seed, self.epoch, used)
         answers, weights = self.targets[used]
         return {"image": apply_seeded(self.transform, image, seed), "question": self.questions[used],
-                "answers": answers, "weights": weights, "index": used, "n_bad": n_bad}
+                "answers": answers, "weights": weights, "index": used, "bad_images": failures,
+                "n_bad": len(failures), "failed": failed}
 
 
 class VQAEvalDataset(_VQADatasetBase):
@@ -134,9 +150,9 @@ class VQAEvalDataset(_VQADatasetBase):
     def __getitem__(self, index: int) -> dict:
         rec = self.records[int(index)]
         try:
-            image = load_image(self.image_path(int(index)))
+            image = load_image(self.image_path(int(index)), **self.load_kwargs)
         except ImageLoadError as e:
-            raise ValueError(f"{rec['_source']!r} question_id {rec['question_id']}: {e}") from None
+            raise DataError(f"{rec['_source']!r} question_id {rec['question_id']}: {e}") from None
         return {"image": self.transform(image), "question": self.questions[int(index)],
                 "question_id": int(rec["question_id"]), "index": int(index)}
 
@@ -164,6 +180,8 @@ class VQATrainCollator:
                 "weights": torch.tensor([w for s in samples for w in s["weights"]], dtype=torch.float),
                 "n_answers": torch.tensor([len(s["answers"]) for s in samples], dtype=torch.long),
                 "n_bad": sum(int(s["n_bad"]) for s in samples),
+                "bad_images": [f for s in samples for f in s.get("bad_images", ())],
+                "failed": any(s.get("failed", False) for s in samples),
                 "index": torch.tensor([s["index"] for s in samples], dtype=torch.long)}
 
 

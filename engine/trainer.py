@@ -40,6 +40,12 @@ class OptimConfig:
     fused: Literal["auto", "on", "off"] = opt("auto", "fused AdamW kernel: auto = on for CPU and CUDA (torch has one for both; on CPU it is about 13x faster than the default per-tensor loop)")
     grad_clip: float = opt(0.0, "clip the global gradient norm to this value (0 = off)")
 
+    def validate(self) -> None:
+        for key in ("lr", "lr_vision"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"optim.{key} must be a finite positive number; got {value}")
+
 
 @dataclass
 class ScheduleConfig:
@@ -75,6 +81,15 @@ class TrainConfig:
             raise ValueError("train.batch_size, train.grad_accum and train.epochs must be positive")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})")
+        for key in ("log_every", "save_every"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"train.{key} must be positive; got {getattr(self, key)}")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise ValueError(f"train.max_steps must be positive (or null = train.epochs decides); got {self.max_steps}")
+        if self.max_nan_skips < 0:
+            raise ValueError(f"train.max_nan_skips must be >= 0; got {self.max_nan_skips}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but this machine has no CUDA device; use train.device=cpu or auto")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,6 +106,8 @@ class Task(Protocol):
         """Forward on one micro-batch; returns ``loss`` (tensor) and other scalars to log."""
     def evaluate(self, model: nn.Module, epoch: int) -> Optional[dict]: ...
     def checkpoint_extra(self) -> dict: ...
+    # optional: ``log_state() -> dict`` of running counters (e.g. ``data/bad_images``), written summed
+    # over the processes into every log.jsonl line and printed at the end of the run
 
 
 @dataclass
@@ -328,6 +345,7 @@ class Trainer:
                                "lr": self.optimizer.param_groups[0]["lr"],
                                "pairs_per_s": pairs_window * self.dist.world_size / max(dt, 1e-9)}
                         rec.update(self._reduce_window(window))
+                        rec.update(self._task_state(task))
                         self._log(rec)
                         window, t_window, pairs_window = {}, time.perf_counter(), 0
                     stop_now = self._stop_requested(stop)
@@ -335,6 +353,7 @@ class Trainer:
                         self.save(task)
                     if stop_now:
                         bar.close()
+                        self._report_task_state(task)
                         if self.dist.is_main:
                             print(f"stopped by signal at step {st.global_step}; checkpoint saved to "
                                   f"{self.out_dir / 'checkpoint_last.pth'}; continue with --resume {self.out_dir}", flush=True)
@@ -352,7 +371,24 @@ class Trainer:
                 if not epoch_done:
                     break
         bar.close()
+        self._report_task_state(task)
         return st
+
+    def _task_state(self, task: Task) -> dict:
+        """``task.log_state()`` (when the task has it) summed over the processes (collective)."""
+        fn = getattr(task, "log_state", None)
+        state = fn() if fn is not None else {}
+        if not state:
+            return {}
+        keys = sorted(state)
+        total = D.all_reduce_sum(torch.tensor([float(state[k]) for k in keys], dtype=torch.float64))
+        return {k: (int(v) if float(v).is_integer() else v) for k, v in zip(keys, total.tolist())}
+
+    def _report_task_state(self, task: Task) -> None:
+        state = self._task_state(task)
+        if state and self.dist.is_main:
+            print("end of training: " + ", ".join(f"{k} {v}" for k, v in state.items())
+                  + (" (summed over the processes)" if self.dist.world_size > 1 else ""), flush=True)
 
     def _after_epoch(self, task: Task, metrics: Optional[dict], metric_key: Optional[str], epoch_done: bool = True) -> None:
         st = self.state

@@ -47,6 +47,17 @@ class TextConfig:
     encoder_width: int = field(default=768, metadata={"help": "width of the image tokens read by cross-attention"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute each layer in backward (saves memory)"})
 
+    def validate(self) -> None:
+        for key in ("vocab_size", "hidden_size", "num_heads", "intermediate_size", "max_position_embeddings"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.text.{key} must be positive; got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.text.num_heads={self.num_heads} must divide model.text.hidden_size="
+                             f"{self.hidden_size}")
+        if not 0 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"model.text.pad_token_id={self.pad_token_id} must be a token id below "
+                             f"model.text.vocab_size={self.vocab_size}")
+
 
 def attention_mask_4d(key_mask: Optional[Tensor], q_len: int, causal: bool,
                       device: Optional[torch.device] = None) -> Optional[Tensor]:

@@ -45,6 +45,18 @@ class VisionConfig:
     layer_norm_eps: float = field(default=1e-6, metadata={"help": "LayerNorm epsilon (timm/DeiT: 1e-6, CLIP: 1e-5)"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward (saves memory)"})
 
+    def validate(self) -> None:
+        for key in ("img_size", "patch_size", "width", "depth", "num_heads"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.vision.{key} must be positive; got {getattr(self, key)}")
+        if self.img_size % self.patch_size:
+            raise ValueError(f"model.vision.patch_size={self.patch_size} must divide model.vision.img_size="
+                             f"{self.img_size} (the image is cut into whole patches)")
+        if self.width % self.num_heads:
+            raise ValueError(f"model.vision.num_heads={self.num_heads} must divide model.vision.width={self.width}")
+        if self.act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"model.vision.act must be 'gelu' or 'quick_gelu'; got {self.act!r}")
+
 
 class ViT(VisionTransformer):
     """timm ``VisionTransformer`` that keeps its :class:`VisionConfig` and returns all tokens."""

@@ -42,6 +42,8 @@ class VLPConfig:
     text_weights: Optional[str] = opt(None, "local bert-base-uncased directory to initialise the text and fusion layers")
 
     def validate(self) -> None:
+        if self.embed_dim <= 0:
+            raise ValueError(f"model.embed_dim must be positive; got {self.embed_dim}")
         if self.queue_size < 0:
             raise ValueError(f"model.queue_size must be >= 0; got {self.queue_size}")
         if not 0.0 <= self.momentum < 1.0:
@@ -95,6 +97,14 @@ class PretrainLossConfig:
     itm: float = opt(1.0, "weight of the image-text matching loss (hard negatives)")
     mlm: float = opt(1.0, "weight of the masked language modelling loss")
     mlm_prob: float = opt(0.15, "fraction of tokens masked for MLM (80/10/10 mask/random/keep)")
+
+    def validate(self) -> None:
+        for key in ("itc", "itm", "mlm"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"loss.{key} must be a finite number >= 0; got {value}")
+        if not 0.0 < self.mlm_prob < 1.0:
+            raise ValueError(f"loss.mlm_prob must be in (0, 1) (the fraction of tokens masked); got {self.mlm_prob}")
 
 
 class VLPModel(nn.Module):
@@ -203,7 +213,9 @@ class VLPModel(nn.Module):
     @torch.no_grad()
     def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor,
                 image_feat_h: Optional[torch.Tensor] = None, text_feat_h: Optional[torch.Tensor] = None) -> None:
-        """Write (already gathered) momentum features at the queue pointer, wrapping around."""
+        """Write (already gathered) momentum features at the queue pointer, wrapping around. A row with
+        a non-finite feature leaves its queue slot as it was (empty or older), so that a step the
+        trainer skips for a non-finite loss does not poison the following ones."""
         q = self.image_queue.shape[1]
         if q == 0:
             return
@@ -215,12 +227,20 @@ class VLPModel(nn.Module):
             n = q
         ptr = int(self.queue_ptr)
         pos = (torch.arange(n, device=idx.device) + ptr) % q
-        self.image_queue[:, pos] = image_feat.T.to(self.image_queue.dtype)
-        self.text_queue[:, pos] = text_feat.T.to(self.text_queue.dtype)
-        self.idx_queue[pos] = idx
-        if image_feat_h is not None and hasattr(self, "image_queue_h"):
-            self.image_queue_h[:, pos] = image_feat_h.T.to(self.image_queue_h.dtype)
-            self.text_queue_h[:, pos] = text_feat_h.T.to(self.text_queue_h.dtype)
+        finite = torch.isfinite(image_feat).all(1) & torch.isfinite(text_feat).all(1)
+        with_h = image_feat_h is not None and hasattr(self, "image_queue_h")
+        if with_h:
+            finite &= torch.isfinite(image_feat_h).all(1) & torch.isfinite(text_feat_h).all(1)
+
+        def write(queue: torch.Tensor, feats: torch.Tensor) -> None:
+            queue[:, pos] = torch.where(finite[None, :], feats.T.to(queue.dtype), queue[:, pos])
+
+        write(self.image_queue, image_feat)
+        write(self.text_queue, text_feat)
+        self.idx_queue[pos] = torch.where(finite, idx, self.idx_queue[pos])
+        if with_h:
+            write(self.image_queue_h, image_feat_h)
+            write(self.text_queue_h, text_feat_h)
         self.queue_ptr.fill_((ptr + n) % q)
 
     # ------------------------------------------------------------------ pre-training
@@ -317,7 +337,9 @@ class VLPModel(nn.Module):
         if loss_cfg.itm > 0:
             with torch.no_grad():
                 pos_local = idx[:, None] == idx[None, :]
-                sim_i2t_local = image_feat @ text_feat.T
+                # Non-finite features (a diverging run) make the loss non-finite as well, and the trainer
+                # applies train.nan_policy to the step; until then the sampling must go on (no host sync).
+                sim_i2t_local = torch.nan_to_num(image_feat @ text_feat.T, nan=0.0, posinf=0.0, neginf=0.0)
                 neg_text = L.sample_hard_negatives(sim_i2t_local, pos_local, generator)
                 neg_image = L.sample_hard_negatives(sim_i2t_local.T, pos_local.T, generator)
             text_in = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])

@@ -38,7 +38,8 @@ from datasets.formats import PretrainDataset
 from datasets.retrieval_data import ImageListDataset
 from datasets.shapes import ShapesConfig
 from datasets.text import tokenizer_state
-from datasets.transforms import TransformConfig, build_transform
+from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS
+from datasets.transforms import TransformConfig, build_transform, decode_min_side
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config, to_dict
@@ -50,7 +51,8 @@ from tasks.caption_eval import METRIC_KEYS, METRICS, CaptionScores, format_table
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
                           build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
-                          fit_model_config, require_fraction, require_positive, start_run, write_json)
+                          fit_model_config, require_fraction, require_positive, start_run, validate_image_data,
+                          write_json)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
 from tasks.resume import check_resume_config
@@ -80,12 +82,14 @@ class CaptionDataConfig:
     transform: TransformConfig = opt(TransformConfig, "training image augmentation")
     num_workers: int = opt(4, "data-loading worker processes per process")
     eval_batch_size: int = opt(64, "images per generation batch (per process)")
-    max_bad_fraction: float = opt(0.01, "stop when more than this fraction of training images fail to load")
-    bad_check_after: int = opt(500, "training samples seen before the bad-image fraction is checked")
+    max_bad_fraction: float = opt(0.01, "stop when more than this fraction of the training images tried are distinct images that fail to load (an unreadable image is replaced by a random other record and counted once; logged as data/bad_images)")
+    bad_check_after: int = opt(500, "training images tried before the bad-image fraction is checked (bad images beyond max_bad_fraction of the whole training set stop the run at once)")
+    max_image_pixels: Optional[int] = opt(DEFAULT_MAX_IMAGE_PIXELS, "an image that would decode to more pixels is skipped and counted as bad (a JPEG much larger than the training crop is first decoded reduced, 1/2 to 1/8, which counts); default: PIL's decompression-bomb warning limit; PIL itself refuses twice as many; null = no bound of ours")
     shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         require_positive("data.eval_batch_size", self.eval_batch_size)
+        validate_image_data(self)
 
 
 @dataclass
@@ -246,7 +250,7 @@ class CaptionTask(SampledTrainTask):
         self.generator, self.val = generator, val
         self.collator = CaptionTrainCollator(tokenizer, cfg.data.prompt, cfg.tokenizer.max_length)
         self.train_data = SampledTrainData(dataset, self.collator, cfg.train, dist, cfg.data.num_workers,
-                                           BadImageCheck.from_data(cfg.data, "input_ids"))
+                                           BadImageCheck.from_data(cfg.data, "input_ids", len(dataset.image_ids)))
 
     def train_step(self, model, batch: dict, state: TrainState) -> dict:
         loss = model(batch["image"], batch["input_ids"], batch["attention_mask"], batch["labels"],
@@ -373,7 +377,9 @@ def _run(cfg: CaptionConfig, checkpoint: Optional[str], evaluate: bool, resume: 
     if not evaluate:
         train_set = PretrainDataset(d.train_files, d.image_root,
                                     build_transform(cfg.model.vision.img_size, True, d.transform),
-                                    d.max_words, d.clean_style, cfg.train.seed, hint=CAPTION_HINT)
+                                    d.max_words, d.clean_style, cfg.train.seed, d.max_bad_fraction, hint=CAPTION_HINT,
+                                    max_image_pixels=d.max_image_pixels,
+                                    decode_min_side=decode_min_side(cfg.model.vision.img_size, True, d.transform))
     tokenizer = make_tokenizer(cfg.tokenizer, lambda: train_set.all_captions() + [d.prompt], resume_ckpt or ckpt)
     del resume_ckpt
     cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)

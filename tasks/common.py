@@ -18,6 +18,7 @@ from typing import Any, Callable, ContextManager, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datasets.formats import TooManyBadImagesError
 from datasets.shapes import ShapesConfig, ensure_shapes
 from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state, train_wordpiece_tokenizer
 from engine import distributed as D
@@ -243,6 +244,17 @@ def fit_model_config(cfg, tokenizer, ckpt: Optional[dict], path: Optional[str]):
     return cfg
 
 
+def saved_run_config(cls: type, data: dict):
+    """The run config ``data`` saved in a checkpoint, as ``cls``. Its ``train.device`` describes the
+    machine that trained, not this one: it is read as ``auto`` (so that a CUDA run's checkpoint
+    loads on a machine without CUDA)."""
+    from engine.config import from_dict
+    data = dict(data)
+    if isinstance(data.get("train"), dict):
+        data["train"] = {**data["train"], "device": "auto"}
+    return from_dict(cls, data)
+
+
 def require_fraction(key: str, value: float) -> None:
     """``ValueError`` naming the config ``key`` unless 0 <= ``value`` < 1 (for ``validate()``)."""
     if not 0.0 <= value < 1.0:
@@ -326,28 +338,67 @@ def build_trainer(cfg: Any, model: torch.nn.Module, dist: D.DistInfo, find_unuse
 
 
 class BadImageCheck:
-    """Stops training when too many images fail to load. Called on every training batch: counts its
-    samples (the rows of ``batch[size_key]``) and the images the dataset skipped (``batch["n_bad"]``);
-    once ``check_after`` samples were seen, more than ``max_bad_fraction`` of the images tried is a
-    ``RuntimeError`` naming the config keys ``data.max_bad_fraction`` and ``data.image_root``."""
+    """Stops training when too many images fail to load; called in the main process on every training
+    batch, before it is used.
 
-    def __init__(self, max_bad_fraction: float, check_after: int, image_root: str, size_key: str) -> None:
+    Counts the images tried (the batch's samples, the rows of ``batch[size_key]``, plus its failed
+    tries, ``batch["bad_images"]``: ``(path, reason)`` pairs) and the DISTINCT paths that failed, warning
+    once per path. Stops with :class:`~datasets.formats.TooManyBadImagesError` (one line naming
+    ``data.max_bad_fraction`` and ``data.image_root``) when, once ``check_after`` images were tried,
+    more than ``max_bad_fraction`` of them are distinct bad images; at once when the bad images are
+    more than ``max_bad_fraction`` of all ``num_images`` of the training set (then the fraction is
+    exceeded whatever is seen later), or a sample found no loadable image (``batch["failed"]``)."""
+
+    def __init__(self, max_bad_fraction: float, check_after: int, image_root: str, size_key: str,
+                 num_images: Optional[int] = None) -> None:
         self.max_bad_fraction, self.check_after, self.image_root = max_bad_fraction, check_after, image_root
-        self.size_key = size_key
-        self.seen = self.bad = 0
+        self.size_key, self.num_images = size_key, num_images
+        self.tried = 0
+        self.bad_paths: dict[str, str] = {}  # path -> reason
 
     @classmethod
-    def from_data(cls, data: Any, size_key: str) -> "BadImageCheck":
+    def from_data(cls, data: Any, size_key: str, num_images: Optional[int] = None) -> "BadImageCheck":
         """From a ``data`` config section (``max_bad_fraction``, ``bad_check_after``, ``image_root``)."""
-        return cls(data.max_bad_fraction, data.bad_check_after, data.image_root, size_key)
+        return cls(data.max_bad_fraction, data.bad_check_after, data.image_root, size_key, num_images)
+
+    @property
+    def bad(self) -> int:
+        """Distinct images that failed to load so far."""
+        return len(self.bad_paths)
 
     def __call__(self, batch: dict) -> None:
-        self.seen += batch[self.size_key].shape[0]
-        self.bad += int(batch["n_bad"])
-        if self.seen >= self.check_after and self.bad / (self.seen + self.bad) > self.max_bad_fraction:
-            raise RuntimeError(f"{self.bad} of {self.seen + self.bad} training images failed to load (more than "
-                               f"data.max_bad_fraction={self.max_bad_fraction}); the warnings above name them. "
-                               f"Check data.image_root={self.image_root}.")
+        failures = batch.get("bad_images", ())
+        self.tried += batch[self.size_key].shape[0] + len(failures)
+        for path, reason in failures:
+            if path not in self.bad_paths:
+                self.bad_paths[path] = reason
+                log.warning("skipping unreadable image %s (%s)", path, reason)
+        f, n = self.max_bad_fraction, self.bad
+        of_all = self.num_images is not None and n > f * self.num_images
+        if batch.get("failed") or of_all:
+            total = f" of the {self.num_images} images of the training set" if self.num_images is not None else ""
+            raise TooManyBadImagesError(
+                f"{n} distinct training images failed to load, more than data.max_bad_fraction={f}{total} "
+                f"(the last: {next(reversed(self.bad_paths), '?')}); check data.image_root={self.image_root}")
+        if self.tried >= self.check_after and n / self.tried > f:
+            raise TooManyBadImagesError(
+                f"{n} distinct training images of {self.tried} tried failed to load (more than "
+                f"data.max_bad_fraction={f}; the last: {next(reversed(self.bad_paths))}); the warnings above "
+                f"name them. Check data.image_root={self.image_root}")
+
+    def log_state(self) -> dict:
+        """The counts for log.jsonl: ``data/bad_images`` (distinct) and ``data/images_tried``."""
+        return {"data/bad_images": self.bad, "data/images_tried": self.tried}
+
+
+def validate_image_data(data: Any) -> None:
+    """The checks of a training data section with ``max_bad_fraction``, ``bad_check_after`` and
+    ``max_image_pixels`` (for ``validate()``)."""
+    require_fraction("data.max_bad_fraction", data.max_bad_fraction)
+    if data.bad_check_after < 0:
+        raise ValueError(f"data.bad_check_after must be >= 0; got {data.bad_check_after}")
+    if data.max_image_pixels is not None:
+        require_positive("data.max_image_pixels", data.max_image_pixels)
 
 
 class SampledTrainData:
@@ -397,3 +448,8 @@ class SampledTrainTask:
 
     def train_batches(self, epoch: int, start_step: int) -> Iterator[list[dict]]:
         return self.train_data.batches(epoch, start_step)
+
+    def log_state(self) -> dict:
+        """Counters for log.jsonl (see ``engine.trainer.Task``): the bad-image counts, when checked."""
+        check = self.train_data.bad_images
+        return check.log_state() if check is not None else {}

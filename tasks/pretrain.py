@@ -15,11 +15,11 @@ from typing import Literal, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from datasets.formats import PretrainCollator, PretrainDataset
+from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS, PretrainCollator, PretrainDataset
 from datasets.shards import ShardPretrainDataset
 from datasets.shapes import ShapesConfig, ShapesWorld
 from datasets.text import tokenizer_state
-from datasets.transforms import TransformConfig, build_transform
+from datasets.transforms import TransformConfig, build_transform, decode_min_side
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import opt, save_config
@@ -27,8 +27,9 @@ from engine.rundir import OutputDir
 from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
                             grouped, ignore_stop_signals, setup_logging)
 from models import losses as L
-from tasks.common import (QUEUE_KEYS, SHAPES_HELP, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer,
-                          require_files, to_device)
+from tasks.common import (QUEUE_KEYS, SHAPES_HELP, BadImageCheck, TokenizerConfig, ensure_synthetic, load_model_state,
+                          make_tokenizer, require_files, saved_run_config, to_device,
+                          validate_image_data)
 from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
 from tasks.resume import check_resume_config
 from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics
@@ -47,9 +48,13 @@ class PretrainDataConfig:
     clean_style: Literal["albef", "blip"] = opt("albef", "caption cleaning rules")
     transform: TransformConfig = opt(TransformConfig, "training image augmentation")
     num_workers: int = opt(2, "data-loading worker processes per training process")
-    max_bad_fraction: float = opt(0.01, "stop when more than this fraction of images fail to load")
-    bad_check_after: int = opt(500, "samples seen before the bad-image fraction is checked")
+    max_bad_fraction: float = opt(0.01, "stop when more than this fraction of the images tried are distinct images that fail to load (an unreadable image is replaced by a random other record and counted once; the count is logged as data/bad_images)")
+    bad_check_after: int = opt(500, "images tried before the bad-image fraction is checked (bad images beyond max_bad_fraction of the whole training set stop the run at once)")
+    max_image_pixels: Optional[int] = opt(DEFAULT_MAX_IMAGE_PIXELS, "an image that would decode to more pixels is skipped and counted as bad (a JPEG much larger than the training crop is first decoded reduced, 1/2 to 1/8, which counts); default: PIL's decompression-bomb warning limit; PIL itself refuses twice as many; null = no bound of ours")
     shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
+
+    def validate(self) -> None:
+        validate_image_data(self)
 
 
 @dataclass
@@ -89,8 +94,8 @@ class PretrainTask:
         self.collator = PretrainCollator(tokenizer, cfg.tokenizer.max_length, cfg.loss.mlm_prob)
         # diagnostics of the queue: the captions behind the model's text queue
         self.queue_texts = QueueTexts(cfg.model.queue_size) if cfg.diagnostics.every and world is not None else None
-        self.seen = 0
-        self.bad = 0
+        n_images = len(dataset.image_ids) if isinstance(dataset, PretrainDataset) else len(dataset)
+        self.bad_images = BadImageCheck.from_data(cfg.data, "input_ids", n_images)
 
     def steps_per_epoch(self) -> int:
         return self.sampler.steps_per_epoch() if self.sampler is not None else self.dataset.steps_per_epoch()
@@ -113,14 +118,11 @@ class PretrainTask:
             yield [to_device(b, self.dist.device) for b in group]
 
     def _count_bad(self, batch: dict) -> None:
-        self.seen += len(batch["captions"])
-        self.bad += int(batch["n_bad"])
-        c = self.cfg.data
-        if self.seen >= c.bad_check_after and self.bad / (self.seen + self.bad) > c.max_bad_fraction:
-            raise RuntimeError(
-                f"{self.bad} of {self.seen + self.bad} images failed to load (more than data.max_bad_fraction="
-                f"{c.max_bad_fraction}); the warnings above name them. Check data.image_root={c.image_root} "
-                "or clean the annotations with the dataset checker.")
+        self.bad_images(batch)
+
+    def log_state(self) -> dict:
+        """Counters for log.jsonl (see ``engine.trainer.Task``): the bad-image counts."""
+        return self.bad_images.log_state()
 
     def _helper_feats(self, batch: dict):
         if self.helper is None:
@@ -237,9 +239,8 @@ def prepare_data(cfg: PretrainConfig, dist: D.DistInfo) -> Optional[ShapesWorld]
 
 def load_helper(path: str, tokenizer, device: torch.device) -> VLPModel:
     """A frozen earlier checkpoint of this project, used for the helper similarity."""
-    from engine.config import from_dict
     ckpt = load_checkpoint(path)
-    hcfg = from_dict(PretrainConfig, ckpt["config"]).model
+    hcfg = saved_run_config(PretrainConfig, ckpt["config"]).model
     if tokenizer_state(tokenizer)["vocab"] != ckpt["tokenizer"]["vocab"]:
         raise ValueError(f"helper checkpoint {path} uses a different tokenizer vocabulary than this run; "
                          "set tokenizer.path to the helper's tokenizer or train the helper with this one")
@@ -291,7 +292,9 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
         dataset = ShardPretrainDataset(d.shards, transform, d.max_words, d.clean_style, cfg.train.seed,
                                        d.shards_shuffle_buffer, d.shards_num_samples)
     else:
-        dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed)
+        dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed,
+                                  d.max_bad_fraction, max_image_pixels=d.max_image_pixels,
+                                  decode_min_side=decode_min_side(cfg.model.vision.img_size, True, d.transform))
     init_ckpt = load_checkpoint(init_from) if init_from and not resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt or init_ckpt)
     del resume_ckpt

@@ -33,7 +33,8 @@ from tqdm import tqdm
 
 from datasets.shapes import ShapesConfig
 from datasets.text import tokenizer_state
-from datasets.transforms import TransformConfig, build_transform
+from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS, DataError
+from datasets.transforms import TransformConfig, build_transform, decode_min_side
 from datasets.vqa_data import (VQA_HINT, VQAEvalCollator, VQAEvalDataset, VQATrainCollator, VQATrainDataset,
                                extend_tokenizer, read_answer_list, read_vqa, tokenize_answers)
 from engine import distributed as D
@@ -47,7 +48,8 @@ from tasks.caption import DECODER_SECTIONS, token_ids
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
                           build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
-                          fit_model_config, require_fraction, require_positive, start_run, to_device, write_json)
+                          fit_model_config, require_fraction, require_positive, start_run, to_device, validate_image_data,
+                          write_json)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
 from tasks.resume import check_resume_config
@@ -77,12 +79,14 @@ class VQADataConfig:
     transform: TransformConfig = opt(TransformConfig, "training image augmentation")
     num_workers: int = opt(4, "data-loading worker processes per process")
     eval_batch_size: int = opt(32, "questions per evaluation batch (per process)")
-    max_bad_fraction: float = opt(0.01, "stop when more than this fraction of training images fail to load")
-    bad_check_after: int = opt(500, "training samples seen before the bad-image fraction is checked")
+    max_bad_fraction: float = opt(0.01, "stop when more than this fraction of the training images tried are distinct images that fail to load (an unreadable image is replaced by a random other record and counted once; logged as data/bad_images)")
+    bad_check_after: int = opt(500, "training images tried before the bad-image fraction is checked (bad images beyond max_bad_fraction of the whole training set stop the run at once)")
+    max_image_pixels: Optional[int] = opt(DEFAULT_MAX_IMAGE_PIXELS, "an image that would decode to more pixels is skipped and counted as bad (a JPEG much larger than the training crop is first decoded reduced, 1/2 to 1/8, which counts); default: PIL's decompression-bomb warning limit; PIL itself refuses twice as many; null = no bound of ours")
     shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         require_positive("data.eval_batch_size", self.eval_batch_size)
+        validate_image_data(self)
         if self.max_answer_tokens < 3:
             raise ValueError(f"data.max_answer_tokens must be >= 3 ([CLS], a token, [SEP]); got {self.max_answer_tokens}")
 
@@ -194,7 +198,7 @@ class VQATask(SampledTrainTask):
         self.predictor, self.val = predictor, val
         self.collator = VQATrainCollator(tokenizer, cfg.tokenizer.max_length, cfg.data.max_answer_tokens)
         self.train_data = SampledTrainData(dataset, self.collator, cfg.train, dist, cfg.data.num_workers,
-                                           BadImageCheck.from_data(cfg.data, "question_ids"))
+                                           BadImageCheck.from_data(cfg.data, "question_ids", dataset.num_images))
 
     def train_step(self, model, batch: dict, state: TrainState) -> dict:
         loss = model(batch["image"], batch["question_ids"], batch["question_mask"], batch["answer_ids"],
@@ -267,19 +271,19 @@ def _eval_sets(cfg: VQAConfig) -> dict[str, VQAEvalDataset]:
     out = {}
     if d.val_file:
         out["val"] = VQAEvalDataset(read_vqa(d.val_file, require_answers=True), d.image_root, tf, d.max_words,
-                                    d.vg_image_root)
+                                    d.vg_image_root, d.max_image_pixels)
     if d.test_file:
         records = read_vqa(d.test_file, require_answers=False)
         if d.test_gt_file:
             gt = {r["question_id"]: r for r in read_vqa(d.test_gt_file, require_answers=True)}
             missing = [r["question_id"] for r in records if r["question_id"] not in gt]
             if missing:
-                raise ValueError(f"{d.test_gt_file} has no answers for {len(missing)} test questions "
+                raise DataError(f"{d.test_gt_file} has no answers for {len(missing)} test questions "
                                  f"(first ids: {missing[:5]})")
             for r in records:
                 r["answer"] = gt[r["question_id"]]["answer"]
                 r.setdefault("answer_type", gt[r["question_id"]].get("answer_type"))
-        out["test"] = VQAEvalDataset(records, d.image_root, tf, d.max_words, d.vg_image_root)
+        out["test"] = VQAEvalDataset(records, d.image_root, tf, d.max_words, d.vg_image_root, d.max_image_pixels)
     return out
 
 
@@ -348,7 +352,8 @@ def _run(cfg: VQAConfig, checkpoint: Optional[str], evaluate: bool, resume: Opti
     if not evaluate:
         train_set = VQATrainDataset(read_vqa(d.train_files, require_answers=True), d.image_root,
                                     build_transform(cfg.model.vision.img_size, True, d.transform), d.max_words,
-                                    cfg.train.seed, cfg.loss.vg_answer_weight, d.vg_image_root)
+                                    cfg.train.seed, cfg.loss.vg_answer_weight, d.vg_image_root, d.max_bad_fraction,
+                                    d.max_image_pixels, decode_min_side(cfg.model.vision.img_size, True, d.transform))
     eval_sets = _eval_sets(cfg)
     tok_source = resume_ckpt or ckpt
     tokenizer = make_tokenizer(cfg.tokenizer, lambda: train_set.texts() + answer_list, tok_source)

@@ -45,14 +45,14 @@ def load_vlp_checkpoint(path: str, device: str | torch.device = "cpu", momentum:
     encoders and queues when ``momentum`` and the checkpoint has them) and ``cfg`` the checkpoint's
     ``PretrainConfig``. Raises ``ValueError`` naming the file when it is not a pre-training checkpoint.
     """
-    from engine.config import from_dict
+    from tasks.common import saved_run_config
     from tasks.pretrain import PretrainConfig
 
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a pre-training checkpoint of this project (no {missing} entries)")
-    cfg = from_dict(PretrainConfig, ckpt["config"])
+    cfg = saved_run_config(PretrainConfig, ckpt["config"])
     state = ckpt["model"]
     has_momentum = momentum and any(k.startswith("visual_m.") for k in state)
     helper_dim = int(state["image_queue_h"].shape[0]) if has_momentum and "image_queue_h" in state else None
