@@ -19,7 +19,10 @@ How a split is evaluated (:class:`RetrievalEvaluator`):
    grouped by image chunk. Chunk ``c`` is re-ranked by process ``c mod W``: its image tokens are
    computed once (or taken from the cache of step 2 when ``cache_image_tokens``: memory images x
    tokens x width, COCO 5k at 384 px: 5k x 577 x 768 x 4 B = 8.9 GB, so off by default), and the
-   fusion encoder scores ``itm_batch_size`` pairs per call. Scores are all-reduced. Without the
+   fusion encoder scores ``itm_batch_size`` pairs per call (:func:`itm_match_scores`: the
+   cross-attention keys/values of each image are projected once per call and read by all its
+   pairs, the captions of its own top-k list and the captions whose top-k lists hold it; not once
+   per pair). Scores are all-reduced. Without the
    cache every image goes through the ViT twice (features, then re-ranking): cheap next to the
    (images + captions) x k_test fusion passes, and memory stays one chunk of image tokens.
 5. Score rule: ``albef`` ranks the re-ranked candidates by the ITM logit of "match" alone (as
@@ -166,6 +169,20 @@ def recall_metrics(i2t_ranks: Tensor, t2i_ranks: Tensor, ks: Sequence[int] = (1,
     return out
 
 
+def itm_match_scores(model, text_states: Tensor, text_mask: Tensor, image_tokens: Tensor,
+                     image_index: Tensor) -> Tensor:
+    """ITM logit of "match" (float32, one per pair) for pairs ``(image_index[p], caption p)``.
+
+    ``text_states`` (P, L, H) and ``text_mask`` (P, L) are the captions' unimodal states, one row per
+    pair; ``image_tokens`` (M, N, W) the images the pairs read. The fusion encoder gets each distinct
+    image of ``image_index`` once and an index into them (``VLPModel.fuse(..., image_index=...)``),
+    so the cross-attention keys and values are projected once per distinct image instead of once
+    per pair: the same scores as fusing ``image_tokens[image_index]`` (up to float rounding)."""
+    images, inverse = torch.unique(image_index, return_inverse=True)
+    fused = model.fuse(text_states, text_mask, image_tokens[images], image_index=inverse)
+    return model.itm_logits(fused)[:, 1].float()
+
+
 def ranks_from_score_matrix(score_i2t: Tensor, txt2img: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
     """Ranks from a full ``(images, captions)`` score matrix (the same score ranks both directions),
     ties broken by the lower index: ``(best rank per image over its captions, rank per caption)``."""
@@ -304,8 +321,7 @@ class RetrievalEvaluator:
                 mask = mask_all[txt]
                 with self.autocast():
                     states = text_states[txt] if text_states is not None else model.encode_text(ids_all[txt], mask)
-                    logits = model.itm_logits(model.fuse(states, mask, tokens[img]))
-                scores[a:b] = logits[:, 1].float()
+                    scores[a:b] = itm_match_scores(model, states, mask, tokens, img)
                 bar.update(b - a)
         bar.close()
         return D.all_reduce_sum(scores)
@@ -405,5 +421,5 @@ def memory_estimate(data: RetrievalEvalData, cfg: RetrievalEvalConfig, num_image
 
 
 __all__ = ["SCORE_RULES", "RetrievalEvalConfig", "RetrievalEvaluator", "RetrievalResult", "stable_order",
-           "itc_candidates", "combine_scores", "rerank", "final_ranks", "query_ranks", "recall_metrics",
-           "ranks_from_score_matrix", "format_table", "ranked_json", "memory_estimate"]
+           "itc_candidates", "combine_scores", "rerank", "itm_match_scores", "final_ranks", "query_ranks",
+           "recall_metrics", "ranks_from_score_matrix", "format_table", "ranked_json", "memory_estimate"]

@@ -17,6 +17,7 @@ from engine.config import ConfigError, load_config
 from models.text import TextConfig
 from models.vision import VisionConfig
 from models.vlp import VLPConfig, VLPModel
+from tasks import retrieval_eval
 from tasks.common import check_architecture
 from tasks.retrieval import RetrievalConfig
 from tasks.retrieval_eval import (RetrievalEvalConfig, RetrievalEvaluator, final_ranks, itc_candidates, query_ranks,
@@ -221,6 +222,63 @@ def test_evaluator_matches_per_pair_scores_and_is_cache_independent(world):
     assert other.metrics == res.metrics
     blip = evaluate(score_rule="blip")
     assert blip.score_rule == "blip" and blip.itc_metrics == res.itc_metrics
+
+
+def test_reranking_projects_image_keys_values_once_per_image_with_the_per_pair_scores(world, monkeypatch):
+    """The evaluator's fusion reads each image's cross-attention keys/values once per fusion call
+    (``fuse(..., image_index=...)``), not once per pair: the scores agree with fusing the image tokens
+    gathered per pair (the reference path) to 1e-5 and the rankings are identical, in both
+    directions, while the key projections see ``images`` rows instead of ``pairs``."""
+    data = read_eval_split(world / "retrieval_test.json", world)
+    tok = train_wordpiece_tokenizer(data.texts, 80)
+    torch.manual_seed(1)
+    cfg = VLPConfig(vision=VisionConfig(img_size=32, patch_size=8, width=32, depth=1, num_heads=2),
+                    text=TextConfig(vocab_size=len(tok), hidden_size=32, num_text_layers=1, num_fusion_layers=2,
+                                    num_heads=2, intermediate_size=64, max_position_embeddings=64),
+                    embed_dim=16, queue_size=0)
+    model = VLPModel(cfg, momentum=False)
+    tf = build_transform(32, False)
+    fusion = model.text.encoder.layer[1:]
+    rows: list[int] = []  # image rows each fusion layer's key projection saw, summed over calls
+    hooks = [layer.crossattention.self.key.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+             for layer in fusion]
+
+    def evaluate(**kw):
+        rows.clear()
+        ecfg = RetrievalEvalConfig(k_test=5, batch_size=4, progress=False, **kw)
+        res = RetrievalEvaluator(data, tok, ecfg, tf, 30, torch.device("cpu")).run(model)
+        return res, sum(rows) // len(fusion)
+
+    def gathered_scores(model, states, mask, tokens, img):
+        """The reference path: image tokens gathered per pair, keys/values projected per pair."""
+        return model.itm_logits(model.fuse(states, mask, tokens[img]))[:, 1].float()
+
+    for itm_batch in (10_000, 7):
+        new, projected = evaluate(itm_batch_size=itm_batch)
+        with monkeypatch.context() as mp:
+            mp.setattr(retrieval_eval, "itm_match_scores", gathered_scores, raising=False)
+            ref, projected_ref = evaluate(itm_batch_size=itm_batch)
+        assert projected_ref == ref.num_pairs == new.num_pairs > 2 * data.num_images
+        per_chunk = _pairs_per_chunk(new, data, 4)
+        assert sum(per_chunk) == new.num_pairs
+        if itm_batch == 10_000:  # all pairs of an image chunk in one fusion call: each image projected once
+            assert projected == data.num_images
+        else:  # an image is projected once in each fusion call that holds pairs of it
+            calls = sum(-(-n // itm_batch) for n in per_chunk)
+            assert data.num_images <= projected <= data.num_images + calls - 1 < new.num_pairs
+        for got, want in ((new.i2t_scores, ref.i2t_scores), (new.t2i_scores, ref.t2i_scores)):
+            assert torch.allclose(got, want, atol=1e-5, rtol=0)
+        assert torch.equal(new.i2t_ranked, ref.i2t_ranked) and torch.equal(new.t2i_ranked, ref.t2i_ranked)
+        assert new.metrics == ref.metrics
+    for h in hooks:
+        h.remove()
+
+
+def _pairs_per_chunk(res, data, chunk: int) -> list[int]:
+    """Unique re-ranked (image, caption) pairs of each image chunk, from the ranked lists."""
+    pairs = {(i, t) for i in range(data.num_images) for t in res.i2t_ranked[i].tolist()}
+    pairs |= {(i, t) for t in range(data.num_texts) for i in res.t2i_ranked[t].tolist()}
+    return [sum(1 for i, _ in pairs if i // chunk == c) for c in range(-(-data.num_images // chunk))]
 
 
 # ------------------------------------------------------------------------------ data readers
