@@ -58,12 +58,16 @@ def main(argv=None) -> int:
     module = importlib.import_module(TASKS[args.task][0])
     from engine.config import ConfigError
     from engine.distributed import cleanup
+    from engine.loader import DataLoaderWorkerError, report_worker_error, shutdown_all
     try:
         return int(module.main(args) or 0)
     except (ConfigError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DataLoaderWorkerError as err:  # e.g. an image that cannot be read: one line naming it
+        return report_worker_error(err)
     finally:
+        shutdown_all()  # no loader worker outlives the run, whatever ended it
         cleanup()
 
 

@@ -38,12 +38,16 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    from engine.loader import DataLoaderWorkerError, report_worker_error, shutdown_all
     try:
         run(cfg, resume=args.resume, init_from=args.init_from)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except DataLoaderWorkerError as err:  # e.g. images that cannot be read: one line naming them
+        return report_worker_error(err)
     finally:
+        shutdown_all()  # no loader worker outlives the run, whatever ended it
         from engine.distributed import cleanup
         cleanup()
     return 0

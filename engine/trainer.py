@@ -116,16 +116,6 @@ def lr_lambda(cfg: ScheduleConfig, total_steps: int):
     return f
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """``worker_init_fn`` of training and evaluation DataLoaders: workers ignore SIGTERM / SIGINT.
-
-    A batch scheduler (SIGTERM) or Ctrl-C (SIGINT) signals the whole process group; a worker that
-    died of it would make the main process fail mid-step instead of saving a checkpoint at the end
-    of the step. The main process decides, and shuts its workers down when it exits."""
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
-
-
 class _StopFlag:
     """SIGTERM / SIGINT set a flag; the loop saves a checkpoint at the next step boundary."""
 

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from datasets.formats import PretrainCollator, PretrainDataset
 from datasets.shards import ShardPretrainDataset
@@ -23,11 +22,12 @@ from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import opt, save_config
+from engine.loader import SafeDataLoader
 from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
-                            grouped, ignore_stop_signals, setup_logging)
+                            grouped, setup_logging)
 from models import losses as L
 from tasks.common import (QUEUE_KEYS, TokenizerConfig, ensure_synthetic, load_model_state, make_tokenizer,
-                          require_files, to_device)
+                          require_files, require_image_root, to_device)
 from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
 from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics
 
@@ -101,10 +101,10 @@ class PretrainTask:
         else:
             self.sampler.set_position(epoch, start_step)
             batching = {"batch_sampler": self.sampler}
-        loader = DataLoader(self.dataset, collate_fn=self.collator, **batching,
-                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(0),
-                            persistent_workers=False, worker_init_fn=ignore_stop_signals)
+        loader = SafeDataLoader(self.dataset, collate_fn=self.collator, **batching,
+                                num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(0),
+                                persistent_workers=False)
         for group in grouped(loader, self.cfg.train.grad_accum):
             for b in group:
                 self._count_bad(b)
@@ -278,6 +278,7 @@ def run(cfg: PretrainConfig, resume: Optional[str] = None, init_from: Optional[s
                                        d.shards_shuffle_buffer, d.shards_num_samples)
     else:
         dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed)
+        require_image_root(d.image_root, [dataset.image_path(i) for i in range(min(16, len(dataset)))])
     resume_ckpt = load_checkpoint(find_resume(resume)) if resume else None
     init_ckpt = load_checkpoint(init_from) if init_from and not resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt or init_ckpt)

@@ -43,7 +43,7 @@ from models.vlp import ContrastiveConfig, PretrainLossConfig, VLPConfig, VLPMode
 from models.weights import LoadReport
 from tasks.common import (QUEUE_KEYS, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
                           load_encoder_weights, load_model_state, load_selected_checkpoint, make_tokenizer,
-                          fit_model_config, require_files, start_run)
+                          fit_model_config, require_files, require_image_root, start_run)
 from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator, RetrievalResult, format_table, \
     memory_estimate, ranked_json
 
@@ -220,6 +220,7 @@ def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str]
     require_files(([*d.train_files, d.val_file] if finetune else []) + [d.test_file], "retrieval annotation",
                   RETRIEVAL_HINT + " The synthetic retrieval demo: python run_finetune.py --task retrieval_shapes "
                   "--checkpoint <demo pre-training checkpoint>.")
+    require_image_root(d.image_root)
     img = cfg.model.vision.img_size
     train_set = None
     try:  # bad records: the CLI prints the message (it names the file and record) and exits with 2
