@@ -67,10 +67,13 @@ class TrainConfig:
     sharding: Literal["none", "zero", "fsdp"] = opt("none", "with several processes: none = DDP (every process holds everything); zero = DDP + AdamW state sharded over the processes (torch ZeroRedundancyOptimizer, ZeRO-1); fsdp = parameters, gradients and AdamW state sharded (torch FSDP2 fully_shard, one unit per transformer block); no effect with one process")
     fsdp_blocks: list[str] = opt(["Block", "TransformerLayer"], "with sharding=fsdp: class names of the modules that become one FSDP unit each (the transformer blocks); everything else forms the root unit")
     progress: bool = opt(True, "show a progress bar (main process)")
+    dist_timeout_s: int = opt(1800, "with several processes (torchrun): seconds a process waits in a collective operation for the others before the run fails; a stopped or wedged process blocks the others this long. It must exceed the longest time one process works alone while the others wait (the main process writing a large checkpoint, training the tokenizer or generating the synthetic data; a first torch.compile step), hence torch's default of 30 min; lower it (e.g. 300) where those take seconds, to fail fast")
 
     def validate(self) -> None:
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.epochs <= 0:
             raise ValueError("train.batch_size, train.grad_accum and train.epochs must be positive")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"train.dist_timeout_s must be positive; got {self.dist_timeout_s}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})")
 

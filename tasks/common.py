@@ -167,9 +167,9 @@ MOMENTUM_REASON = "momentum encoder or queue (pre-training only)"
 
 
 def start_run(train: TrainConfig, image_root: str, shapes: Optional[ShapesConfig]) -> D.DistInfo:
-    """The start of a fine-tuning run: processes (``train.device``), logging, ``train.num_threads``,
-    and the synthetic shapes world in ``image_root`` on first use (when ``shapes`` is set)."""
-    dist = D.init_distributed(train.device)
+    """The start of a fine-tuning run: processes (``train.device``, ``train.dist_timeout_s``), logging,
+    ``train.num_threads``, and the synthetic shapes world in ``image_root`` on first use (when ``shapes`` is set)."""
+    dist = D.init_distributed(train.device, timeout_s=train.dist_timeout_s)
     setup_logging(dist.is_main)
     if train.num_threads > 0:
         torch.set_num_threads(train.num_threads)

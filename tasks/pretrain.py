@@ -266,7 +266,7 @@ def run(cfg: PretrainConfig, resume: Optional[str] = None, init_from: Optional[s
     """Pre-train. ``resume``: continue a run exactly (checkpoint or output folder);
     ``init_from``: start a new run (fresh optimiser and schedule) from the weights and tokenizer of a
     pre-training checkpoint (ignored when resuming)."""
-    dist = D.init_distributed(cfg.train.device)
+    dist = D.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     setup_logging(dist.is_main)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
