@@ -311,4 +311,4 @@ def test_dist_timeout_reaches_the_process_group_of_every_entry_point(world, tmp_
 def test_dist_timeout_must_be_positive(world, tmp_path, capsys):
     import run_pretrain
     assert run_pretrain.main(pretrain_args(world, tmp_path / "p", **{"train.dist_timeout_s": 0})) == 2
-    assert "train.dist_timeout_s" in capsys.readouterr().err
+    assert "train.dist_timeout_s must be positive" in capsys.readouterr().err
