@@ -28,6 +28,7 @@ import os
 import re
 import signal
 import sys
+import weakref
 from typing import Any, Callable, Iterator, Optional
 
 import torch
@@ -123,6 +124,12 @@ class _Iteration:
     def __init__(self, it: Any, stopping: Any) -> None:
         self.it, self.stopping, self.closed = it, stopping, False
 
+    def __del__(self) -> None:  # e.g. a loader with persistent workers that is dropped
+        try:
+            self.shutdown()
+        except Exception:  # noqa: BLE001 - at interpreter teardown anything may be gone
+            pass
+
     def shutdown(self) -> None:
         if self.closed:
             return
@@ -157,7 +164,9 @@ class _Iteration:
                 pass
 
 
-_LIVE: dict[int, _Iteration] = {}
+# the iterations not shut down yet; weak: an iteration lives as long as its generator (or, with
+# persistent workers, its loader) does, and shuts its workers down when it goes
+_LIVE: "weakref.WeakValueDictionary[int, _Iteration]" = weakref.WeakValueDictionary()
 
 
 def shutdown_all() -> None:

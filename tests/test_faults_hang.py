@@ -245,6 +245,15 @@ def test_an_error_in_the_consumer_or_an_early_stop_shuts_the_workers_down():
     assert live_worker_pids() == [] and not any(alive(p) for p in pids)
 
 
+def test_persistent_workers_live_across_passes_and_go_with_their_loader():
+    loader = SafeDataLoader(Numbers(n=8), batch_size=2, num_workers=2, persistent_workers=True)
+    first = [b.tolist() for b in loader]
+    pids = live_worker_pids()
+    assert len(pids) == 2 and [b.tolist() for b in loader] == first and live_worker_pids() == pids
+    del loader
+    assert live_worker_pids() == [] and not any(alive(p) for p in pids)
+
+
 def test_a_busy_worker_that_ignores_every_signal_is_killed(monkeypatch):
     from torch.utils.data import _utils
     monkeypatch.setattr(_utils, "MP_STATUS_CHECK_INTERVAL", 0.2)  # torch's own join and SIGTERM: quick
