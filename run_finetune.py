@@ -64,8 +64,11 @@ def main(argv=None) -> int:
     from engine.config import ConfigError
     from engine.distributed import cleanup
     from engine.trainer import NonFiniteLossError
+    from engine.loader import DataLoaderWorkerError, report_worker_error, shutdown_all
     try:
         return int(module.main(args) or 0)
+    except DataLoaderWorkerError as err:  # e.g. an image that cannot be read: one line naming it
+        return report_worker_error(err)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError) as err:  # bad input: the message names it
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -79,6 +82,7 @@ def main(argv=None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     finally:
+        shutdown_all()  # no loader worker outlives the run, whatever ended it
         cleanup()
 
 

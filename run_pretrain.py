@@ -45,8 +45,11 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from engine.checkpoint import CheckpointWriteError, disk_full_message
+    from engine.loader import DataLoaderWorkerError, report_worker_error, shutdown_all
     try:
         run(cfg, resume=args.resume, init_from=args.init_from, overwrite=args.overwrite)
+    except DataLoaderWorkerError as err:  # e.g. images that cannot be read: one line naming them
+        return report_worker_error(err)
     except (CheckpointError, ConfigError, DataError, FileNotFoundError) as err:  # bad input: the message names it
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -60,6 +63,7 @@ def main(argv=None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 1
     finally:
+        shutdown_all()  # no loader worker outlives the run, whatever ended it
         from engine.distributed import cleanup
         cleanup()
     return 0

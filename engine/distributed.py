@@ -55,7 +55,8 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
 
 
 def init_distributed(device: str = "auto", timeout_s: int = 1800) -> DistInfo:
-    """Start the process group when launched by torchrun (WORLD_SIZE > 1); gloo on CPU, nccl on GPU."""
+    """Start the process group when launched by torchrun (WORLD_SIZE > 1); gloo on CPU, nccl on GPU.
+    ``timeout_s``: how long a collective waits for the other processes (``train.dist_timeout_s``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)

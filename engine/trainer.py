@@ -75,10 +75,13 @@ class TrainConfig:
     sharding: Literal["none", "zero", "fsdp"] = opt("none", "with several processes: none = DDP (every process holds everything); zero = DDP + AdamW state sharded over the processes (torch ZeroRedundancyOptimizer, ZeRO-1); fsdp = parameters, gradients and AdamW state sharded (torch FSDP2 fully_shard, one unit per transformer block); no effect with one process")
     fsdp_blocks: list[str] = opt(["Block", "TransformerLayer"], "with sharding=fsdp: class names of the modules that become one FSDP unit each (the transformer blocks); everything else forms the root unit")
     progress: bool = opt(True, "show a progress bar (main process)")
+    dist_timeout_s: int = opt(1800, "with several processes (torchrun): seconds a process waits in a collective operation for the others before the run fails; a stopped or wedged process blocks the others this long. It must exceed the longest time one process works alone while the others wait (the main process writing a large checkpoint, training the tokenizer or generating the synthetic data; a first torch.compile step), hence torch's default of 30 min; lower it (e.g. 300) where those take seconds, to fail fast")
 
     def validate(self) -> None:
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.epochs <= 0:
             raise ValueError("train.batch_size, train.grad_accum and train.epochs must be positive")
+        if self.dist_timeout_s <= 0:
+            raise ValueError(f"train.dist_timeout_s must be positive; got {self.dist_timeout_s}")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})")
         for key in ("log_every", "save_every"):
@@ -133,16 +136,6 @@ def lr_lambda(cfg: ScheduleConfig, total_steps: int):
         t = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
     return f
-
-
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """``worker_init_fn`` of training and evaluation DataLoaders: workers ignore SIGTERM / SIGINT.
-
-    A batch scheduler (SIGTERM) or Ctrl-C (SIGINT) signals the whole process group; a worker that
-    died of it would make the main process fail mid-step instead of saving a checkpoint at the end
-    of the step. The main process decides, and shuts its workers down when it exits."""
-    for s in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(s, signal.SIG_IGN)
 
 
 class _StopFlag:

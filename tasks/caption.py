@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.caption_data import (CAPTION_HINT, CaptionSplit, CaptionTrainCollator, load_coco_references,
@@ -43,7 +42,8 @@ from datasets.transforms import TransformConfig, build_transform, decode_min_sid
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config, to_dict
-from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState, ignore_stop_signals
+from engine.loader import SafeDataLoader
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.caption import CaptionModel
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
 from models.vlp import VLPConfig, VLPModel
@@ -51,7 +51,7 @@ from tasks.caption_eval import METRIC_KEYS, METRICS, CaptionScores, format_table
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
                           build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
-                          fit_model_config, require_fraction, require_positive, start_run, validate_image_data,
+                          fit_model_config, require_fraction, require_image_root, require_positive, start_run, validate_image_data,
                           write_json)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
@@ -191,9 +191,8 @@ class CaptionGenerator:
         model.eval()
         mine = list(range(dist.rank, len(files), dist.world_size))
         ds = ImageListDataset([files[i] for i in mine], self.transform, source)
-        loader = DataLoader(ds, batch_size=self.cfg.data.eval_batch_size, shuffle=False, collate_fn=ImageListDataset.collate,
-                            num_workers=min(self.cfg.data.num_workers, 2), pin_memory=dist.device.type == "cuda",
-                            worker_init_fn=ignore_stop_signals)
+        loader = SafeDataLoader(ds, batch_size=self.cfg.data.eval_batch_size, shuffle=False, collate_fn=ImageListDataset.collate,
+                                num_workers=min(self.cfg.data.num_workers, 2), pin_memory=dist.device.type == "cuda")
         gen = torch.Generator(device=dist.device).manual_seed(g.seed + dist.rank) if g.strategy == "nucleus" else None
         local: list[tuple[int, str]] = []
         prompt = self.prompt_ids.to(dist.device)
@@ -369,6 +368,7 @@ def _run(cfg: CaptionConfig, checkpoint: Optional[str], evaluate: bool, resume: 
     files = [f for f in (d.val_file, d.val_gt_file, d.test_file, d.test_gt_file) if f]
     require_files(([] if evaluate else list(d.train_files)) + files, "captioning annotation",
                   CAPTION_HINT + " The synthetic captioning demo: python run_finetune.py --task caption_shapes.")
+    require_image_root(d.image_root)
     ckpt = load_checkpoint(checkpoint) if checkpoint else None
     if evaluate and not is_caption_state(ckpt["model"]):
         raise ConfigError(f"{checkpoint} has no caption decoder (it is a pre-training checkpoint): fine-tune it "

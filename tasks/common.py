@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from datasets.formats import TooManyBadImagesError
 from datasets.shapes import ShapesConfig, ensure_shapes
@@ -24,8 +24,9 @@ from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state,
 from engine import distributed as D
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, opt
+from engine.loader import SafeDataLoader
 from engine.rundir import OutputDir
-from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, ignore_stop_signals, setup_logging
+from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, setup_logging
 from models.vision import interpolate_pos_embed
 from models.vlp import VLPConfig
 from models.weights import LoadReport
@@ -98,6 +99,19 @@ def require_files(paths: list[str], what: str, how_to_get: str) -> None:
     for f in paths:
         if not Path(f).is_file():
             raise FileNotFoundError(f"{what} file not found: {f}. {how_to_get} {SYNTHETIC_HINT}")
+
+
+def require_image_root(image_root: str, samples: list[str] = (), key: str = "data.image_root") -> None:
+    """A clear error naming ``key`` before any data loader starts: when the directory ``image_root``
+    does not exist, or when none of ``samples`` (full paths of the first few images the annotations
+    name) exists, so that every image would fail to load."""
+    if not Path(image_root).is_dir():
+        raise FileNotFoundError(f"{key}={image_root}: no such directory (the annotations' image paths are "
+                                f"relative to it). {SYNTHETIC_HINT}")
+    if samples and not any(os.path.isfile(f) for f in samples):
+        raise FileNotFoundError(f"{key}={image_root}: none of the first {len(samples)} images of the annotations "
+                                f"is there (the first: {samples[0]}); is it the folder their image paths are "
+                                "relative to?")
 
 
 def make_tokenizer(cfg: TokenizerConfig, texts: Callable[[], list[str]], checkpoint: Optional[dict] = None):
@@ -189,11 +203,11 @@ MOMENTUM_REASON = "momentum encoder or queue (pre-training only)"
 
 
 def start_run(train: TrainConfig, data: Any, out: Optional[OutputDir] = None) -> D.DistInfo:
-    """The start of a fine-tuning run: processes (``train.device``), logging, ``train.num_threads``,
+    """The start of a fine-tuning run: processes (``train.device``, ``train.dist_timeout_s``), logging, ``train.num_threads``,
     the output directory claimed (``out``, see :class:`engine.rundir.OutputDir`), and the synthetic
     shapes world on first use (when the ``data`` section's ``shapes`` is set and a data path lies in
     its folder)."""
-    dist = D.init_distributed(train.device)
+    dist = D.init_distributed(train.device, timeout_s=train.dist_timeout_s)
     setup_logging(dist.is_main)
     if train.num_threads > 0:
         torch.set_num_threads(train.num_threads)
@@ -427,9 +441,9 @@ class SampledTrainData:
         self.dataset.set_epoch(epoch)
         self.sampler.set_position(epoch, start_step)
         generator = None if self.loader_seed is None else torch.Generator().manual_seed(self.loader_seed)
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
-                            num_workers=self.num_workers, pin_memory=self.dist.device.type == "cuda",
-                            generator=generator, worker_init_fn=ignore_stop_signals)
+        loader = SafeDataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
+                                num_workers=self.num_workers, pin_memory=self.dist.device.type == "cuda",
+                                generator=generator)
         for group in grouped(loader, self.grad_accum):
             if self.bad_images is not None:
                 for b in group:

@@ -27,7 +27,7 @@ from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset, int_to_label
@@ -37,14 +37,15 @@ from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config
-from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState, ignore_stop_signals
+from engine.loader import SafeDataLoader
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
 from models.vlp import VLPConfig
 from models.weights import LoadReport
 from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
                           explain_momentum_keys, load_encoder_weights, load_model_state, load_selected_checkpoint,
                           make_tokenizer, raise_on_report, require_files, require_positive, start_run, to_device,
-                          fit_model_config, write_json)
+                          fit_model_config, require_image_root, write_json)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
 from tasks.resume import check_resume_config
@@ -125,8 +126,8 @@ def predict(model: NLVR2Model, dataset: NLVR2Dataset, collator: NLVR2Collator, d
     was_training = model.training
     model.eval()
     indices = list(range(dist.rank, len(dataset), dist.world_size))
-    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collator,
-                        num_workers=num_workers, pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+    loader = SafeDataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collator,
+                            num_workers=num_workers, pin_memory=dist.device.type == "cuda")
     autocast = autocast_for(precision, dist.device)
     local: list[tuple[int, int, float]] = []
     for batch in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), dynamic_ncols=True, leave=False):
@@ -246,6 +247,7 @@ def _run(cfg: NLVR2Config, checkpoint: Optional[str], evaluate: bool, resume: Op
     if resume_ckpt is not None:  # before anything is written
         check_resume_config(cfg, resume_ckpt, resume, "nlvr2", dist)
     require_files(([] if evaluate else d.train_files) + d.dev_files + d.test_files, "NLVR2 annotation", DATA_HINT)
+    require_image_root(d.image_root)
     if evaluate and not checkpoint:
         raise ConfigError("--evaluate needs --checkpoint (a fine-tuned NLVR2 checkpoint)")
 

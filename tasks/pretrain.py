@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS, PretrainCollator, PretrainDataset
 from datasets.shards import ShardPretrainDataset
@@ -23,12 +22,13 @@ from datasets.transforms import TransformConfig, build_transform, decode_min_sid
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import opt, save_config
+from engine.loader import SafeDataLoader
 from engine.rundir import OutputDir
 from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
-                            grouped, ignore_stop_signals, setup_logging)
+                            grouped, setup_logging)
 from models import losses as L
 from tasks.common import (QUEUE_KEYS, SHAPES_HELP, BadImageCheck, TokenizerConfig, ensure_synthetic, load_model_state,
-                          make_tokenizer, require_files, saved_run_config, to_device,
+                          make_tokenizer, require_files, require_image_root, saved_run_config, to_device,
                           validate_image_data)
 from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
 from tasks.resume import check_resume_config
@@ -108,10 +108,10 @@ class PretrainTask:
         else:
             self.sampler.set_position(epoch, start_step)
             batching = {"batch_sampler": self.sampler}
-        loader = DataLoader(self.dataset, collate_fn=self.collator, **batching,
-                            num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
-                            generator=torch.Generator().manual_seed(0),
-                            persistent_workers=False, worker_init_fn=ignore_stop_signals)
+        loader = SafeDataLoader(self.dataset, collate_fn=self.collator, **batching,
+                                num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(0),
+                                persistent_workers=False)
         for group in grouped(loader, self.cfg.train.grad_accum):
             for b in group:
                 self._count_bad(b)
@@ -277,7 +277,7 @@ def run(cfg: PretrainConfig, resume: Optional[str] = None, init_from: Optional[s
 
 
 def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], out: OutputDir) -> TrainState:
-    dist = D.init_distributed(cfg.train.device)
+    dist = D.init_distributed(cfg.train.device, timeout_s=cfg.train.dist_timeout_s)
     setup_logging(dist.is_main)
     if cfg.train.num_threads > 0:
         torch.set_num_threads(cfg.train.num_threads)
@@ -295,6 +295,7 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
         dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed,
                                   d.max_bad_fraction, max_image_pixels=d.max_image_pixels,
                                   decode_min_side=decode_min_side(cfg.model.vision.img_size, True, d.transform))
+        require_image_root(d.image_root, [dataset.image_path(i) for i in range(min(16, len(dataset)))])
     init_ckpt = load_checkpoint(init_from) if init_from and not resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt or init_ckpt)
     del resume_ckpt

@@ -43,7 +43,7 @@ from models.vlp import ContrastiveConfig, PretrainLossConfig, VLPConfig, VLPMode
 from models.weights import LoadReport
 from tasks.common import (QUEUE_KEYS, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
                           load_encoder_weights, load_model_state, load_selected_checkpoint, make_tokenizer,
-                          fit_model_config, require_files, start_run)
+                          fit_model_config, require_files, require_image_root, start_run)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
 from tasks.resume import check_resume_config
@@ -233,6 +233,7 @@ def _run(cfg: RetrievalConfig, mode: Mode, checkpoint: Optional[str], resume: Op
     require_files(([*d.train_files, d.val_file] if finetune else []) + [d.test_file], "retrieval annotation",
                   RETRIEVAL_HINT + " The synthetic retrieval demo: python run_finetune.py --task retrieval_shapes "
                   "--checkpoint <demo pre-training checkpoint>.")
+    require_image_root(d.image_root)
     img = cfg.model.vision.img_size
     train_set = None
     try:  # bad records: the CLI prints the message (it names the file and record) and exits with 2

@@ -47,13 +47,12 @@ from typing import Callable, ContextManager, Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from datasets.retrieval_data import ImageListDataset, RetrievalEvalData, tokenize_texts
 from engine import distributed as D
 from engine.config import opt
-from engine.trainer import ignore_stop_signals
+from engine.loader import SafeDataLoader
 
 log = logging.getLogger("retrieval")
 
@@ -251,9 +250,9 @@ class RetrievalEvaluator:
         """(chunk id, images on device) for each of ``chunks``, loaded in parallel."""
         if not chunks:
             return
-        loader = DataLoader(self.dataset, batch_sampler=[list(range(*self.chunks[c])) for c in chunks],
-                            collate_fn=ImageListDataset.collate, num_workers=self.num_workers,
-                            pin_memory=self.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+        loader = SafeDataLoader(self.dataset, batch_sampler=[list(range(*self.chunks[c])) for c in chunks],
+                                collate_fn=ImageListDataset.collate, num_workers=self.num_workers,
+                                pin_memory=self.device.type == "cuda")
         for c, (_, images) in zip(chunks, loader):
             yield c, images.to(self.device, non_blocking=True)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from datasets.shapes import ShapesConfig
@@ -40,7 +40,8 @@ from datasets.vqa_data import (VQA_HINT, VQAEvalCollator, VQAEvalDataset, VQATra
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config, to_dict
-from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState, ignore_stop_signals
+from engine.loader import SafeDataLoader
+from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
 from models.vqa import VQAModel, pad_vocab_rows
 from models.vlp import VLPConfig
@@ -48,7 +49,7 @@ from tasks.caption import DECODER_SECTIONS, token_ids
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
                           build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
-                          fit_model_config, require_fraction, require_positive, start_run, to_device, validate_image_data,
+                          fit_model_config, require_fraction, require_image_root, require_positive, start_run, to_device, validate_image_data,
                           write_json)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
@@ -156,9 +157,9 @@ class VQAPredictor:
         was_training = model.training
         model.eval()
         indices = list(range(dist.rank, len(dataset), dist.world_size))
-        loader = DataLoader(Subset(dataset, indices), batch_size=self.cfg.data.eval_batch_size, shuffle=False,
-                            collate_fn=self.collator, num_workers=min(self.cfg.data.num_workers, 2),
-                            pin_memory=dist.device.type == "cuda", worker_init_fn=ignore_stop_signals)
+        loader = SafeDataLoader(Subset(dataset, indices), batch_size=self.cfg.data.eval_batch_size, shuffle=False,
+                                collate_fn=self.collator, num_workers=min(self.cfg.data.num_workers, 2),
+                                pin_memory=dist.device.type == "cuda")
         local: list[tuple[int, str]] = []
         for batch in tqdm(loader, desc=desc, disable=not (self.cfg.train.progress and dist.is_main),
                           dynamic_ncols=True, leave=False):
@@ -343,6 +344,7 @@ def _run(cfg: VQAConfig, checkpoint: Optional[str], evaluate: bool, resume: Opti
     require_files(([] if evaluate else list(d.train_files)) + [f for f in (d.val_file, d.test_file, d.test_gt_file) if f]
                   + [d.answer_list], "VQA annotation",
                   VQA_HINT + " The synthetic VQA demo: python run_finetune.py --task vqa_shapes.")
+    require_image_root(d.image_root)
     ckpt = load_checkpoint(checkpoint) if checkpoint else None
     if evaluate and not is_vqa_state(ckpt["model"]):
         raise ConfigError(f"{checkpoint} has no answer decoder (it is a pre-training checkpoint): fine-tune it "
