@@ -346,6 +346,18 @@ def test_all_images_bad_stops_at_once(tmp_path):
 def test_cli_all_images_missing_exits_2(world, tmp_path):
     res = _cli("run_pretrain.py", "--config", str(DEMO), "--set",
                *tiny_overrides(world, tmp_path / "out", **{"data.image_root": tmp_path / "nowhere"}))
+    _one_line_error(res, 2, "data.image_root", "no such directory")
+
+
+def test_cli_all_images_undecodable_exits_2(world, tmp_path):
+    """Every image exists but none decodes: the bad-image rule stops the run with one line."""
+    import shutil
+    root = tmp_path / "corrupt"
+    shutil.copytree(world, root)
+    for img in (root / "images").rglob("*.*"):
+        img.write_bytes(b"not an image")
+    res = _cli("run_pretrain.py", "--config", str(DEMO), "--set",
+               *tiny_overrides(world, tmp_path / "out", **{"data.image_root": root}))
     _one_line_error(res, 2, "failed to load", "data.image_root")
 
 
