@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import subprocess
 import sys
@@ -38,7 +39,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = {"demo": "configs/demo/pretrain.yaml", "vitb_bertbase": "configs/pretrain.yaml"}
+CONFIGS = {"demo": "configs/demo/pretrain.yaml", "vitb_bertbase": "configs/pretrain.yaml", "tiny": "configs/demo/pretrain.yaml"}
+# "tiny": the demo config made smaller still, for checking the benchmark's plumbing in seconds
+MODEL_OVERRIDES = {"tiny": ["model.vision.img_size=32", "model.vision.width=32", "model.vision.depth=1",
+                            "model.vision.num_heads=2", "model.text.hidden_size=32", "model.text.num_text_layers=1",
+                            "model.text.num_fusion_layers=2", "model.text.num_heads=2",
+                            "model.text.intermediate_size=64", "model.queue_size=32", "model.embed_dim=16",
+                            "tokenizer.vocab_size=120"]}
 CHECKPOINTING = ("off", "torch", "fairscale")
 
 
@@ -236,7 +243,7 @@ def _wrap_fairscale(model) -> int:
 
 def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, device: str, ckpt: str,
         compile_: bool = False, threads: int = 0, instrument: bool = True, max_seconds: float = 0.0,
-        variant: str = "srcl") -> dict:
+        variant: str = "srcl", compile_backend: str = "inductor") -> dict:
     """Measure one setting of this project's step in this process; returns the result row.
     ``variant`` ``srcl_unshared`` is the same measurement of another checkout's code (the caller
     puts it first on ``sys.path``); its analytic FLOPs are ``total_unshared``."""
@@ -247,11 +254,15 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
     from models.vlp import VLPModel
     from tasks.pretrain import PretrainConfig
 
-    if threads:
+    if threads > 0:
         torch.set_num_threads(threads)
+    elif threads < 0:  # the trainer's default (train.num_threads=0)
+        from engine.trainer import apply_num_threads
+        apply_num_threads(0, torch.device("cpu"))
     flag = str(ckpt == "torch").lower()
     overrides = ["model.vision_weights=null", "model.text_weights=null", "tokenizer.path=null",
-                 f"model.vision.grad_checkpointing={flag}", f"model.text.grad_checkpointing={flag}"]
+                 f"model.vision.grad_checkpointing={flag}", f"model.text.grad_checkpointing={flag}",
+                 *MODEL_OVERRIDES.get(model_name, [])]
     cfg = load_config(PretrainConfig, ROOT / CONFIGS[model_name], overrides)
     # the vocabulary as in the run: bert-base's (tokenizer.path set) or one trained on the captions
     if load_config(PretrainConfig, ROOT / CONFIGS[model_name]).tokenizer.path is None:
@@ -275,26 +286,27 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
              "mlm_labels": labels, "image_idx": torch.arange(batch)}
         return {k: t.to(dev) for k, t in b.items()}
 
-    fwd = torch.compile(model) if compile_ else model
+    fwd = torch.compile(model, backend=compile_backend) if compile_ else model
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
-    def fwd_bwd(b):
+    def fwd_bwd(b, module=fwd):
         with amp:
-            out = fwd(b, cfg.loss)
+            out = module(b, cfg.loss)
         out["loss"].backward()
 
-    def step(b):
-        fwd_bwd(b)
+    def step(b, module=fwd):
+        fwd_bwd(b, module)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     rss0 = _rss_mib()
     counted = step_peak = None
     if instrument:
-        # two instrumented steps: the FLOPs actually executed, and the peak tensor memory of forward +
-        # backward (activations, gradients, temporaries; parameters and optimiser state excluded)
+        # two instrumented steps: the FLOPs actually executed (by the eager model: the same
+        # operators), and the peak tensor memory of forward + backward (activations, gradients,
+        # temporaries; parameters and optimiser state excluded)
         with FlopCounterMode(display=False) as fc:
-            step(batch_fn())
+            step(batch_fn(), model)
         counted = fc.get_total_flops() / batch
         b = batch_fn()
         step_peak = _step_peak_mib(lambda: fwd_bwd(b), opt, dev)
@@ -314,6 +326,7 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
     analytic = flops["total_unshared" if variant == "srcl_unshared" else "total"] + flops["recompute_ckpt"]
     timing = _timing_row(times, first, batch)
     row = {"variant": variant, "model": model_name, "precision": precision, "checkpointing": ckpt, "compile": compile_,
+           "compile_backend": compile_backend if compile_ else None,
            "batch": batch, "device": device, "threads": torch.get_num_threads(), **timing,
            "peak_mem_mib": peak, "rss_before_steps_mib": rss0 if dev.type == "cpu" else None,
            "step_peak_tensor_mib": step_peak,
@@ -453,14 +466,97 @@ def ratios(runs: list[dict], rows: list[dict]) -> list[dict]:
     return out
 
 
+def _error_line(stderr: str, returncode: int) -> str:
+    """The exception line of a failed setting's stderr (the last ``...Error: ...`` line), else its last line."""
+    lines = [x.strip() for x in stderr.strip().splitlines() if x.strip()]
+    errors = [x for x in lines if re.match(r"^[\w.]*(Error|Exception|Interrupt)\b", x)]
+    return (errors or lines or [f"exit {returncode}"])[-1][:500]
+
+
 def _child_cmd(args, variant: str, m: str, p: str, c: str, instrument: bool) -> list[str]:
     common = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--device", args.device, "--threads", str(args.threads), "--max-seconds", str(args.max_seconds),
-              "--compile", *args.compile, *([] if instrument else ["--instrument", "none"])]
+              "--compile", *args.compile, "--compile-backend", args.compile_backend,
+              *([] if instrument else ["--instrument", "none"])]
     if variant == "albef":
         return [args.albef_python or sys.executable, __file__, *common, "--albef", args.albef, "--_albef_child", p]
     code = ["--code-root", args.baseline_root] if variant == "srcl_unshared" else []
     return [sys.executable, __file__, *common, *code, "--_child", m, p, c, variant]
+
+
+THREAD_POLICIES = {  # name: (threads argument of one(), extra environment)
+    "default": (0, {}),                                  # torch's default: one thread per core
+    "passive": (0, {"OMP_WAIT_POLICY": "PASSIVE"}),      # the same, waiting threads sleep instead of spinning
+    "1": (1, {}),
+    "auto": (-1, {}),                                    # train.num_threads=0 (engine.trainer.auto_num_threads)
+}
+
+
+def _busy_cpus(sample_s: float = 0.5) -> float:
+    """How many of this process's CPUs other programs kept busy over ``sample_s`` seconds."""
+    from engine.trainer import _cpu_times
+
+    cpus = os.sched_getaffinity(0)
+    t0 = _cpu_times(cpus)
+    time.sleep(sample_s)
+    t1 = _cpu_times(cpus)
+    return sum((t1[c][0] - t0[c][0]) / max(1, t1[c][1] - t0[c][1]) for c in t1 if c in t0)
+
+
+def contention(args) -> None:
+    """Thread policies on a CPU that other programs use: each policy in its own process, with 0 and
+    with N busy-loop processes competing (``--competitors``), all interleaved per round."""
+    runs = []
+    load_before = os.getloadavg()
+    for rnd in range(args.rounds):
+        for n_comp in args.competitors:
+            for policy in args.policies:
+                threads, env = THREAD_POLICIES[policy]
+                hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n_comp)]
+                try:
+                    time.sleep(1.0)
+                    busy = _busy_cpus()
+                    cmd = [sys.executable, __file__, "--batch", str(args.batch), "--steps", str(args.steps),
+                           "--warmup", str(args.warmup), "--threads", str(threads), "--instrument", "none",
+                           "--compile", "off", "--_child", args.models[0], args.precisions[0], "off", "srcl"]
+                    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
+                                         env={**os.environ, **env}, timeout=args.child_timeout or None)
+                finally:
+                    for h in hogs:
+                        h.kill()
+                        h.wait()
+                if res.returncode != 0:
+                    print(res.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"contention run {policy} with {n_comp} competitor(s) failed")
+                row = json.loads(res.stdout.strip().splitlines()[-1])
+                row.update(policy=policy, env=env, competitors=n_comp, cpus_busy_before=busy, round=rnd,
+                           loadavg=os.getloadavg())
+                runs.append(row)
+                print(f"round {rnd} competitors={n_comp} policy={policy:8s} threads={row['threads']}  "
+                      f"{row['pairs_per_s']:7.2f} pairs/s (best {row['pairs_per_s_best']:.2f})  "
+                      f"CPUs busy before {busy:.2f}  load {row['loadavg'][0]:.1f}", flush=True)
+    best = {}
+    for r in runs:
+        k = (r["competitors"], r["policy"])
+        if k not in best or r["pairs_per_s"] > best[k]["pairs_per_s"]:
+            best[k] = r
+    ref = best.get((0, "default"))
+    summary = []
+    print("\n| competitors | policy | threads | pairs/s | vs default without competitor |\n|---|---|---|---|---|")
+    for (n_comp, policy), r in sorted(best.items()):
+        rel = r["pairs_per_s"] / ref["pairs_per_s"] if ref else None
+        summary.append({"competitors": n_comp, "policy": policy, "threads": r["threads"],
+                        "pairs_per_s": r["pairs_per_s"], "relative_to_default_idle": rel})
+        print(f"| {n_comp} | {policy} | {r['threads']} | {r['pairs_per_s']:.2f} | {_fmt(rel, '.2f')} |")
+    import torch
+    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "cpus_usable": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+            "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "summary": summary, "all_rounds": runs}, indent=2))
+    print(f"wrote {args.out}")
 
 
 def main() -> None:
@@ -473,10 +569,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads per setting (0 = torch's default)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads per setting (0 = torch's default, -1 = the trainer's automatic choice)")
     ap.add_argument("--compile", nargs="*", choices=["off", "on"], default=None,
                     help="torch.compile the model (first step compiles); '--compile' alone = on, "
                          "'--compile off on' measures both")
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend (inductor; eager only traces: a quick check that compiling works)")
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat all settings this many times, interleaved, and keep each setting's fastest round "
                          "(robust against other load on a shared machine); every round is kept in the JSON")
@@ -498,7 +597,13 @@ def main() -> None:
     ap.add_argument("--keep-going", action="store_true", help="record a failed setting and continue")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
                     help="the device's peak (e.g. 790 for H200 dense bf16): adds the fraction of it achieved "
-                         "(analytic FLOPs x pairs/s; ALBEF: counted FLOPs)")
+                         "(analytic model FLOPs, without checkpointing's recomputation, x pairs/s; ALBEF: "
+                         "counted FLOPs)")
+    ap.add_argument("--contention", action="store_true",
+                    help="compare thread policies (--policies) with and without busy-loop processes "
+                         "(--competitors) competing for the CPUs; first of --models / --precisions")
+    ap.add_argument("--policies", nargs="+", default=list(THREAD_POLICIES), choices=list(THREAD_POLICIES))
+    ap.add_argument("--competitors", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/pretrain_throughput.json"))
     ap.add_argument("--code-root", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_child", nargs=4, help=argparse.SUPPRESS)
@@ -517,7 +622,10 @@ def main() -> None:
             sys.path.insert(0, str(Path(args.code_root).resolve()))
         m, p, c, variant = args._child
         print(json.dumps(one(m, p, args.batch, args.steps, args.warmup, args.device, c, compiles[0], args.threads,
-                             instrument, args.max_seconds, variant)))
+                             instrument, args.max_seconds, variant, args.compile_backend)))
+        return
+    if args.contention:
+        contention(args)
         return
     if "albef" in args.variants and not args.albef:
         ap.error("--variants albef needs --albef DIR")
@@ -539,7 +647,7 @@ def main() -> None:
             try:
                 res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT,
                                      timeout=args.child_timeout or None)
-                err = None if res.returncode == 0 else (res.stderr.strip().splitlines() or ["exit %d" % res.returncode])[-1]
+                err = None if res.returncode == 0 else _error_line(res.stderr, res.returncode)
                 if err:
                     print(res.stderr[-3000:], file=sys.stderr)
             except subprocess.TimeoutExpired:
@@ -556,8 +664,8 @@ def main() -> None:
                 elif row.get("flops_per_pair_counted") is not None:
                     counted[(v, m, c, p, k)] = {x: row.get(x) for x in (
                         "flops_per_pair_counted", "flops_per_pair_counted_plus_sdpa", "step_peak_tensor_mib")}
-                if args.peak_tflops:
-                    f = row.get("flops_per_pair_analytic") or row.get("flops_per_pair_counted_plus_sdpa")
+                if args.peak_tflops:  # model FLOPs (recomputation not counted) per second over the peak
+                    f = (row.get("flops_analytic_parts") or {}).get("total") or row.get("flops_per_pair_counted_plus_sdpa")
                     row["peak_tflops"] = args.peak_tflops
                     row["fraction_of_peak"] = f * row["pairs_per_s"] / (args.peak_tflops * 1e12) if f else None
             counted.setdefault((v, m, c, p, k), {})
@@ -584,10 +692,10 @@ def main() -> None:
     for r in rat:
         print(f"srcl / {r['versus']} ({r['model']} {r['precision']} ckpt={r['checkpointing']}): "
               f"{r['ratio_best_rounds']:.3f} (best rounds), per round {[round(x, 3) for x in r['ratio_per_round']]}")
-    import torch
+    from importlib.metadata import version
     meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+            "torch": version("torch"), "command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
             "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
