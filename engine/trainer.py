@@ -57,7 +57,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = opt("fp32", "autocast precision (fp16 uses a gradient scaler)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto = the local GPU when present")
     seed: int = opt(42, "seed for the model, data order, augmentation and masking")
-    num_threads: int = opt(0, "torch CPU threads per process (0 = leave torch's default)")
+    num_threads: int = opt(0, "torch CPU threads per process; 0 = auto on CPU: the idle CPUs this process may use "
+                              "(sched_getaffinity, cgroup quota, /proc/stat over a short sample) shared by the "
+                              "processes of this node, at least 1; OMP_NUM_THREADS, when set, is left as it is")
     log_every: int = opt(50, "optimiser steps between log.jsonl lines")
     save_every: int = opt(1000, "optimiser steps between checkpoint_last.pth writes (also at each epoch end)")
     keep_epoch_checkpoints: bool = opt(True, "also keep checkpoint_XX.pth at each epoch end")
@@ -73,6 +75,77 @@ class TrainConfig:
             raise ValueError("train.batch_size, train.grad_accum and train.epochs must be positive")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})")
+
+
+def _cpu_times(cpus: set[int]) -> dict[int, tuple[int, int]]:
+    """(busy, total) jiffies of each CPU in ``cpus`` from /proc/stat (Linux); {} elsewhere."""
+    out = {}
+    try:
+        with open("/proc/stat") as f:
+            for line in f:
+                name, *vals = line.split()
+                if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+                    continue
+                v = [int(x) for x in vals[:8]]
+                idle = v[3] + v[4]  # idle + iowait
+                out[int(name[3:])] = (sum(v) - idle, sum(v))
+    except (OSError, ValueError):
+        return {}
+    return out
+
+
+def _cgroup_cpu_limit() -> Optional[float]:
+    """CPUs allowed by a cgroup v2 / v1 quota, or None."""
+    try:
+        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+        period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+def auto_num_threads(sample_s: float = 0.2, processes: Optional[int] = None) -> int:
+    """CPU threads for one training process on a possibly shared machine: the CPUs it may run on
+    (``os.sched_getaffinity``, capped by a cgroup quota), less the ones other programs keep busy
+    (from /proc/stat over ``sample_s`` seconds), divided among the ``processes`` of this node
+    (default ``LOCAL_WORLD_SIZE``, else 1); at least 1.
+
+    Why: OpenMP threads meet at a barrier after every operator, so one thread that shares its core
+    with another busy program holds all the others back; on a machine where other programs are
+    busy, fewer threads than cores are faster (measured in benchmarks/pretrain_throughput.py
+    ``--contention``)."""
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    usable = float(len(cpus))
+    limit = _cgroup_cpu_limit()
+    if limit is not None:
+        usable = min(usable, limit)
+    if sample_s > 0:
+        t0 = _cpu_times(cpus)
+        time.sleep(sample_s)
+        t1 = _cpu_times(cpus)
+        busy = sum((t1[c][0] - t0[c][0]) / max(1, t1[c][1] - t0[c][1]) for c in t1 if c in t0)
+        usable = min(usable, len(cpus) - busy)
+    procs = processes or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return max(1, int(usable / max(1, procs) + 0.5))
+
+
+def apply_num_threads(num_threads: int, device: torch.device) -> int:
+    """``train.num_threads``: > 0 sets it; 0 on a CPU device chooses :func:`auto_num_threads`
+    unless ``OMP_NUM_THREADS`` is set (then torch's choice stands). Returns the threads in use."""
+    if num_threads > 0:
+        torch.set_num_threads(num_threads)
+    elif device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        n = auto_num_threads()
+        if n != torch.get_num_threads():
+            log.info("train.num_threads=0: %d CPU thread(s) (idle CPUs of this process; torch's default was %d)",
+                     n, torch.get_num_threads())
+            torch.set_num_threads(n)
+    return torch.get_num_threads()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -159,6 +232,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, optim: OptimConfig, sched: ScheduleConfig, model: nn.Module,
                  param_groups: list[dict], dist: D.DistInfo, run_config: Any, find_unused: bool = False) -> None:
         self.cfg, self.dist, self.run_config = cfg, dist, run_config
+        self.num_threads = apply_num_threads(cfg.num_threads, dist.device)
         self.out_dir = Path(cfg.output_dir)
         self.model = model
         self.sharding = cfg.sharding if dist.world_size > 1 else "none"
