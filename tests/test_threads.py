@@ -72,3 +72,54 @@ def test_apply_num_threads(monkeypatch):
     assert T.apply_num_threads(0, torch.device("cpu")) == 3       # the environment's choice stands
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert T.apply_num_threads(0, torch.device("cuda")) == 3      # not on GPUs
+
+
+class _Clock:
+    def __init__(self):
+        self.wall, self.own, self.busy = 0.0, 0.0, 0.0  # seconds; busy = all CPUs' busy CPU-seconds
+
+
+def _fake_running(monkeypatch, clock: _Clock, cpus=(0, 1, 2, 3)):
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda pid: set(cpus))
+    monkeypatch.setattr(T, "_cgroup_cpu_limit", lambda: None)
+    monkeypatch.setattr(T.os, "sysconf", lambda name: 100)
+    monkeypatch.setattr(T.time, "monotonic", lambda: clock.wall)
+    monkeypatch.setattr(T.time, "process_time", lambda: clock.own)
+    # busy time spread evenly over the CPUs, in jiffies (100 per second)
+    monkeypatch.setattr(T, "_cpu_times", lambda wanted: {
+        c: (int(100 * clock.busy / len(cpus)), int(100 * clock.wall)) for c in wanted})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+
+
+def _advance(clock: _Clock, seconds: float, own_threads: float, others: float):
+    clock.wall += seconds
+    clock.own += seconds * own_threads
+    clock.busy += seconds * (own_threads + others)
+
+
+def test_auto_threads_follow_other_programs_during_training(monkeypatch):
+    clock = _Clock()
+    _fake_running(monkeypatch, clock)
+    torch.set_num_threads(4)
+    auto = T.AutoThreads(interval_s=10.0)
+    _advance(clock, 5, own_threads=4, others=0)
+    assert auto.maybe_update() is None                       # not yet due
+    _advance(clock, 5, own_threads=3, others=1)              # a program took a CPU: 10 s, others 0.5 on average
+    assert auto.maybe_update() is None and torch.get_num_threads() == 4   # round(4 - 0.5) = 4 (3.5 rounds up)
+    _advance(clock, 10, own_threads=3, others=2)             # two programs now
+    assert auto.maybe_update() == 2 and torch.get_num_threads() == 2
+    _advance(clock, 10, own_threads=2, others=2)
+    assert auto.maybe_update() is None                       # unchanged
+    _advance(clock, 10, own_threads=2, others=0)             # they ended
+    assert auto.maybe_update() == 4 and torch.get_num_threads() == 4
+    _advance(clock, 10, own_threads=4, others=9)             # more than the CPUs: still one thread
+    assert auto.maybe_update() == 1
+
+
+def test_auto_threads_off_with_zero_interval(monkeypatch):
+    clock = _Clock()
+    _fake_running(monkeypatch, clock)
+    torch.set_num_threads(4)
+    auto = T.AutoThreads(interval_s=0.0)
+    _advance(clock, 100, own_threads=1, others=4)
+    assert auto.maybe_update() is None and torch.get_num_threads() == 4
