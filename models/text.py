@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from models.weights import LoadReport, copy_into, read_state_dict
 
 __all__ = ["TextConfig", "TransformerLayer", "TextEmbeddings", "TextTransformer", "MLMHead",
-           "load_bert_weights", "bert_key_map", "attention_mask_4d"]
+           "load_bert_weights", "bert_key_map", "attention_mask_4d", "QueryLayout"]
 
 
 @dataclass
@@ -102,25 +102,70 @@ class Attention(nn.Module):
         self.output.dropout = nn.Dropout(hidden_dropout)
 
     def forward(self, x: Tensor, kv: Tensor, mask: Optional[Tensor] = None,
-                kv_index: Optional[Tensor] = None) -> Tensor:
+                kv_index: Optional[Tensor] = None, layout: Optional["QueryLayout"] = None) -> Tensor:
         """``x`` (B, Q, H) attends to ``kv`` (B, K, W); ``mask`` boolean, broadcastable to (B, h, Q, K).
 
         With ``kv_index`` (B,) long, ``kv`` is (M, K, W) and row ``b`` of ``x`` attends to
         ``kv[kv_index[b]]``: keys and values are projected once per ``kv`` item and then gathered
-        (the same result as passing ``kv[kv_index]``, without repeating the projections)."""
-        B, Q, H = x.shape
+        (the same result as passing ``kv[kv_index]``, without repeating the projections).
+
+        With ``layout`` (a :class:`QueryLayout`), ``x`` is (T, H): T query tokens spread over the
+        layout's rows; only their queries, outputs and residuals are computed, and the result is
+        (T, H). ``kv`` (and ``kv_index``, ``mask``) then describe the layout's rows."""
+        H = x.shape[-1]
 
         def split(t: Tensor) -> Tensor:  # (N, T, H) -> (N, heads, T, H / heads)
             return t.view(t.shape[0], t.shape[1], self.heads, H // self.heads).transpose(1, 2)
 
-        q, k, v = split(self.self.query(x)), split(self.self.key(kv)), split(self.self.value(kv))
+        q = self.self.query(x)
+        if layout is not None:
+            q = layout.pad(q)
+        B, Q = q.shape[0], q.shape[1]
+        q, k, v = split(q), split(self.self.key(kv)), split(self.self.value(kv))
         if kv_index is not None:
             k, v = k[kv_index], v[kv_index]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask,
             dropout_p=self.attention_dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, Q, H)
+        if layout is not None:
+            out = layout.unpad(out)
         return self.output.LayerNorm(x + self.output.dropout(self.output.dense(out)))
+
+
+@dataclass
+class QueryLayout:
+    """Selected tokens of a batch of sequences, for layers that compute only those tokens' outputs.
+
+    Built from a boolean ``(R, L)`` selection by :meth:`from_select`: ``rows`` (R',) are the rows
+    with at least one selected token (ascending), token ``t`` (in the row-major order of
+    ``select.nonzero()``) lies in row ``rows[row[t]]`` at position ``pos[t]`` and takes query slot
+    ``slot[t]`` of its row; ``width`` is the largest number of selected tokens in a row. Attention
+    runs on queries padded to ``(R', width)``; the padding slots are computed and dropped."""
+
+    rows: Tensor
+    row: Tensor
+    pos: Tensor
+    slot: Tensor
+    width: int
+
+    @classmethod
+    def from_select(cls, select: Tensor) -> "QueryLayout":
+        counts = select.sum(1)
+        rows = counts.nonzero().squeeze(1)
+        counts = counts[rows]
+        row, pos = select[rows].nonzero(as_tuple=True)
+        start = counts.cumsum(0) - counts
+        slot = torch.arange(row.numel(), device=row.device) - start[row]
+        return cls(rows, row, pos, slot, int(counts.max()) if rows.numel() else 0)
+
+    def pad(self, x: Tensor) -> Tensor:
+        """(T, H) token states -> (R', width, H), zeros in the unused slots."""
+        return x.new_zeros(self.rows.numel(), self.width, x.shape[-1]).index_put((self.row, self.slot), x)
+
+    def unpad(self, x: Tensor) -> Tensor:
+        """(R', width, H) -> (T, H): the inverse of :meth:`pad`."""
+        return x[self.row, self.slot]
 
 
 class TransformerLayer(nn.Module):
@@ -150,7 +195,8 @@ class TransformerLayer(nn.Module):
 
     def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None,
                 encoder_hidden: Optional[Tensor] = None, encoder_mask: Optional[Tensor] = None,
-                causal: Optional[bool] = None, encoder_index: Optional[Tensor] = None) -> Tensor:
+                causal: Optional[bool] = None, encoder_index: Optional[Tensor] = None,
+                hidden_index: Optional[Tensor] = None, select: Optional[Tensor] = None) -> Tensor:
         """Run the block.
 
         Args:
@@ -163,8 +209,20 @@ class TransformerLayer(nn.Module):
             encoder_index: (B,) long or None: ``encoder_hidden`` (and ``encoder_mask``) then hold
                 M distinct items and row b reads item ``encoder_index[b]`` (keys/values projected
                 once per item).
+            hidden_index: (R,) long or None: ``hidden`` (and ``attention_mask``) hold D distinct
+                sequences and the block's rows are ``hidden[hidden_index]``; the self-attention runs
+                once per distinct sequence (it depends on nothing else), the rest per row. The
+                result has R rows; ``encoder_index`` and ``select`` refer to them.
+            select: (R, L) bool or None: compute only the outputs of the selected tokens (keys and
+                values still come from every token) and return them as (T, H), in the order of
+                ``select.nonzero()`` (equal to ``forward(...)[select]``). Not for causal layers.
         """
+        if select is not None:
+            return self._forward_selected(hidden, attention_mask, encoder_hidden, encoder_mask, causal,
+                                          encoder_index, hidden_index, select)
         x = self.self_attend(hidden, attention_mask, causal)
+        if hidden_index is not None:
+            x = x[hidden_index]
         if self.has_cross_attention:
             if encoder_hidden is None:
                 raise ValueError("this layer has cross-attention: pass encoder_hidden (image tokens)")
@@ -172,6 +230,31 @@ class TransformerLayer(nn.Module):
                 encoder_mask = encoder_mask[encoder_index]
             x = self.crossattention(x, encoder_hidden, attention_mask_4d(encoder_mask, x.shape[1], False),
                                     kv_index=encoder_index)
+        return self.feed_forward(x)
+
+    def _forward_selected(self, hidden: Tensor, attention_mask: Optional[Tensor], encoder_hidden: Optional[Tensor],
+                          encoder_mask: Optional[Tensor], causal: Optional[bool], encoder_index: Optional[Tensor],
+                          hidden_index: Optional[Tensor], select: Tensor) -> Tensor:
+        """``forward(...)[select]`` computing only the selected tokens' queries, outputs and FFN."""
+        if (self.causal if causal is None else causal):
+            raise ValueError("select (outputs at selected tokens only) needs a bidirectional layer")
+        if hidden_index is not None:
+            hidden = hidden[hidden_index]
+            attention_mask = None if attention_mask is None else attention_mask[hidden_index]
+        layout = QueryLayout.from_select(select)
+        hidden = hidden[layout.rows]
+        attention_mask = None if attention_mask is None else attention_mask[layout.rows]
+        x = hidden[layout.row, layout.pos]
+        if layout.width == 0:  # nothing selected
+            return x
+        x = self.attention(x, hidden, attention_mask_4d(attention_mask, layout.width, False), layout=layout)
+        if self.has_cross_attention:
+            if encoder_hidden is None:
+                raise ValueError("this layer has cross-attention: pass encoder_hidden (image tokens)")
+            kv_index = layout.rows if encoder_index is None else encoder_index[layout.rows]
+            encoder_mask = None if encoder_mask is None else encoder_mask[kv_index]
+            x = self.crossattention(x, encoder_hidden, attention_mask_4d(encoder_mask, layout.width, False),
+                                    kv_index=kv_index, layout=layout)
         return self.feed_forward(x)
 
     # The block's stages, for heads that change only the cross-attention step (e.g. NLVR2's two
@@ -247,38 +330,62 @@ class TextTransformer(nn.Module):
 
     def forward_layers(self, hidden: Tensor, attention_mask: Optional[Tensor], start: int, end: int,
                        image_embeds: Optional[Tensor] = None, image_atts: Optional[Tensor] = None,
-                       causal: bool = False, image_index: Optional[Tensor] = None) -> Tensor:
+                       causal: bool = False, image_index: Optional[Tensor] = None,
+                       text_index: Optional[Tensor] = None, select: Optional[Tensor] = None) -> Tensor:
         """Run ``encoder.layer[start:end]`` (the shared implementation of every text path).
 
         ``causal=True`` makes the self-attention causal (a decoder reusing these layers).
-        ``image_index`` (B,): row b cross-attends to ``image_embeds[image_index[b]]`` (see
-        ``TransformerLayer.forward``'s ``encoder_index``).
+        ``image_index`` (R,): row b cross-attends to ``image_embeds[image_index[b]]`` (see
+        ``TransformerLayer.forward``'s ``encoder_index``). ``text_index`` (R,): ``hidden`` holds
+        distinct sequences and the rows are ``hidden[text_index]``; the first layer's
+        self-attention runs once per distinct sequence. ``select`` (R, L) bool: the last layer
+        computes only the selected tokens and the result is (T, H) = ``full_result[select]``.
         Gradient checkpointing applies per layer when ``cfg.grad_checkpointing`` and training.
         """
-        extra = {} if image_index is None else {"encoder_index": image_index}
-        for layer in self.encoder.layer[start:end]:
+        layers = self.encoder.layer[start:end]
+        if len(layers) == 0:
+            if text_index is not None:
+                hidden = hidden[text_index]
+            return hidden if select is None else hidden[select]
+        for i, layer in enumerate(layers):
+            extra = {} if image_index is None else {"encoder_index": image_index}
+            if i == 0 and text_index is not None:
+                extra["hidden_index"] = text_index
+            if i == len(layers) - 1 and select is not None:
+                extra["select"] = select
             args = (hidden, attention_mask, image_embeds, image_atts, causal)
             if self.cfg.grad_checkpointing and self.training and torch.is_grad_enabled():
                 hidden = checkpoint(layer, *args, use_reentrant=False, **extra)
             else:
                 hidden = layer(*args, **extra)
+            if i == 0 and text_index is not None and attention_mask is not None:
+                attention_mask = attention_mask[text_index]
         return hidden
 
-    def forward_text(self, input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
-        """Embeddings + bidirectional text layers: (B, L) ids -> (B, L, H)."""
+    def forward_text(self, input_ids: Tensor, attention_mask: Optional[Tensor],
+                     select: Optional[Tensor] = None) -> Tensor:
+        """Embeddings + bidirectional text layers: (B, L) ids -> (B, L, H); with ``select`` (B, L)
+        bool only the selected tokens' states, (T, H) (the last layer computes only those)."""
         hidden = self.embeddings(input_ids)
-        return self.forward_layers(hidden, attention_mask, 0, self.cfg.num_text_layers)
+        return self.forward_layers(hidden, attention_mask, 0, self.cfg.num_text_layers, select=select)
 
     def forward_fusion(self, hidden: Tensor, attention_mask: Optional[Tensor], image_embeds: Tensor,
-                       image_atts: Optional[Tensor] = None, image_index: Optional[Tensor] = None) -> Tensor:
+                       image_atts: Optional[Tensor] = None, image_index: Optional[Tensor] = None,
+                       text_index: Optional[Tensor] = None, select: Optional[Tensor] = None) -> Tensor:
         """Fusion layers (self-attention + cross-attention to ``image_embeds`` (B, N, encoder_width)).
 
-        With ``image_index`` (B,) long, ``image_embeds`` (M, N, W) holds M distinct images and text
+        With ``image_index`` (R,) long, ``image_embeds`` (M, N, W) holds M distinct images and text
         row b reads image ``image_index[b]``: the same result as ``image_embeds[image_index]``, but
-        the cross-attention keys/values are projected once per image, not once per pair."""
+        the cross-attention keys/values are projected once per image, not once per pair.
+        With ``text_index`` (R,) long, ``hidden`` (D, L, H) and ``attention_mask`` (D, L) hold D
+        distinct texts and the rows are ``hidden[text_index]`` (the first layer's self-attention
+        runs once per distinct text). With ``select`` (R, L) bool the result is (T, H), the states
+        of the selected tokens only (``full_result[select]``), and the last layer computes only
+        those tokens (its keys and values still read every token)."""
         n = self.cfg.num_text_layers
         return self.forward_layers(hidden, attention_mask, n, n + self.cfg.num_fusion_layers,
-                                   image_embeds, image_atts, image_index=image_index)
+                                   image_embeds, image_atts, image_index=image_index,
+                                   text_index=text_index, select=select)
 
 
 class MLMHead(nn.Module):

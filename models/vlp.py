@@ -27,6 +27,46 @@ from models.text import MLMHead, TextConfig, TextTransformer
 from models.vision import VisionConfig, build_vit, vit_tokens
 
 
+def _plain_timm_block(block) -> bool:
+    """A timm ViT ``Block`` with timm's ``Attention`` and no extras (the layout vit_class_token knows)."""
+    from timm.models.vision_transformer import Attention, Block
+
+    return (type(block) is Block and type(block.attn) is Attention and getattr(block.attn, "gate", None) is None
+            and not getattr(block.attn, "rotary", None))
+
+
+def vit_class_token(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The class token ``(B, width)`` of ``vit_tokens(vit, images)``, with the last block computing
+    only the class token's query, attention output and MLP (its keys and values still read every
+    token; the other tokens' outputs are not needed for the features). Other block types run the
+    full forward."""
+    blocks = getattr(vit, "blocks", None)
+    if blocks is None or len(blocks) == 0 or not _plain_timm_block(blocks[-1]):
+        return vit_tokens(vit, images)[:, 0]
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+    if getattr(vit, "grad_checkpointing", False) and torch.is_grad_enabled():
+        from timm.models import checkpoint_seq
+        x = checkpoint_seq(blocks[:-1], x)
+    else:
+        x = blocks[:-1](x)
+    blk = blocks[-1]
+    a = blk.attn
+    bsz, n, _ = x.shape
+    dim, heads, hd = a.num_heads * a.head_dim, a.num_heads, a.head_dim
+    h = blk.norm1(x)
+    w, bias = a.qkv.weight, a.qkv.bias
+    q = F.linear(h[:, :1], w[:dim], None if bias is None else bias[:dim])
+    kv = F.linear(h, w[dim:], None if bias is None else bias[dim:])
+    q = q.reshape(bsz, 1, heads, hd).transpose(1, 2)
+    k, v = kv.reshape(bsz, n, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = a.q_norm(q), a.k_norm(k)
+    o = F.scaled_dot_product_attention(q, k, v, dropout_p=a.attn_drop.p if a.training else 0.0)
+    o = a.proj_drop(a.proj(a.norm(o.transpose(1, 2).reshape(bsz, 1, dim))))
+    y = x[:, :1] + blk.drop_path1(blk.ls1(o))
+    y = y + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(y))))
+    return vit.norm(y)[:, 0]
+
+
 @dataclass
 class VLPConfig:
     vision: VisionConfig = opt(VisionConfig, "image encoder (ViT)")
@@ -269,8 +309,11 @@ class VLPModel(nn.Module):
         with torch.no_grad():
             if self.momentum_in_forward:
                 self.momentum_update()
-            image_feat_m = F.normalize(self.vision_proj_m(vit_tokens(self.visual_m, image)[:, 0]).float(), dim=-1)
-            text_feat_m = F.normalize(self.text_proj_m(self.text_m.forward_text(ids, mask)[:, 0]).float(), dim=-1)
+            # the momentum encoders' last blocks compute the class token only (all the features need)
+            image_feat_m = F.normalize(self.vision_proj_m(vit_class_token(self.visual_m, image)).float(), dim=-1)
+            cls = torch.zeros_like(ids, dtype=torch.bool)
+            cls[:, 0] = True
+            text_feat_m = F.normalize(self.text_proj_m(self.text_m.forward_text(ids, mask, select=cls)).float(), dim=-1)
             image_m_g, text_m_g, idx_g = (all_gather_nograd(t) for t in (image_feat_m, text_feat_m, idx))
             use_queue = (ccfg.use_queue and self.image_queue.shape[1] > 0
                          and (step is None or step >= ccfg.queue_start_step))
@@ -332,36 +375,53 @@ class VLPModel(nn.Module):
             self.enqueue(image_m_g, text_m_g, idx_g,
                          *( (image_h_g, text_h_g) if helper_feats is not None else (None, None) ))
 
-        # ---------------- ITM with hard negatives (positive + both negative sets in one fusion pass;
-        # the cross-attention keys/values of each image are projected once and gathered per pair)
+        # ---------------- ITM with hard negatives and MLM in one fusion pass. Rows: the positive
+        # pairs, (text, hard negative image), (hard negative text, image), (masked text, image).
+        # Per fusion layer the cross-attention keys/values of each image are projected once for
+        # all its rows; the first layer's self-attention runs once per distinct text (the unmasked
+        # and the masked captions); the last layer computes only the tokens a loss reads (the
+        # class token of the ITM rows, the masked positions of the MLM rows).
+        b = image.shape[0]
+        own = torch.arange(b, device=image.device)
+        texts, text_masks, text_index, image_index, select = [], [], [], [], []
         if loss_cfg.itm > 0:
             with torch.no_grad():
                 pos_local = idx[:, None] == idx[None, :]
                 # Non-finite features (a diverging run) make the loss non-finite as well, and the trainer
                 # applies train.nan_policy to the step; until then the sampling must go on (no host sync).
                 sim_i2t_local = torch.nan_to_num(image_feat @ text_feat.T, nan=0.0, posinf=0.0, neginf=0.0)
-                neg_text = L.sample_hard_negatives(sim_i2t_local, pos_local, generator)
-                neg_image = L.sample_hard_negatives(sim_i2t_local.T, pos_local.T, generator)
-            text_in = torch.cat([text_embeds, text_embeds, text_embeds[neg_text]])
-            mask_in = torch.cat([mask, mask, mask[neg_text]])
-            b = image.shape[0]
-            own = torch.arange(b, device=image.device)
-            image_index = torch.cat([own, neg_image.to(image.device), own])
-            itm_logits = self.itm_logits(self.fuse(text_in, mask_in, image_embeds, image_index=image_index))
+                neg_text = L.sample_hard_negatives(sim_i2t_local, pos_local, generator).to(image.device)
+                neg_image = L.sample_hard_negatives(sim_i2t_local.T, pos_local.T, generator).to(image.device)
+            texts.append(text_embeds)
+            text_masks.append(mask)
+            text_index += [own, own, neg_text]
+            image_index += [own, neg_image, own]
+            cls = torch.zeros(3 * b, ids.shape[1], dtype=torch.bool, device=image.device)
+            cls[:, 0] = True
+            select.append(cls)
+        if loss_cfg.mlm > 0:
+            mlm_labels = batch["mlm_labels"]
+            sel = mlm_labels != -100
+            text_index.append(own + b * len(texts))
+            texts.append(self.encode_text(batch["mlm_input_ids"], mask))
+            text_masks.append(mask)
+            image_index.append(own)
+            select.append(sel)
+        if texts:
+            states = self.text.forward_fusion(torch.cat(texts), torch.cat(text_masks), image_embeds,
+                                              image_index=torch.cat(image_index), text_index=torch.cat(text_index),
+                                              select=torch.cat(select))
+        if loss_cfg.itm > 0:
+            itm_logits = self.itm_head(states[:3 * b])
             labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(image.device)
             out["loss_itm"] = F.cross_entropy(itm_logits.float(), labels)
             out["itm_acc"] = (itm_logits.argmax(1) == labels).float().mean().detach()
-
-        # ---------------- MLM: logits only at masked positions
         if loss_cfg.mlm > 0:
-            mlm_labels = batch["mlm_labels"]
-            mlm_states = self.fuse(self.encode_text(batch["mlm_input_ids"], mask), mask, image_embeds)
-            sel = mlm_labels != -100
             # Normalise by the mean masked-token count per process, so that the DDP gradient
             # average equals the single-process token mean over the global batch.
             n_local = sel.sum().to(torch.float64)
             n_mean = all_reduce_mean(n_local).clamp_min(1.0).item()
-            logits = self.mlm_head(mlm_states[sel])
+            logits = self.mlm_head(states[3 * b if loss_cfg.itm > 0 else 0:])
             out["loss_mlm"] = F.cross_entropy(logits.float(), mlm_labels[sel], reduction="sum") / n_mean
 
         out["loss"] = (loss_cfg.itc * out["loss_itc"]
