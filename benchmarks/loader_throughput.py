@@ -224,7 +224,7 @@ class _DraftShards(ShardPretrainDataset):
         import datasets.shards as S
 
         original = S._decode_image
-        S._decode_image = lambda data, nm: load_image_draft(data, self.draft_img_size, self.draft_scale_min)[0]
+        S._decode_image = lambda data, *_a, **_k: load_image_draft(data, self.draft_img_size, self.draft_scale_min)[0]
         try:
             return super()._sample(index, name, parts)
         finally:
@@ -240,7 +240,7 @@ class _DraftJson(PretrainDataset):
         import datasets.formats as FM
 
         original = FM.load_image
-        FM.load_image = lambda p: load_image_draft(os.fspath(p), self.draft_img_size, self.draft_scale_min)[0]
+        FM.load_image = lambda p, *_a, **_k: load_image_draft(os.fspath(p), self.draft_img_size, self.draft_scale_min)[0]
         try:
             return super().__getitem__(index)
         finally:
