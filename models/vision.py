@@ -16,7 +16,6 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.layers import QuickGELU
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
@@ -24,6 +23,33 @@ from models.weights import LoadReport, copy_into, read_state_dict
 
 __all__ = ["VisionConfig", "ViT", "build_vit", "vit_tokens", "interpolate_pos_embed",
            "clip_key_to_timm", "load_vision_weights"]
+
+
+_QUICK_GELU_SCALE = 1.702  # CLIP's sigmoid approximation of GELU: x * sigmoid(1.702 x)
+
+
+class _QuickGELUFn(torch.autograd.Function):
+    """x * sigmoid(a x) computed as silu(a x) / a (the same function): 3 elementwise passes forward
+    and 1 backward (``aten.silu_backward``: d/dx silu(a x) / a = silu'(a x)), saving one tensor,
+    instead of 3 + 5 passes and two saved tensors for the composed operators."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        t = x * _QUICK_GELU_SCALE
+        ctx.save_for_backward(t)
+        return F.silu(t).div_(_QUICK_GELU_SCALE)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (t,) = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad, t)
+
+
+class QuickGELU(nn.Module):
+    """CLIP's activation ``x * sigmoid(1.702 x)`` (timm's ``QuickGELU``), with a fused backward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _QuickGELUFn.apply(x)
 
 
 @dataclass
