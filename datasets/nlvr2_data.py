@@ -1,6 +1,6 @@
 """NLVR2 data: the ALBEF annotation format, the dataset and its collator.
 
-Format (DESIGN.md section 4; ALBEF's ``nlvr_{train,dev,test}.json``)::
+Format (docs/datasets.md; ALBEF's ``nlvr_{train,dev,test}.json``)::
 
     [{"images": ["left.png", "right.png"], "sentence": "The left image contains two dogs.",
       "label": "True"}, ...]

@@ -1,4 +1,4 @@
-"""The synthetic "shapes" world: the embedded default dataset (DESIGN.md sections 4 and 5).
+"""The synthetic "shapes" world: the embedded default dataset (README.md, "What the demo does").
 
 A seeded generator draws scenes (a few coloured shapes on a 3x3 grid, on a plain or textured
 background), renders them with PIL, and writes annotation JSONs in exactly the formats that

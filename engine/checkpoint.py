@@ -13,7 +13,7 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -72,12 +72,14 @@ def _write_failure(err: BaseException, path: Path) -> Optional[CheckpointWriteEr
                                 f"system){kept}. Free space or choose another train.output_dir")
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` to a temporary file in the same directory, fsync, then rename over ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
+    """Write ``path`` through ``write(binary file)`` into a temporary file of the same directory
+    (``NAME.XXXXXXXX.tmp``), fsync, then rename over ``path``.
 
-    A run killed mid-write leaves the previous checkpoint intact. A failed write (a full disk:
-    ``OSError`` ENOSPC, or torch's ``unexpected pos``) removes the temporary file and raises
-    :class:`CheckpointWriteError` with one line naming ``path`` and the free space.
+    A run killed mid-write leaves the previous file intact (``engine/rundir.py`` removes such
+    temporary files at the next start). A failed write (a full disk: ``OSError`` ENOSPC, or torch's
+    ``unexpected pos``) removes the temporary file and raises :class:`CheckpointWriteError` with one
+    line naming ``path`` and the free space.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -87,7 +89,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
         raise _write_failure(err, path) from err
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -99,6 +101,11 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
             raise failure from err
         raise
     return path
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` through :func:`atomic_write`: a killed or failed write keeps the previous checkpoint."""
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def rng_state() -> dict:
@@ -167,9 +174,8 @@ def _refusal(path: Path, err: Exception) -> str:
         needs = [next(g for g in named.groups() if g)] if named else []
     if needs:
         return (f"refused to load {path}: it needs {', '.join(needs)}, which a checkpoint may not hold (only "
-                "tensors, numbers, strings, lists and dicts); nothing from the file was run. If you trust the file, "
-                "load it yourself with torch.load(weights_only=False) and save its state dicts again (torch.save or "
-                "safetensors)")
+                "tensors, numbers, strings, lists and dicts); nothing from the file was run. Save only its tensors and "
+                "plain values (state dicts, with torch.save or safetensors) where the file was made")
     return (f"cannot read checkpoint {path} (truncated, or not a file written by torch.save): "
             f"{type(err).__name__}: {reason[:300] or 'the file ends early'}")
 

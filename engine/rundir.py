@@ -16,20 +16,20 @@ import logging
 import os
 import re
 import socket
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from engine import distributed as D
+from engine.checkpoint import atomic_write
 from engine.config import ConfigError
 
 log = logging.getLogger("engine")
 
 LOCK_NAME = ".run.lock"
 LOG_NAME = "log.jsonl"
-# temporary files of this project's writers: engine.checkpoint.atomic_torch_save and truncate_log
-# (mkstemp: NAME.XXXXXXXX.tmp), engine.config.save_config and tasks.common.write_json (NAME.tmp)
-TMP_PATTERNS = (re.compile(r".+\.(pth|jsonl)\.[a-z0-9_]{8}\.tmp"), re.compile(r".+\.(yaml|json)\.tmp"))
+# temporary files of this project's writers: engine.checkpoint.atomic_write (checkpoints, log.jsonl,
+# result JSONs: NAME.XXXXXXXX.tmp) and engine.config.save_config (NAME.tmp; JSONs of earlier versions too)
+TMP_PATTERNS = (re.compile(r".+\.(pth|jsonl|json)\.[a-z0-9_]{8}\.tmp"), re.compile(r".+\.(yaml|json)\.tmp"))
 
 
 class OutputDirError(ConfigError):
@@ -190,16 +190,6 @@ def truncate_log(path: str | os.PathLike, step: int, drop_eval_at_step: bool = F
             continue
         keep.append(line)
     if dropped:
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("".join(x + "\n" for x in keep))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(path, lambda f: f.write("".join(x + "\n" for x in keep).encode("utf-8")))
         log.info("%s: dropped %d line(s) past the resumed step %d", path, dropped, step)
     return dropped

@@ -1,6 +1,6 @@
 """Contrastive losses for vision-language pre-training: SRCL and InfoNCE, plus helpers.
 
-Pure functions on tensors (no module state). See ``shared/DESIGN.md`` section 3 and the
+Pure functions on tensors (no module state). See README.md ("SRCL in a few lines") and the
 ``models/losses.py`` contract in ``docs/ARCHITECTURE.md``.
 
 SRCL (similarity-regulated contrastive learning, arXiv 2305.04474) weights each negative of an

@@ -22,7 +22,7 @@ from datasets.formats import TooManyBadImagesError
 from datasets.shapes import ShapesConfig, ensure_shapes
 from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state, train_wordpiece_tokenizer
 from engine import distributed as D
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import atomic_write, load_checkpoint
 from engine.config import ConfigError, opt
 from engine.loader import SafeDataLoader
 from engine.rundir import OutputDir
@@ -284,11 +284,8 @@ def autocast_for(precision: str, device: torch.device) -> Callable[[], ContextMa
 
 
 def write_json(obj: Any, path: Path, indent: Optional[int] = 1) -> None:
-    """Write JSON atomically (a temporary file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=indent), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically (``engine.checkpoint.atomic_write``)."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, indent=indent).encode("utf-8")))
 
 
 def require_positive(key: str, value: int) -> None:

@@ -29,7 +29,7 @@ How a split is evaluated (:class:`RetrievalEvaluator`):
    fine-tuned ALBEF); ``blip`` by ITM logit + ITC cosine (as BLIP). The ``k_test`` candidates are
    re-sorted (stable: ties keep their ITC order); every candidate outside them keeps a score below
    all of them, in ITC order.
-6. Recall@K (DESIGN section 6): image-to-text counts a hit when any caption of the image is in
+6. Recall@K (as ALBEF's evaluation): image-to-text counts a hit when any caption of the image is in
    the top K (the best rank over its captions); text-to-image is per caption. ``r_mean`` is the
    mean of the six recalls. ITC-only recalls (no re-ranking) are reported beside them.
 

@@ -173,7 +173,7 @@ def evaluate_vqa(predictions: Union[Mapping[int, str], Sequence[dict]], records:
             ``[{"question_id": int, "answer": str}, ...]``. Predictions for questions that are not in
             ``records`` are ignored (counted in ``n_unscored``).
         records: ``[{"question_id": int, "answer": [str, ...], "answer_type"?: str}, ...]`` (the
-            VQA JSON format of DESIGN.md section 4; ``answer_type`` is optional).
+            VQA JSON format of docs/datasets.md; ``answer_type`` is optional).
         return_per_question: also return ``per_question``: ``{question_id: accuracy in [0, 1]}``.
 
     Returns:

@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 from datasets.shapes import ShapesConfig, ensure_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -16,6 +19,26 @@ TINY_SHAPES = ShapesConfig(seed=3, image_size=32, num_train_images=48, num_val_i
 def make_world(root: Path) -> Path:
     ensure_shapes(root, TINY_SHAPES)
     return root
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and far faster on a shared, loaded CPU (a module that
+    imports this fixture gets it for every test)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_pretrain_checkpoint(world: Path, out: Path) -> Path:
+    """A tiny pre-training checkpoint of this project: one epoch on the tiny ``world``, one thread."""
+    from engine.config import load_config
+    from tasks.pretrain import PretrainConfig, run
+
+    torch.set_num_threads(1)
+    run(load_config(PretrainConfig, DEMO, tiny_overrides(world, out, **{"train.epochs": 1, "train.num_threads": 1})))
+    return out / "checkpoint_last.pth"
 
 
 def tiny_overrides(data_root: Path, out_dir: Path, **extra) -> list[str]:

@@ -25,16 +25,9 @@ from engine.config import load_config
 from engine.trainer import Trainer, lr_lambda
 from tasks.pretrain import PretrainConfig, run as pretrain
 from tests.pretrain_helpers import DEMO, ROOT, TINY_SHAPES, make_world, read_log, tiny_overrides
+from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
 
 DEMO_RETRIEVAL = ROOT / "configs/demo/retrieval.yaml"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +137,7 @@ def test_new_run_refuses_a_folder_holding_a_checkpoint_overwrite_replaces_it(wor
     assert (out / "checkpoint_last.pth").read_bytes() == ckpt
     # --overwrite: a new run from step 0 replaces checkpoint and log
     assert cli("--overwrite", "--set", *overrides(world, out, **{"train.max_steps": 1})) == 0
-    assert torch.load(out / "checkpoint_last.pth", weights_only=False)["state"]["global_step"] == 1
+    assert C.load_checkpoint(out / "checkpoint_last.pth")["state"]["global_step"] == 1
     assert [r["step"] for r in read_log(out)] == [1]
     # an evaluation-only run in the same folder is not refused, and writes no checkpoint
     ckpt = (out / "checkpoint_last.pth").read_bytes()
@@ -314,7 +307,7 @@ def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(world, tmp_path
     assert rc == 1
     line = error_line(capsys.readouterr().err)
     assert str(out / "checkpoint_last.pth") in line and " free of " in line and "intact" in line
-    assert torch.load(out / "checkpoint_last.pth", weights_only=False)["state"]["global_step"] == 1
+    assert C.load_checkpoint(out / "checkpoint_last.pth")["state"]["global_step"] == 1
     assert not list(out.glob("*.tmp"))
 
 
@@ -335,7 +328,7 @@ def test_full_disk_on_a_real_small_file_system(tmp_path):
             C.atomic_torch_save({"model": {"w": torch.zeros(300_000)}}, path)  # 1.2 MB
         msg = str(info.value)
         assert "\n" not in msg and str(path) in msg and " free of " in msg and "intact" in msg, msg
-        assert torch.equal(torch.load(path, weights_only=False)["model"]["w"], small["model"]["w"])
+        assert torch.equal(C.read_torch_file(path)["model"]["w"], small["model"]["w"])
         assert sorted(os.listdir(mnt)) == ["checkpoint_last.pth", "filler"]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)

@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from engine.checkpoint import load_checkpoint
+
 from engine.config import ConfigError, load_config
 from tasks.pretrain import PretrainConfig
 from tests.pretrain_helpers import DEMO, ROOT
@@ -429,5 +431,5 @@ def test_non_finite_features_skip_the_step_and_training_goes_on(world, tmp_path,
     assert [r["step"] for r in log if r.get("nan_skipped")] == [3]
     # the skipped step left no NaN in the queue: every later step is finite
     assert all(math.isfinite(r["loss"]) for r in log if r["step"] != 3)
-    ckpt = torch.load(tmp_path / "out" / "checkpoint_last.pth", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "out" / "checkpoint_last.pth")
     assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values() if v.is_floating_point())

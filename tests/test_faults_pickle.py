@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import zipfile
@@ -23,7 +24,9 @@ from engine.checkpoint import ALLOWED_GLOBALS, CheckpointError, load_checkpoint,
 from engine.config import load_config
 from engine.trainer import Trainer
 from tasks.pretrain import PretrainConfig, run as pretrain
-from tests.pretrain_helpers import DEMO, ROOT, make_world, step_losses, tiny_overrides
+from tests.pretrain_helpers import (DEMO, ROOT, make_world, step_losses,
+                                    tiny_overrides, tiny_pretrain_checkpoint)
+from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
 
 
 class Payload:
@@ -36,14 +39,6 @@ class Payload:
         return (exec, (f"open({self.marker!r}, 'w').close()",))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     return make_world(tmp_path_factory.mktemp("shapes_pickle"))
@@ -52,10 +47,7 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(world, tmp_path_factory) -> Path:
     """A tiny pre-training checkpoint of this project (one epoch, 6 steps)."""
-    out = tmp_path_factory.mktemp("pre")
-    torch.set_num_threads(1)
-    pretrain(load_config(PretrainConfig, DEMO, tiny_overrides(world, out, **{"train.epochs": 1, "train.num_threads": 1})))
-    return out / "checkpoint_last.pth"
+    return tiny_pretrain_checkpoint(world, tmp_path_factory.mktemp("pre"))
 
 
 @pytest.fixture
@@ -96,10 +88,12 @@ def assert_cli_refused(rc, stderr: str, path: Path, marker: Path) -> None:
     assert_refused(errors[0], path, marker)
 
 
-def test_the_payload_runs_when_loaded_unsafely(evil):
-    """The fixture really is malicious: an unrestricted torch.load runs its code."""
+def test_the_payload_runs_when_unpickled(evil):
+    """The fixture really is malicious: the checkpoint names ``exec``, and unpickling the entry it
+    holds (plain pickle, as an unrestricted load would) creates the marker."""
     path, marker = evil
-    torch.load(path, map_location="cpu", weights_only=False)
+    assert "builtins.exec" in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    pickle.loads(pickle.dumps(Payload(marker)))
     assert marker.is_file()
 
 

@@ -1,4 +1,4 @@
-"""Tests for models/losses.py against plain float64 loop re-computations of DESIGN.md section 3."""
+"""Tests for models/losses.py against plain float64 loop re-computations of the formulas in README.md ("SRCL in a few lines")."""
 from __future__ import annotations
 
 import math
@@ -22,7 +22,7 @@ TEMP = 0.07
 
 
 # ----------------------------------------------------------------------------------------------
-# independent references (plain Python floats, loops over i, j, following the DESIGN formulas)
+# independent references (plain Python floats, loops over i, j, following the README formulas)
 # ----------------------------------------------------------------------------------------------
 def ref_weights(sim_model, neg, delta, sim_helper=None, alpha=0.0):
     """w_ij = s_ij^-delta / mean_{k neg}(s_ik^-delta), s = alpha e^h + (1 - alpha) e^m; 1 elsewhere."""

@@ -23,15 +23,7 @@ from tasks.retrieval import RetrievalConfig
 from tasks.retrieval_eval import (RetrievalEvalConfig, RetrievalEvaluator, final_ranks, itc_candidates, query_ranks,
                                   ranks_from_score_matrix, recall_metrics, rerank)
 from tests.pretrain_helpers import ROOT, make_world
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
 
 
 # ------------------------------------------------------------------------------ independent references

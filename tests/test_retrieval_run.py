@@ -13,20 +13,10 @@ import torch
 
 import run_finetune
 from engine.checkpoint import load_checkpoint
-from engine.config import load_config
-from tasks.pretrain import PretrainConfig, run as pretrain
-from tests.pretrain_helpers import DEMO, ROOT, make_world, read_log, tiny_overrides
+from tests.pretrain_helpers import ROOT, make_world, read_log, tiny_overrides, tiny_pretrain_checkpoint
+from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
 
 MODEL_KEYS = ("model.vision.", "model.text.", "model.embed_dim", "model.queue_size")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster on a shared, loaded CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +27,7 @@ def world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(world, tmp_path_factory) -> Path:
     """A tiny pre-training checkpoint (one epoch on the tiny world)."""
-    out = tmp_path_factory.mktemp("pre")
-    torch.set_num_threads(1)
-    pretrain(load_config(PretrainConfig, DEMO, tiny_overrides(world, out, **{"train.epochs": 1, "train.num_threads": 1})))
-    return out / "checkpoint_last.pth"
+    return tiny_pretrain_checkpoint(world, tmp_path_factory.mktemp("pre"))
 
 
 def rt_overrides(world: Path, out: Path, **extra) -> list[str]:
