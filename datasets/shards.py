@@ -53,7 +53,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .formats import ImageLoadError, derive_seed, load_image, placeholder_image, read_annotations, sample_seed
+from .formats import (DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, derive_seed, load_image, placeholder_image,
+                      read_annotations, sample_seed)
 from .text import pre_caption
 from .transforms import apply_seeded
 
@@ -340,9 +341,11 @@ def plan_epoch(infos: Sequence[ShardInfo], epoch: int, seed: int, num_samples: i
 
 
 # ----------------------------------------------------------------------------- reader
-def _decode_image(data: bytes, name: str) -> Image.Image:
-    """Fully decode image bytes as RGB (as ``load_image`` does for files)."""
-    return load_image(io.BytesIO(data), name=name)
+def _decode_image(data: bytes, name: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                  min_side: Optional[int] = None) -> Image.Image:
+    """Fully decode image bytes as RGB, with ``load_image``'s bound (``max_pixels``) and reduced JPEG
+    decode (``min_side``), as for files."""
+    return load_image(io.BytesIO(data), max_pixels=max_pixels, min_side=min_side, name=name)
 
 
 class ShardPretrainDataset(IterableDataset):
@@ -356,6 +359,9 @@ class ShardPretrainDataset(IterableDataset):
     (``global_batch // (world * grad_accum)``): every process yields exactly
     ``steps_per_epoch() * grad_accum`` micro-batches per epoch, whatever the shard sizes.
 
+    ``max_image_pixels`` and ``decode_min_side`` bound and reduce the decode as for the JSON reader
+    (:func:`~datasets.formats.load_image`): a JPEG much larger than the crop decodes at 1/2 to 1/8.
+
     A sample whose image is missing, cannot be decoded, or whose captions are all empty after
     cleaning is skipped and replaced by the worker's previous good sample (or the next one, at the
     start), which carries ``n_bad = 1`` and ``bad_images = [(sample name, reason)]``, as the JSON
@@ -366,7 +372,8 @@ class ShardPretrainDataset(IterableDataset):
 
     def __init__(self, shards: str | Sequence[str], transform: Callable, max_words: int = 30,
                  clean_style: str = "albef", seed: int = 0, shuffle_buffer: int = 1000,
-                 num_samples: Optional[int] = None) -> None:
+                 num_samples: Optional[int] = None, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 decode_min_side: Optional[int] = None) -> None:
         self.paths = expand_shard_patterns(shards)
         self.infos = read_shard_infos(self.paths)
         self.total = self.infos[-1].first + self.infos[-1].num_samples
@@ -376,6 +383,7 @@ class ShardPretrainDataset(IterableDataset):
                              f"(the shards hold {self.total} samples)")
         self.transform, self.max_words, self.clean_style, self.seed = transform, max_words, clean_style, seed
         self.shuffle_buffer = shuffle_buffer
+        self.max_image_pixels, self.decode_min_side = max_image_pixels, decode_min_side
         self.global_batch, self.grad_accum, self.rank, self.world = 0, 1, 0, 1
         self.epoch, self.start_step = 0, 0
         self._firsts = [i.first for i in self.infos]
@@ -455,7 +463,7 @@ class ShardPretrainDataset(IterableDataset):
         ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
         if ext is None:
             raise ImageLoadError(name, "no image member")
-        image = _decode_image(parts[ext], f"{name}.{ext}")
+        image = _decode_image(parts[ext], f"{name}.{ext}", self.max_image_pixels, self.decode_min_side)
         seed = sample_seed(self.seed, self.epoch, index)
         caption = captions[random.Random(derive_seed(seed, "caption")).randrange(len(captions))]
         image_idx = meta.get("image_idx", index)

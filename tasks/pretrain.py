@@ -290,7 +290,8 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
     transform = build_transform(cfg.model.vision.img_size, True, d.transform)
     if d.format == "shards":
         dataset = ShardPretrainDataset(d.shards, transform, d.max_words, d.clean_style, cfg.train.seed,
-                                       d.shards_shuffle_buffer, d.shards_num_samples)
+                                       d.shards_shuffle_buffer, d.shards_num_samples, d.max_image_pixels,
+                                       decode_min_side(cfg.model.vision.img_size, True, d.transform))
     else:
         dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed,
                                   d.max_bad_fraction, max_image_pixels=d.max_image_pixels,
