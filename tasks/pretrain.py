@@ -223,7 +223,7 @@ def prepare_data(cfg: PretrainConfig, dist: D.DistInfo) -> Optional[ShapesWorld]
     ensure_synthetic([d.image_root, *d.train_files] if d.format == "json" else list(d.shards), d.shapes, dist)
     if d.format == "json":
         require_files(d.train_files, "pre-training annotation",
-                      "Real data (CC3M, SBU, COCO, VG) comes as ALBEF-format JSON lists; see README 'Datasets'.")
+                      "Real data (CC3M, SBU, COCO, VG) comes as ALBEF-format JSON lists; see docs/datasets.md.")
     if not cfg.diagnostics.every:
         return None
     if d.format == "shards":
