@@ -60,3 +60,18 @@ def test_missing_package_is_one_line(tmp_path, monkeypatch):
 
 def test_scalars_keep_finite_numbers():
     assert scalars({"step": 3, "a": 1, "b": 2.5, "c": True, "d": "x", "e": float("inf")}) == {"a": 1.0, "b": 2.5}
+
+
+def test_wandb_offline_run_holds_every_value(tmp_path, monkeypatch):
+    """A real offline W&B run (no network): its run file holds each logged key and value (history items
+    are stored as the key and the value's JSON text)."""
+    import wandb  # noqa: F401  (installed by the test requirements)
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    loggers = build_loggers(["jsonl", "wandb"], tmp_path / "run", config={"train": {"lr": 1e-4}})
+    for s, loss in ((1, 0.625), (2, 0.3125)):
+        loggers.log({"step": s, "loss/itc_special": loss, "note": "not a number"})
+    loggers.close()
+    [run_file] = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    data = run_file.read_bytes()
+    assert b"loss/itc_special" in data and b"0.625" in data and b"0.3125" in data
+    assert b"not a number" not in data
