@@ -21,15 +21,16 @@ from shapesworld.write import ensure_shapes
 SECTION = "x-synthetic"
 
 
-def _strings(node: Any) -> Iterator[str]:
+def strings_in(node: Any) -> Iterator[str]:
+    """Every string in a YAML node (a mapping's values, a list's items), depth first."""
     if isinstance(node, str):
         yield node
     elif isinstance(node, dict):
         for v in node.values():
-            yield from _strings(v)
+            yield from strings_in(v)
     elif isinstance(node, list):
         for v in node:
-            yield from _strings(v)
+            yield from strings_in(v)
 
 
 def _inside(path: str, folder: Path) -> bool:
@@ -61,7 +62,7 @@ def prepare(config: Union[str, os.PathLike], overrides: Sequence[str] = (),
         cfg = ShapesConfig.from_dict(spec)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{config}: '{SECTION}': {err}") from None
-    if not any(_inside(p, Path(cfg.root).resolve()) for p in _strings(data.get("data"))):
+    if not any(_inside(p, Path(cfg.root).resolve()) for p in strings_in(data.get("data"))):
         return None
     t0 = time.time()
     try:

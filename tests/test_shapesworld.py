@@ -1,7 +1,9 @@
 """Tests for the synthetic shapes world (shapesworld/): files, formats, oracle, rendering, the CLI."""
 import dataclasses
 import hashlib
+import importlib
 import json
+import multiprocessing as mp
 import os
 import re
 import subprocess
@@ -16,18 +18,24 @@ import pytest
 from PIL import Image
 
 import datasets
+import run_finetune
 import shapesworld
 from datasets.text import pre_caption
+from engine.config import ConfigError, load_config, read_yaml
+from run_finetune import TASKS
 from shapesworld import record, write
 from shapesworld.__main__ import main as shapes_cli
 from shapesworld.annotate import ANSWER_TYPES, CAPTION_KINDS, make_captions
 from shapesworld.config import GENERATOR, ShapesConfig
 from shapesworld.grammar import Claim, ObjectSpec, clean, parse_caption
-from shapesworld.preset import prepare
+from shapesworld.preset import prepare, strings_in
 from shapesworld.scene import COLORS, COLS, ROWS, sample_scene
 from shapesworld.statements import parse_statement
 from shapesworld.truth import ShapesWorld, answer_question, claim_is_true
 from shapesworld.write import ensure_shapes, generate_shapes
+from tasks.pretrain import PretrainConfig
+from tests.pretrain_helpers import tiny_overrides
+from tools.config_docs import discover, find_config_class
 
 TINY = dict(num_train_images=40, num_val_images=10, num_test_images=10, nlvr2_pairs=(40, 10, 10),
             vqa_questions_per_image=2)
@@ -566,8 +574,6 @@ def _fields(cls, prefix=""):
 
 
 def test_no_run_config_and_no_product_module_has_a_synthetic_setting():
-    from tools.config_docs import discover
-
     entries, _ = discover()
     assert len(entries) >= 5
     for e in entries:
@@ -583,11 +589,6 @@ def test_no_run_config_and_no_product_module_has_a_synthetic_setting():
 
 
 def test_demo_presets_ask_for_the_world_in_its_own_folder():
-    from engine.config import ConfigError, load_config, read_yaml
-    from run_finetune import TASKS
-    from tools.config_docs import find_config_class
-    import importlib
-
     here = Path(__file__).resolve().parents[1]
     presets = {"configs/demo/pretrain.yaml": "tasks.pretrain",
                **{config: module for module, config in TASKS.values() if config.startswith("configs/demo/")}}
@@ -595,24 +596,13 @@ def test_demo_presets_ask_for_the_world_in_its_own_folder():
     for config, module in presets.items():
         raw = read_yaml(here / config)
         assert raw["x-synthetic"] == {"root": "data/shapes"}, config
-        paths = [v for v in _strings(raw["data"]) if "/" in v]
+        paths = [v for v in strings_in(raw["data"]) if "/" in v]
         assert paths and all(p.startswith("data/shapes/") or p == "data/shapes" for p in paths), config
         schema = (find_config_class(importlib.import_module(module))[0] if module != "tasks.pretrain"
                   else importlib.import_module(module).PretrainConfig)
         load_config(schema, here / config)  # the schema skips the section
         with pytest.raises(ConfigError, match="synthetic"):  # a key of its own is still an error
             load_config(schema, here / config, ["synthetic.root=x"])
-
-
-def _strings(node):
-    if isinstance(node, str):
-        yield node
-    elif isinstance(node, dict):
-        for v in node.values():
-            yield from _strings(v)
-    elif isinstance(node, list):
-        for v in node:
-            yield from _strings(v)
 
 
 def _tiny_preset(tmp_path, root) -> tuple[Path, list[str]]:
@@ -625,13 +615,10 @@ def _tiny_preset(tmp_path, root) -> tuple[Path, list[str]]:
 
 
 def _prepare_in_child(config, overrides, queue):
-    from shapesworld.preset import prepare
     queue.put(prepare(config, overrides)["config"])
 
 
 def test_prepare_generates_the_world_once_whatever_the_number_of_processes(tmp_path, capfd):
-    import multiprocessing as mp
-
     root = tmp_path / "w"
     config, sets = _tiny_preset(tmp_path, root)
     ctx = mp.get_context("fork")
@@ -652,9 +639,6 @@ def test_prepare_generates_the_world_once_whatever_the_number_of_processes(tmp_p
 
 
 def test_prepare_errors_name_the_section_and_write_nothing(tmp_path):
-    from engine.config import ConfigError
-    from tasks.pretrain import PretrainConfig
-
     root = tmp_path / "w"
     config, sets = _tiny_preset(tmp_path, root)
     for bad, words in (("x-synthetic.sed=3", "sed"), ("x-synthetic=5", "mapping"),
@@ -672,9 +656,6 @@ def test_prepare_errors_name_the_section_and_write_nothing(tmp_path):
 
 
 def test_run_finetune_on_a_demo_task_generates_its_world_in_one_command(tmp_path, monkeypatch, capsys):
-    import run_finetune
-    from tests.pretrain_helpers import tiny_overrides
-
     monkeypatch.chdir(tmp_path)  # the demo's data/shapes is tmp_path/data/shapes
     model = [o for o in tiny_overrides(tmp_path, tmp_path) if o.startswith(("model.vision.", "model.text.",
                                                                             "model.embed_dim", "model.queue_size"))]
