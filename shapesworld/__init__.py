@@ -23,7 +23,7 @@ Modules:
   annotate    captions, VQA questions, NLVR2 pairs, false-negative statistics
   record      the record of the files the generator wrote, the manifest, the folder lock
   write       writing a world into a folder (:func:`ensure_shapes`, :func:`generate_shapes`)
-  preset      a run config's ``synthetic`` section: the world a preset asks for (:func:`prepare`)
+  preset      a run config's ``x-synthetic`` section: the world a preset asks for (:func:`prepare`)
 
 Command line: ``python -m shapesworld --out DIR [--seed 0 --num-train-images 1500 ...]``.
 """

@@ -44,7 +44,7 @@ class ShapesConfig:
     nlvr2_pairs: Tuple[int, int, int] = (1000, 200, 200)  # train / dev / test
     annotators: int = 10
     vqa_answer_noise: float = 0.1
-    # the folder a preset's ``synthetic`` section generates the world into; not part of the content:
+    # the folder a preset's ``x-synthetic`` section generates the world into; not part of the content:
     # two folders with the same other fields hold byte-identical files
     root: str = DEFAULT_ROOT
 
