@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -72,6 +73,8 @@ def test_wandb_offline_run_holds_every_value(tmp_path, monkeypatch):
         loggers.log({"step": s, "loss/itc_special": loss, "note": "not a number"})
     loggers.close()
     [run_file] = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
-    data = run_file.read_bytes()
+    deadline = time.monotonic() + 60  # W&B's writer process may still be flushing when finish() returns
+    while b"0.3125" not in (data := run_file.read_bytes()) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert b"loss/itc_special" in data and b"0.625" in data and b"0.3125" in data
     assert b"not a number" not in data
