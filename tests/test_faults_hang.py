@@ -20,7 +20,7 @@ from engine import distributed as D
 from engine.loader import DataLoaderWorkerError, SafeDataLoader, live_worker_pids
 from tests.pretrain_helpers import DEMO, ROOT, make_world, tiny_overrides
 
-MODEL_KEYS = ("model.vision.", "model.text.", "model.embed_dim", "model.queue_size")
+MODEL_KEYS = ("model.vision.", "model.text.", "model.embed_dim", "loss.queue_size")
 RUN_TIMEOUT_S = 90  # a run that fails on its first batches takes ~5-15 s on a loaded 2-core machine
 
 

@@ -35,7 +35,7 @@ def test_demo_run_writes_checkpoint_config_and_log(world, tmp_path):
     state = run(cfg_for(world, out, **{"diagnostics.every": 2}))
     assert state.global_step == 12 and state.epoch == 2  # 48 pairs / batch 8 = 6 steps x 2 epochs
     ckpt = load_checkpoint(out / "checkpoint_last.pth")
-    for key in ("model", "optimizer", "scheduler", "scaler", "state", "rng", "config", "tokenizer"):
+    for key in ("model", "objective", "optimizer", "scheduler", "scaler", "state", "rng", "config", "tokenizer"):
         assert key in ckpt, key
     assert ckpt["state"]["global_step"] == 12
     assert (out / "config.yaml").is_file()
@@ -122,16 +122,16 @@ def test_collapse_check_warns_only_above_the_threshold(world, tmp_path, caplog):
 
 
 def test_nan_loss_stops_naming_step_and_part(world, tmp_path, monkeypatch):
-    from models import vlp
-    real = vlp.VLPModel.forward
+    from objectives.pretrain import PretrainObjective
+    real = PretrainObjective.forward
 
-    def poisoned(self, batch, loss_cfg, *a, **k):
-        out = real(self, batch, loss_cfg, *a, **k)
+    def poisoned(self, batch, *a, **k):
+        out = real(self, batch, *a, **k)
         out["loss_mlm"] = out["loss_mlm"] * float("nan")
         out["loss"] = out["loss_itc"] + out["loss_mlm"]
         return out
 
-    monkeypatch.setattr(vlp.VLPModel, "forward", poisoned)
+    monkeypatch.setattr(PretrainObjective, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"step 0 .*loss"):
         run(cfg_for(world, tmp_path / "nan"))
     # skip policy: skips, counts, then gives up after max_nan_skips in a row
