@@ -233,6 +233,9 @@ class NonFiniteLossError(RuntimeError):
     """A loss part was NaN or infinite."""
 
 
+_STOP_HINT = "; lower the learning rate, use bf16 instead of fp16, or set train.nan_policy=skip"
+
+
 class _NonFiniteWatch:
     """``train.nan_policy=stop`` without a host sync per step: the first step whose loss parts are
     not all finite is recorded on the device (its step, epoch and the parts' values);
@@ -242,6 +245,7 @@ class _NonFiniteWatch:
         self.record: Optional[torch.Tensor] = None  # [step, epoch, *values] (float64); step -1: none yet
         self.keys: list[str] = []
         self.pending: Optional[str] = None
+        self.unread = False  # steps watched since the record was last read
 
     def watch(self, step: int, epoch: int, losses: dict[str, torch.Tensor]) -> None:
         first = next(iter(losses.values()))
@@ -253,12 +257,14 @@ class _NonFiniteWatch:
         new = (self.record[0] < 0) & ~torch.isfinite(values).all()
         head = torch.stack([values.new_full((), step), values.new_full((), epoch)])
         self.record = torch.where(new, torch.cat([head, values]), self.record)
+        self.unread = True
 
     def message(self) -> Optional[str]:
         """``None`` while every watched step was finite on every process, else the error message naming
         the first non-finite step (collective: every process calls it at the same point)."""
-        if self.pending is not None or self.record is None:
+        if self.pending is not None or not self.unread:
             return self.pending
+        self.unread = False
         records = D.all_gather_nograd(self.record[None]).tolist()
         bad = [r for r in records if r[0] >= 0]
         if not bad:
@@ -268,8 +274,9 @@ class _NonFiniteWatch:
         part, value = "", float("nan")
         if mine[0] == first[0]:
             part, value = next(((k, v) for k, v in zip(self.keys, mine[2:]) if not math.isfinite(v)), ("", value))
-        return (f"non-finite loss at step {int(first[0])} (epoch {int(first[1])}): "
-                f"{part or 'on another process'} = {value}")
+        self.pending = (f"non-finite loss at step {int(first[0])} (epoch {int(first[1])}): "
+                        f"{part or 'on another process'} = {value}")
+        return self.pending
 
 
 class Task(Protocol):
@@ -638,7 +645,7 @@ class Trainer:
         """``train.nan_policy=stop``: stop at the first non-finite loss since the start (collective)."""
         msg = self._nonfinite.message()
         if msg is not None:
-            raise NonFiniteLossError(msg + "; lower the learning rate, use bf16 instead of fp16, or set train.nan_policy=skip")
+            raise NonFiniteLossError(msg + _STOP_HINT)
 
     def _stop_requested(self, stop: _StopFlag) -> bool:
         if self.dist.world_size == 1:
@@ -692,7 +699,7 @@ class Trainer:
                 msg = (f"non-finite loss at step {st.global_step} (epoch {st.epoch}): "
                        f"{bad_part or 'on another process'} = {float(sums.get(bad_part, float('nan')))}")
                 if cfg.nan_policy == "stop":
-                    raise NonFiniteLossError(msg + "; lower the learning rate, use bf16 instead of fp16, or set train.nan_policy=skip")
+                    raise NonFiniteLossError(msg + _STOP_HINT)
                 st.nan_skips += 1
                 log.warning(msg + "; step skipped (%d in a row)", st.nan_skips)
                 if st.nan_skips > cfg.max_nan_skips:
