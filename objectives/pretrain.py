@@ -170,11 +170,11 @@ def _fit(key: str, value: torch.Tensor, target: torch.Tensor) -> Optional[torch.
         return value
     if key.endswith("pos_embed") and value.ndim == 3 and value.shape[-1] == target.shape[-1]:
         return interpolate_pos_embed(value, int(round((target.shape[1] - 1) ** 0.5)))
-    if key.endswith("embeddings.weight") and value.ndim == 2 and value.shape[1] == target.shape[1]:
-        if value.shape[0] > target.shape[0] and not key.endswith("token_type_embeddings.weight"):
-            return value[: target.shape[0]]
-        if key.endswith("token_type_embeddings.weight") and not value.any():
-            return torch.zeros_like(target)
+    if key.endswith("token_type_embeddings.weight"):
+        return torch.zeros_like(target) if not value.any() else None
+    if key.endswith("embeddings.weight") and value.ndim == 2 and value.shape[1] == target.shape[1] \
+            and value.shape[0] > target.shape[0]:
+        return value[: target.shape[0]]
     return None
 
 

@@ -22,8 +22,7 @@ from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import save_config
 from engine.loader import SafeDataLoader
 from engine.rundir import OutputDir
-from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
-                            grouped, setup_logging)
+from engine.trainer import EpochBatchSampler, Trainer, TrainState, grouped, setup_logging
 from models import losses as L
 from models.vlp import VLPModel, load_pretrained_encoders
 from objectives.pretrain import PretrainObjective, checkpoint_states, load_objective_from_checkpoint
