@@ -67,10 +67,9 @@ def main(argv=None) -> int:
     from engine.trainer import NonFiniteLossError
     from engine.loader import DataLoaderWorkerError, report_worker_error, shutdown_all
     from shapesworld.preset import prepare
-    from tools.config_docs import find_config_class
     try:
         if not args.predict:  # the synthetic world the config's x-synthetic section asks for
-            prepare(args.config, args.set, schema=find_config_class(module)[0])
+            prepare(args.config, args.set, schema=module.CONFIG_CLASS)
         return int(module.main(args) or 0)
     except DataLoaderWorkerError as err:  # e.g. an image that cannot be read: one line naming it
         return report_worker_error(err)

@@ -106,7 +106,7 @@ def measure(model_name: str, n_images: int, captions_per_image: int, k_tests: li
         data = synthetic_split(Path(tmp), n_images, captions_per_image, size)
         tokenizer = train_wordpiece_tokenizer(data.texts, 400)
         torch.manual_seed(0)
-        model = VLPModel(cfg.model, momentum=False).to(dev).eval()
+        model = VLPModel(cfg.model).to(dev).eval()
         transform = build_transform(size, False, cfg.data.transform)
         amp = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
         t_text, t_image = encoder_times(model, data, tokenizer, transform, cfg.tokenizer.max_length, batch, dev, amp)
@@ -196,7 +196,7 @@ def fusion_compare(model_name: str, n_images: int, pairs: int, text_len: int, pr
                       ["model.vision_weights=null", "model.text_weights=null", "tokenizer.path=null"])
     dev = torch.device(device)
     torch.manual_seed(0)
-    model = VLPModel(cfg.model, momentum=False).to(dev).eval()
+    model = VLPModel(cfg.model).to(dev).eval()
     v = cfg.model.vision
     n_tok = 1 + (v.img_size // v.patch_size) ** 2
     g = torch.Generator().manual_seed(0)
@@ -302,16 +302,16 @@ def build_rerank_models(albef_root: Optional[str], seed: int = 0):
     from models.vlp import VLPModel
     from tasks.retrieval import RetrievalConfig
 
-    cfg = load_config(RetrievalConfig, ROOT / RERANK_CONFIG, ALBEF_VIT + ["model.queue_size=0"])
+    cfg = load_config(RetrievalConfig, ROOT / RERANK_CONFIG, ALBEF_VIT + ["loss.queue_size=0"])
     torch.manual_seed(seed)
-    ours = VLPModel(cfg.model, momentum=False).eval()
+    ours = VLPModel(cfg.model).eval()
     albef = evaluation = None
     if albef_root:
         ALBEF, evaluation = import_albef(Path(albef_root))
         v = cfg.model.vision
         albef_cfg = {"distill": False, "embed_dim": cfg.model.embed_dim, "vision_width": v.width,
                      "image_res": v.img_size, "bert_config": str(Path(albef_root) / "configs/config_bert.json"),
-                     "temp": cfg.model.temp, "queue_size": 16, "momentum": cfg.model.momentum}
+                     "temp": cfg.model.temp, "queue_size": 16, "momentum": cfg.loss.momentum}
         torch.manual_seed(seed)
         albef = ALBEF(config=albef_cfg).eval()
         load_foreign_state(ours, albef.state_dict(), source="ALBEF (random init)", verbose=False).raise_if_unexpected()

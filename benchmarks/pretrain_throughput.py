@@ -44,8 +44,8 @@ CONFIGS = {"demo": "configs/demo/pretrain.yaml", "vitb_bertbase": "configs/pretr
 MODEL_OVERRIDES = {"tiny": ["model.vision.img_size=32", "model.vision.width=32", "model.vision.depth=1",
                             "model.vision.num_heads=2", "model.text.hidden_size=32", "model.text.num_text_layers=1",
                             "model.text.num_fusion_layers=2", "model.text.num_heads=2",
-                            "model.text.intermediate_size=64", "model.queue_size=32", "model.embed_dim=16",
-                            "tokenizer.vocab_size=120"]}
+                            "model.text.intermediate_size=64", "model.embed_dim=16", "tokenizer.vocab_size=120"]}
+TINY_QUEUE = 32
 CHECKPOINTING = ("off", "torch", "fairscale")
 
 
@@ -62,7 +62,7 @@ def analytic_flops(cfg, text_len: int, batch: int) -> dict[str, float]:
     """FLOPs per image-text pair of one pre-training step, per component (1 multiply-add = 2 FLOPs;
     backward = 2x forward; attention scores and weighted sums included; layer norms, softmax, GELU
     and the optimiser left out). ``cfg`` is a ``PretrainConfig``. Components (what
-    ``VLPModel.forward`` computes):
+    ``PretrainObjective.forward`` computes):
 
     ``vit_fwd_bwd`` the online ViT; ``vit_momentum_fwd`` (its last block computes the class token
     only); ``text_fwd_bwd`` (unimodal text pass for ITC); ``text_momentum_fwd`` (last layer: class
@@ -132,7 +132,7 @@ def analytic_flops(cfg, text_len: int, batch: int) -> dict[str, float]:
     itm_unshared = fusion_rows(3, L, 3) if itm_on else zero
     mlm_unshared = add(text_full, fusion_rows(1, L, 1)) if mlm_on else zero
     mlm_head_fwd = 2 * masked * h * h + 2 * masked * h * t.vocab_size
-    queue = cfg.model.queue_size if cfg.loss.contrastive.use_queue else 0
+    queue = _queue_size(cfg) if cfg.loss.contrastive.use_queue else 0
     itc = 2 * 2 * cfg.model.embed_dim * (batch + queue) * 2  # logits (online) + weights (momentum), 2 directions
     kv_rows = itm_on or mlm_on
     parts = {
@@ -229,6 +229,22 @@ def _timing_row(times: list, first: float, batch: int) -> dict:
             "pairs_per_s": batch / med, "pairs_per_s_best": batch / min(times)}
 
 
+def _queue_size(cfg) -> int:
+    """``loss.queue_size`` (``model.queue_size`` in a baseline checkout from before the objective had
+    its own config)."""
+    return cfg.loss.queue_size if hasattr(cfg.loss, "queue_size") else cfg.model.queue_size
+
+
+def _step_module(model, cfg):
+    """The module whose forward is the pre-training step and how to call it: this checkout's objective
+    (``objectives/pretrain.py``), or the model itself in a baseline checkout from before it."""
+    try:
+        from objectives.pretrain import PretrainObjective
+    except ImportError:
+        return model, lambda module, b: module(b, cfg.loss)
+    return PretrainObjective(model, cfg.loss), lambda module, b: module(b)
+
+
 def _wrap_fairscale(model) -> int:
     """Wrap every ViT block and text layer with fairscale's checkpoint_wrapper (as BLIP does)."""
     from fairscale.nn.checkpoint import checkpoint_wrapper
@@ -263,6 +279,9 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
     overrides = ["model.vision_weights=null", "model.text_weights=null", "tokenizer.path=null",
                  f"model.vision.grad_checkpointing={flag}", f"model.text.grad_checkpointing={flag}",
                  *MODEL_OVERRIDES.get(model_name, [])]
+    if model_name == "tiny":
+        queue_key = "loss" if hasattr(PretrainConfig().loss, "queue_size") else "model"
+        overrides.append(f"{queue_key}.queue_size={TINY_QUEUE}")
     cfg = load_config(PretrainConfig, ROOT / CONFIGS[model_name], overrides)
     # the vocabulary as in the run: bert-base's (tokenizer.path set) or one trained on the captions
     if load_config(PretrainConfig, ROOT / CONFIGS[model_name]).tokenizer.path is None:
@@ -271,6 +290,7 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
     torch.manual_seed(0)
     dev = torch.device(device)
     model = VLPModel(cfg.model).to(dev)
+    objective, call = _step_module(model, cfg)  # (the momentum copy is taken before any wrapping)
     if ckpt == "fairscale":
         _wrap_fairscale(model)
     # fused AdamW where torch has the kernel, as the trainer does (optim.fused=auto)
@@ -286,12 +306,12 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
              "mlm_labels": labels, "image_idx": torch.arange(batch)}
         return {k: t.to(dev) for k, t in b.items()}
 
-    fwd = torch.compile(model, backend=compile_backend) if compile_ else model
+    fwd = torch.compile(objective, backend=compile_backend) if compile_ else objective
     amp = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def fwd_bwd(b, module=fwd):
         with amp:
-            out = module(b, cfg.loss)
+            out = call(module, b)
         out["loss"].backward()
 
     def step(b, module=fwd):
@@ -306,7 +326,7 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
         # operators), and the peak tensor memory of forward + backward (activations, gradients,
         # temporaries; parameters and optimiser state excluded)
         with FlopCounterMode(display=False) as fc:
-            step(batch_fn(), model)
+            step(batch_fn(), objective)
         counted = fc.get_total_flops() / batch
         b = batch_fn()
         step_peak = _step_peak_mib(lambda: fwd_bwd(b), opt, dev)

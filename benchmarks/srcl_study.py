@@ -64,7 +64,7 @@ STUDY_OVERRIDES = {
 # the same (docs/srcl_study.md): in-batch negatives against the current features (momentum 0, no
 # queue: ALBEF's lagging momentum keys stall the escape) and a low ViT learning rate
 BASE_OVERRIDES = {"optim.lr": 5e-4, "optim.lr_vision": 5e-5, "schedule.warmup_steps": 50,
-                  "model.momentum": 0.0, "loss.contrastive.use_queue": "false",
+                  "loss.momentum": 0.0, "loss.contrastive.use_queue": "false",
                   "loss.contrastive.kind": "infonce"}
 # the study runs, continuing from the base
 # (the demo delays the queue until its features have escaped the collapsed start; the base has escaped)
@@ -77,7 +77,7 @@ QUICK_MODEL = {
     "model.vision.img_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32, "model.vision.depth": 1,
     "model.vision.num_heads": 2, "model.text.hidden_size": 32, "model.text.num_text_layers": 1,
     "model.text.num_fusion_layers": 1, "model.text.num_heads": 2, "model.text.intermediate_size": 64,
-    "model.embed_dim": 16, "model.queue_size": 64, "tokenizer.vocab_size": 200, "train.batch_size": 16,
+    "model.embed_dim": 16, "loss.queue_size": 64, "tokenizer.vocab_size": 200, "train.batch_size": 16,
     "diagnostics.every": 2, "train.log_every": 2,
 }
 QUICK_WORLD = {"image_size": 32, "num_train_images": 96, "num_val_images": 8, "num_test_images": 24,

@@ -1,6 +1,16 @@
 """The one training loop. Tasks supply the data, the step and the evaluation; this module does the
 rest: DDP, gradient accumulation, autocast, optimiser and schedule, logging, checkpoints, resume,
 signals and non-finite losses.
+
+The trained module is a model, or a training objective that holds one (``objectives/``) and names
+it in ``model_key``: then checkpoints hold ``model`` = that model's own state and ``objective`` =
+the rest (:func:`checkpoint_sections`), and the objective's ``checkpoint_states(ckpt)`` reads them
+back (:func:`trained_state`).
+
+Logged values stay on the device until a log line is written (one host transfer per line, none
+per micro-batch); with ``train.nan_policy=stop`` a non-finite loss is noticed there too, from a
+device-side record of the first such step (and before every evaluation and checkpoint, so neither
+sees the diverged weights).
 """
 from __future__ import annotations
 
@@ -223,6 +233,52 @@ class NonFiniteLossError(RuntimeError):
     """A loss part was NaN or infinite."""
 
 
+_STOP_HINT = "; lower the learning rate, use bf16 instead of fp16, or set train.nan_policy=skip"
+
+
+class _NonFiniteWatch:
+    """``train.nan_policy=stop`` without a host sync per step: the first step whose loss parts are
+    not all finite is recorded on the device (its step, epoch and the parts' values);
+    :meth:`message` (collective) reads the record."""
+
+    def __init__(self) -> None:
+        self.record: Optional[torch.Tensor] = None  # [step, epoch, *values] (float64); step -1: none yet
+        self.keys: list[str] = []
+        self.pending: Optional[str] = None
+        self.unread = False  # steps watched since the record was last read
+
+    def watch(self, step: int, epoch: int, losses: dict[str, torch.Tensor]) -> None:
+        first = next(iter(losses.values()))
+        values = torch.stack([v.reshape(()).to(first.device, torch.float64) for v in losses.values()])
+        if list(losses) != self.keys:  # the first step, or the parts changed (rare): settle the old record
+            self.pending = self.pending or self.message()
+            self.keys = list(losses)
+            self.record = torch.full((2 + len(losses),), -1.0, dtype=torch.float64, device=values.device)
+        new = (self.record[0] < 0) & ~torch.isfinite(values).all()
+        head = torch.stack([values.new_full((), step), values.new_full((), epoch)])
+        self.record = torch.where(new, torch.cat([head, values]), self.record)
+        self.unread = True
+
+    def message(self) -> Optional[str]:
+        """``None`` while every watched step was finite on every process, else the error message naming
+        the first non-finite step (collective: every process calls it at the same point)."""
+        if self.pending is not None or not self.unread:
+            return self.pending
+        self.unread = False
+        records = D.all_gather_nograd(self.record[None]).tolist()
+        bad = [r for r in records if r[0] >= 0]
+        if not bad:
+            return None
+        first = min(bad, key=lambda r: r[0])
+        mine = records[D.rank()]
+        part, value = "", float("nan")
+        if mine[0] == first[0]:
+            part, value = next(((k, v) for k, v in zip(self.keys, mine[2:]) if not math.isfinite(v)), ("", value))
+        self.pending = (f"non-finite loss at step {int(first[0])} (epoch {int(first[1])}): "
+                        f"{part or 'on another process'} = {value}")
+        return self.pending
+
+
 class Task(Protocol):
     """What a task gives the loop."""
 
@@ -289,8 +345,32 @@ class _StopFlag:
             signal.signal(s, h)
 
 
+def checkpoint_sections(module: nn.Module, state: dict) -> dict:
+    """The checkpoint entries of a trained module's full state dict: for a module that names its model
+    in ``model_key`` (a training objective), ``model`` = that model's own state and ``objective`` = the
+    rest; for a model, ``model``."""
+    key = getattr(module, "model_key", None)
+    if key is None:
+        return {"model": state}
+    p = key + "."
+    return {"model": {k[len(p):]: v for k, v in state.items() if k.startswith(p)},
+            "objective": {k: v for k, v in state.items() if not k.startswith(p)}}
+
+
+def trained_state(module: nn.Module, ckpt: dict) -> dict:
+    """The inverse of :func:`checkpoint_sections`: a checkpoint's state as ``module``'s full state dict.
+    An objective reads its checkpoints with its own ``checkpoint_states(ckpt) -> (model state,
+    objective state)`` (which also knows the layouts of older checkpoints)."""
+    key = getattr(module, "model_key", None)
+    if key is None:
+        return ckpt["model"]
+    model_state, objective_state = module.checkpoint_states(ckpt)
+    return {**{f"{key}.{k}": v for k, v in model_state.items()}, **objective_state}
+
+
 class Trainer:
-    """Runs ``task`` with ``model``: builds optimiser/scheduler, wraps DDP, loops, saves, resumes."""
+    """Runs ``task`` with ``model`` (a model, or an objective holding one: see the module docstring):
+    builds optimiser/scheduler, wraps DDP, loops, saves, resumes."""
 
     def __init__(self, cfg: TrainConfig, optim: OptimConfig, sched: ScheduleConfig, model: nn.Module,
                  param_groups: list[dict], dist: D.DistInfo, run_config: Any, find_unused: bool = False) -> None:
@@ -317,8 +397,8 @@ class Trainer:
         self.optim_cfg, self.sched_cfg = optim, sched
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=cfg.precision == "fp16")
         self.ddp_model: nn.Module = model
-        # A model that updates an EMA copy inside forward (VLPModel) cannot do so on FSDP shards:
-        # the trainer does that update itself, before each micro-batch and outside forward.
+        # A module that updates an EMA copy inside forward (the pre-training objective) cannot do so on
+        # FSDP shards: the trainer does that update itself, before each micro-batch and outside forward.
         self._momentum_outside = self.sharding == "fsdp" and bool(getattr(model, "momentum_in_forward", False))
         if self._momentum_outside:
             model.momentum_in_forward = False
@@ -329,6 +409,7 @@ class Trainer:
             self.ddp_model = torch.compile(self.ddp_model)
         self.state = TrainState()
         self.scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+        self._nonfinite = _NonFiniteWatch()
 
     # ------------------------------------------------------------------ helpers
     def autocast(self):
@@ -356,7 +437,7 @@ class Trainer:
         rngs = D.all_gather_object(rng_state())
         model_sd, optim_sd = self._full_state()
         return {
-            "model": model_sd,
+            **checkpoint_sections(self.model, model_sd),
             "optimizer": optim_sd,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -367,6 +448,7 @@ class Trainer:
         }
 
     def save(self, task: Task, name: str = "checkpoint_last.pth") -> Optional[Path]:
+        self._raise_if_nonfinite()  # no checkpoint of diverged weights
         ckpt = self._checkpoint(task)  # collective (rng gather): every rank calls it
         path, error = None, None
         if self.dist.is_main:
@@ -386,11 +468,11 @@ class Trainer:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
             opts = StateDictOptions(full_state_dict=True, strict=True)
-            set_model_state_dict(self.model, ckpt["model"], options=opts)
+            set_model_state_dict(self.model, trained_state(self.model, ckpt), options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, _optim_by_name(ckpt["optimizer"], self.optimizer, self.model),
                                      options=StateDictOptions(full_state_dict=True, strict=False))  # unused parameters have no state
         else:
-            self.model.load_state_dict(ckpt["model"], strict=True)
+            self.model.load_state_dict(trained_state(self.model, ckpt), strict=True)
             self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self._reapply_hyperparameters(fresh)
@@ -443,7 +525,7 @@ class Trainer:
         st = self.state
         bar = tqdm(total=total, initial=st.global_step, disable=not (cfg.progress and self.dist.is_main),
                    desc="train", dynamic_ncols=True, smoothing=0.1)
-        window: dict[str, list[float]] = {}
+        window: dict[str, list] = {}  # key -> [sum (a device tensor or a float), count]
         t_window, pairs_window = time.perf_counter(), 0
         with _StopFlag() as stop:
             while st.epoch < cfg.epochs and st.global_step < total:
@@ -454,14 +536,15 @@ class Trainer:
                         self.auto_threads.maybe_update()
                     st.step_in_epoch += 1
                     pairs_window += int(logs.pop("_pairs"))
-                    for k, v in logs.items():
-                        window.setdefault(k, []).append(v)
+                    for k, v in logs.items():  # no host sync: tensors are summed on the device
+                        if k in window:
+                            window[k][0] = window[k][0] + v
+                            window[k][1] += 1
+                        else:
+                            window[k] = [v, 1]
                     bar.update(1)
-                    if self.dist.is_main and st.global_step % max(1, min(cfg.log_every, 10)) == 0:
-                        post = {k: f"{v[-1]:.3f}" for k, v in window.items() if k.startswith("loss")}
-                        post["pairs/s"] = f"{pairs_window * self.dist.world_size / max(time.perf_counter() - t_window, 1e-9):.1f}"
-                        bar.set_postfix(post, refresh=False)
                     if st.global_step % cfg.log_every == 0 or st.global_step == total:
+                        self._raise_if_nonfinite()
                         dt = time.perf_counter() - t_window
                         rec = {"step": st.global_step, "epoch": st.epoch,
                                "lr": self.optimizer.param_groups[0]["lr"],
@@ -469,6 +552,10 @@ class Trainer:
                         rec.update(self._reduce_window(window))
                         rec.update(self._task_state(task))
                         self._log(rec)
+                        if self.dist.is_main:
+                            post = {k: f"{v:.3f}" for k, v in rec.items() if k.startswith("loss")}
+                            post["pairs/s"] = f"{rec['pairs_per_s']:.1f}"
+                            bar.set_postfix(post, refresh=False)
                         window, t_window, pairs_window = {}, time.perf_counter(), 0
                     stop_now = self._stop_requested(stop)
                     if stop_now or st.global_step % cfg.save_every == 0:
@@ -483,6 +570,7 @@ class Trainer:
                     if st.global_step >= total:
                         break
                 epoch_done = st.step_in_epoch >= spe
+                self._raise_if_nonfinite()  # no evaluation of diverged weights
                 with self._root_unsharded():
                     metrics = task.evaluate(self.model, st.epoch)
                 if epoch_done:
@@ -493,6 +581,7 @@ class Trainer:
                 if not epoch_done:
                     break
         bar.close()
+        self._raise_if_nonfinite()
         self._report_task_state(task)
         return st
 
@@ -538,24 +627,41 @@ class Trainer:
         finally:
             self.model.reshard()
 
-    def _reduce_window(self, window: dict[str, list[float]]) -> dict[str, float]:
-        """Mean of each logged value over the window and over all processes."""
+    def _reduce_window(self, window: dict[str, list]) -> dict[str, float]:
+        """Mean of each logged value over the window and over all processes: the device sums come to
+        the host together, once (the sums are float64, as the Python floats they used to be)."""
         keys = sorted(window)
-        local = torch.tensor([sum(window[k]) / len(window[k]) for k in keys], dtype=torch.float64)
+        on_device = [k for k in keys if torch.is_tensor(window[k][0])]
+        if on_device:
+            first = window[on_device[0]][0]
+            sums = torch.stack([window[k][0].reshape(()).to(first.device, torch.float64) for k in on_device])
+            host = dict(zip(on_device, sums.tolist()))
+        else:
+            host = {}
+        local = torch.tensor([host.get(k, window[k][0]) / window[k][1] for k in keys], dtype=torch.float64)
         return dict(zip(keys, D.all_reduce_mean(local).tolist()))
 
+    def _raise_if_nonfinite(self) -> None:
+        """``train.nan_policy=stop``: stop at the first non-finite loss since the start (collective)."""
+        msg = self._nonfinite.message()
+        if msg is not None:
+            raise NonFiniteLossError(msg + _STOP_HINT)
+
     def _stop_requested(self, stop: _StopFlag) -> bool:
+        if self.dist.world_size == 1:
+            return stop.signum is not None
         flag = torch.tensor([1.0 if stop.signum is not None else 0.0])
         return bool(D.all_reduce_sum(flag).item() > 0)
 
     def _step(self, task: Task, micro_batches: list[dict]) -> dict:
+        """One optimiser step; returns the logged values averaged over the micro-batches: float64
+        device tensors (no host sync) and Python numbers as the task gave them."""
         cfg, st = self.cfg, self.state
         self.ddp_model.train()
         n = len(micro_batches)
-        sums: dict[str, float] = {}
+        sums: dict[str, Any] = {}
         pairs = 0
-        finite = True
-        bad_part = ""
+        denom: dict[torch.device, torch.Tensor] = {}  # n on each device: a true division there, as on the host
         for i, mb in enumerate(micro_batches):
             sync = contextlib.nullcontext() if (i == n - 1 or not isinstance(self.ddp_model, DDP)) else self.ddp_model.no_sync()
             if self._momentum_outside:
@@ -568,34 +674,45 @@ class Trainer:
             for k, v in out.items():
                 if k.startswith("_"):
                     continue
-                fv = float(v.detach()) if torch.is_tensor(v) else float(v)
-                if k.startswith("loss") and not math.isfinite(fv) and finite:
-                    finite, bad_part = False, k
-                sums[k] = sums.get(k, 0.0) + fv / n
+                if torch.is_tensor(v):
+                    if v.device not in denom:
+                        denom[v.device] = torch.full((), float(n), dtype=torch.float64, device=v.device)
+                    term = v.detach().to(torch.float64) / denom[v.device]
+                else:
+                    term = float(v) / n
+                sums[k] = sums[k] + term if k in sums else term
             pairs += int(out.get("_pairs", 0))
         for p in self._replicated:  # FSDP leaves these to us: average their gradients like DDP
             p.grad = D.all_reduce_mean(p.grad if p.grad is not None else torch.zeros_like(p))
-        # agree on finiteness across ranks
-        flag = D.all_reduce_sum(torch.tensor([0.0 if finite else 1.0]))
-        if flag.item() > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            msg = (f"non-finite loss at step {st.global_step} (epoch {st.epoch}): "
-                   f"{bad_part or 'on another process'} = {sums.get(bad_part, float('nan'))}")
-            if cfg.nan_policy == "stop":
-                raise NonFiniteLossError(msg + "; lower the learning rate, use bf16 instead of fp16, or set train.nan_policy=skip")
-            st.nan_skips += 1
-            log.warning(msg + "; step skipped (%d in a row)", st.nan_skips)
-            if st.nan_skips > cfg.max_nan_skips:
-                raise NonFiniteLossError(msg + f"; more than train.max_nan_skips={cfg.max_nan_skips} steps in a row")
-            with warnings.catch_warnings():  # the schedule advances with the step count, skipped or not
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()
-            return {**sums, "_pairs": pairs, "nan_skipped": 1.0}
-        st.nan_skips = 0
+        losses = {k: v for k, v in sums.items() if k.startswith("loss")}
+        host_bad = next((k for k, v in losses.items() if not torch.is_tensor(v) and not math.isfinite(v)), "")
+        if cfg.nan_policy == "stop" and not host_bad:
+            tensors = {k: v for k, v in losses.items() if torch.is_tensor(v)}
+            if tensors:  # checked at the next log line, evaluation or checkpoint
+                self._nonfinite.watch(st.global_step, st.epoch, tensors)
+        else:
+            bad_part = host_bad or next((k for k, v in losses.items() if not math.isfinite(float(v))), "")
+            # agree on finiteness across ranks
+            flag = D.all_reduce_sum(torch.tensor([1.0 if bad_part else 0.0]))
+            if flag.item() > 0:
+                self.optimizer.zero_grad(set_to_none=True)
+                msg = (f"non-finite loss at step {st.global_step} (epoch {st.epoch}): "
+                       f"{bad_part or 'on another process'} = {float(sums.get(bad_part, float('nan')))}")
+                if cfg.nan_policy == "stop":
+                    raise NonFiniteLossError(msg + _STOP_HINT)
+                st.nan_skips += 1
+                log.warning(msg + "; step skipped (%d in a row)", st.nan_skips)
+                if st.nan_skips > cfg.max_nan_skips:
+                    raise NonFiniteLossError(msg + f"; more than train.max_nan_skips={cfg.max_nan_skips} steps in a row")
+                with warnings.catch_warnings():  # the schedule advances with the step count, skipped or not
+                    warnings.simplefilter("ignore", UserWarning)
+                    self.scheduler.step()
+                return {**sums, "_pairs": pairs, "nan_skipped": 1.0}
+            st.nan_skips = 0
         if self.optim_cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
-            sums["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            sums["grad_norm"] = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach().to(torch.float64)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()

@@ -21,9 +21,12 @@ that is not used is listed with the reason (:class:`ConversionNotes`). :func:`lo
 :func:`load_foreign_checkpoint` then check the architecture against the model (the error names the
 config keys to set), adapt what can be adapted losslessly (position embeddings interpolated, the text
 position table cut to the model's maximum length, BLIP's two added ``[DEC]``/``[ENC]`` vocabulary rows
-dropped, queues of another size re-initialised, absent momentum copies taken from the online
-weights), and load through ``tasks.common.load_model_state``. Anything unexplained (a missing block,
+dropped), and load through ``tasks.common.load_model_state``. Anything unexplained (a missing block,
 an unknown key, a shape mismatch) raises ``ValueError`` unless ``allow_mismatch=True``.
+
+Momentum copies and queues are converted to our names (``visual_m.*``, ``image_queue``, ...) and
+then set aside as the training objective's state (``PreparedState.objective``), never loaded into
+the model; ``objectives.pretrain.PretrainObjective.load_momentum`` takes a momentum copy.
 
 Architectural caveat for BLIP: BLIP's unimodal text encoder runs all 12 layers (cross-attention
 skipped) and its fusion runs all 12 layers with cross-attention; ours runs ``num_text_layers`` text
@@ -423,7 +426,7 @@ def fit_problems(arch: Dict[str, Any], cfg: Any) -> Tuple[List[str], List[str]]:
 
     Returns ``(problems, adaptations)``: problems are mismatches that cannot be loaded, each naming the
     config key and value to set; adaptations are the differences the loader handles (image size,
-    queue size, a shorter text position table, BLIP's two added vocabulary rows).
+    a shorter text position table, BLIP's two added vocabulary rows).
     """
     problems: List[str] = []
     adapt: List[str] = []
@@ -484,9 +487,6 @@ def fit_problems(arch: Dict[str, Any], cfg: Any) -> Tuple[List[str], List[str]]:
             problems.append(f"text position table of {mp} (set model.text.max_position_embeddings={mp}); "
                             f"the model has {cfg.text.max_position_embeddings}")
     need("contrastive embedding size", "model.embed_dim", arch["embed_dim"], cfg.embed_dim)
-    q = arch["queue_size"]
-    if q is not None and q != cfg.queue_size:
-        adapt.append(f"queue size {q} -> {cfg.queue_size}: queue re-initialised (empty)")
     return problems, adapt
 
 
@@ -528,11 +528,7 @@ _OPTIONAL = {  # our component -> why its absence is fine
     "temp": "temperature not in this checkpoint: config value",
     "itm_head.": "ITM head not in this checkpoint: fresh initialisation",
     "mlm_head.": "MLM head not in this checkpoint (ALBEF task checkpoints, BLIP without its decoder): fresh initialisation",
-    "image_queue_h": "helper-model queue (SRCL helper) is never in a foreign checkpoint: starts empty",
-    "text_queue_h": "helper-model queue (SRCL helper) is never in a foreign checkpoint: starts empty",
 }
-_MOMENTUM = (("visual_m.", "visual."), ("text_m.", "text."), ("vision_proj_m.", "vision_proj."),
-             ("text_proj_m.", "text_proj."))
 _PATCH = "patch_embed.proj.weight"
 
 
@@ -548,6 +544,7 @@ class PreparedState:
         unmapped: source keys no rule knows (unexpected, unexplained).
         messages: remarks for the report (adaptations, caveats).
         fit: architecture mismatches, each naming the config key to set.
+        objective: the training objective's part (momentum copies, queues; our names, no prefix).
     """
 
     layout: str
@@ -557,6 +554,7 @@ class PreparedState:
     unmapped: List[str] = field(default_factory=list)
     messages: List[str] = field(default_factory=list)
     fit: List[str] = field(default_factory=list)
+    objective: Dict[str, Tensor] = field(default_factory=dict)
 
     def finish(self, report: LoadReport) -> ForeignLoadReport:
         """Turn ``load_model_state``'s report into a :class:`ForeignLoadReport` with the reasons; the
@@ -593,9 +591,9 @@ def prepare_foreign_state(model: nn.Module, state_dict: Dict[str, Tensor], prefi
                           source_prefix: str = "") -> PreparedState:
     """Convert an ALBEF/BLIP state dict (their names, no prefix) for ``model`` (base model at ``prefix``,
     found with :func:`base_prefix` when None): rename, check the architecture, adapt sizes losslessly,
-    explain absent components, copy absent momentum weights from the online ones, and drop momentum
-    weights and queues when the model has no momentum encoder (evaluation). ``source_prefix`` is put
-    before the source key names in ``dropped`` / ``unmapped`` (the prefix they had in the caller's dict)."""
+    explain absent components, and set the momentum copies and queues aside (``objective``: the
+    training objective's state, not the model's). ``source_prefix`` is put before the source key names
+    in ``dropped`` / ``unmapped`` (the prefix they had in the caller's dict)."""
     p = base_prefix(model) if prefix is None else prefix
     base = model.get_submodule(p[:-1]) if p else model
     cfg = getattr(base, "cfg", None)
@@ -612,12 +610,13 @@ def prepare_foreign_state(model: nn.Module, state_dict: Dict[str, Tensor], prefi
         prep.fit, adapt = fit_problems(architecture(state_dict, layout), cfg)
         prep.messages += adapt
     own = model.state_dict()
-    if not getattr(base, "has_momentum", True):
-        for k in [k for k in prep.state if k not in own]:
-            first = k[len(p):].split(".")[0]
-            if first.endswith("_m") or first in QUEUE_KEYS:
-                prep.dropped[k] = "momentum copy / queue: this model has no momentum encoder"
-                del prep.state[k]
+    for k in list(prep.state):  # the objective's side of the state (objectives/pretrain.py)
+        first = k[len(p):].split(".")[0]
+        if first.endswith("_m") or first in QUEUE_KEYS:
+            prep.objective[k[len(p):]] = prep.state.pop(k)
+    if prep.objective:
+        prep.messages.append(f"{len(prep.objective)} tensors of the training objective (momentum copies, queues): "
+                             "not part of the model")
     _adapt(prep.state, own, p, layout, prep.expected_missing)
     _component_reasons(prep.state, own, p, base, prep.expected_missing, prep.messages)
     for key, why in notes.synthesized.items():
@@ -628,7 +627,7 @@ def prepare_foreign_state(model: nn.Module, state_dict: Dict[str, Tensor], prefi
 def _adapt(state: Dict[str, Tensor], own: Dict[str, Tensor], p: str, layout: str,
            expected: Dict[str, str]) -> None:
     """Lossless adaptations to the model's sizes (in place)."""
-    for root in ("text.", "text_m."):
+    for root in ("text.",):
         key = p + root + "embeddings.position_embeddings.weight"
         if key in state and key in own and state[key].shape[0] > own[key].shape[0] \
                 and state[key].shape[1] == own[key].shape[1]:
@@ -643,19 +642,11 @@ def _adapt(state: Dict[str, Tensor], own: Dict[str, Tensor], p: str, layout: str
     for key in (p + "mlm_head.decoder.weight", p + "mlm_head.bias"):
         if layout == "blip" and key in state and key in own and state[key].shape[0] == own[key].shape[0] + 2:
             state[key] = state[key][: own[key].shape[0]]
-    img = p + "image_queue"  # queues: all or nothing
-    if img in state and img in own and state[img].shape != own[img].shape:
-        reason = (f"queue of another size ({tuple(state[img].shape)} vs the model's {tuple(own[img].shape)}): "
-                  "re-initialised (empty)")
-        for q in QUEUE_KEYS:
-            state.pop(p + q, None)
-            expected[p + q] = reason
 
 
 def _component_reasons(state: Dict[str, Tensor], own: Dict[str, Tensor], p: str, base: nn.Module,
                        expected: Dict[str, str], msgs: List[str]) -> None:
-    """Expected-missing reasons for whole components the checkpoint lacks; momentum copies that are
-    absent are taken from the online weights (added to ``state``)."""
+    """Expected-missing reasons for whole components the checkpoint lacks."""
     def keys_of(comp: str) -> List[str]:
         return [k for k in own if k.startswith(p + comp) and not k.endswith("mlm_head.decoder.weight")]
 
@@ -664,27 +655,9 @@ def _component_reasons(state: Dict[str, Tensor], own: Dict[str, Tensor], p: str,
         if ks and not any(k in state for k in ks):
             for k in ks:
                 expected[k] = why
-    if getattr(base, "has_momentum", False):
-        for mom, online in _MOMENTUM:
-            ks = keys_of(mom)
-            if ks and not any(k in state for k in ks):
-                fresh = False
-                for k in ks:
-                    src = p + online + k[len(p + mom):]
-                    if src in state:
-                        state[k] = state[src]
-                    elif src in own:  # the online part is not in the checkpoint either: its fresh weights
-                        state[k] = own[src].clone()
-                        fresh = True
-                msgs.append(f"no momentum copy {mom[:-1]} in the checkpoint: copied from {online[:-1]}"
-                            + (" (itself freshly initialised)" if fresh else ""))
     dec, word = p + "mlm_head.decoder.weight", p + "text.embeddings.word_embeddings.weight"
     if dec in own and dec not in state and word in state:
         state[dec] = state[word]  # tied to the word embeddings
-    qs = [p + q for q in QUEUE_KEYS if p + q in own]
-    if qs and not any(q in state for q in qs):
-        for q in qs:
-            expected.setdefault(q, "no usable queue in this checkpoint: starts empty")
 
 
 def _fits(key: str, value: Tensor, own: Dict[str, Tensor]) -> bool:

@@ -2,8 +2,8 @@
 
 Design (a "twin cross-attention" fusion encoder, as BLIP does for NLVR2):
 
-* :class:`NLVR2Model` holds a :class:`~models.vlp.VLPModel` (``self.base``, without the momentum
-  copy) and reuses its ViT, its text layers and its fusion layers as they are.
+* :class:`NLVR2Model` holds a :class:`~models.vlp.VLPModel` (``self.base``) and reuses its ViT, its text
+  layers and its fusion layers as they are.
 * Both images go through the same ViT (one batched pass). In every fusion layer the text runs
   the layer's own self-attention (``TransformerLayer.self_attend``), then attends to the **left**
   image through the layer's pre-trained ``crossattention`` and to the **right** image through a
@@ -87,7 +87,7 @@ class NLVR2Model(nn.Module):
     def __init__(self, cfg: VLPConfig, head: Optional[NLVR2HeadConfig] = None) -> None:
         super().__init__()
         self.head_cfg = head or NLVR2HeadConfig()
-        self.base = VLPModel(cfg, momentum=False)
+        self.base = VLPModel(cfg)
         self.cfg = self.base.cfg
         hidden = self.cfg.text.hidden_size
         layers = self.fusion_layers()

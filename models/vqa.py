@@ -1,8 +1,8 @@
 """Generative VQA (ALBEF): the fusion encoder reads image + question, an answer decoder generates
 or scores answers by cross-attending to the fusion output.
 
-* :class:`VQAModel` holds a :class:`~models.vlp.VLPModel` (``self.base``, no momentum copy) and
-  reuses its ViT, text layers and fusion layers as they are: ``encode(image, question)`` =
+* :class:`VQAModel` holds a :class:`~models.vlp.VLPModel` (``self.base``) and reuses
+  its ViT, text layers and fusion layers as they are: ``encode(image, question)`` =
   ``base.fuse(base.encode_text(question), base.encode_image(image))``. Base parts that VQA does not
   use (contrastive projections, temperature, ITM head, MLM transform and bias) stay in the state dict
   under their pre-training names but are frozen, so DDP needs no ``find_unused_parameters``.
@@ -47,7 +47,7 @@ class VQAModel(nn.Module):
     def __init__(self, cfg: VLPConfig, decoder_cfg: DecoderConfig) -> None:
         super().__init__()
         self.decoder_cfg = decoder_cfg
-        self.base = VLPModel(cfg, momentum=False)
+        self.base = VLPModel(cfg)
         self.cfg = self.base.cfg
         n_layers = decoder_cfg.num_layers or self.cfg.text.num_fusion_layers
         if n_layers < 1:

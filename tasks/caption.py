@@ -46,9 +46,10 @@ from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.caption import CaptionModel
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
 from models.vlp import VLPConfig, VLPModel
+from objectives.pretrain import checkpoint_states
 from tasks.caption_eval import METRIC_KEYS, METRICS, CaptionScores, format_table, predictions_to_results, score_captions
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
-                          build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
+                          build_trainer, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
                           fit_model_config, require_fraction, require_image_root, require_positive, start_run, validate_image_data,
                           write_json)
@@ -137,13 +138,12 @@ CONFIG_CLASS = CaptionConfig
 # ---------------------------------------------------------------------- helpers shared with VQA
 def load_base_model(cfg: VLPConfig, ckpt: Optional[dict], path: Optional[str], dist: D.DistInfo,
                     warn_scratch: bool = True) -> VLPModel:
-    """A ``VLPModel`` (no momentum copy) from a pre-training checkpoint (our names, or ALBEF/BLIP
+    """A ``VLPModel`` from a pre-training checkpoint's model (our names, or ALBEF/BLIP
     names converted by ``load_model_state``), or initialised from the local weight files named in
     ``cfg`` when there is no checkpoint. Prints the load report; unexplained problems raise."""
-    base = VLPModel(cfg, momentum=False)
+    base = VLPModel(cfg)
     if ckpt is not None:
-        report = load_model_state(base, dict(ckpt["model"]), source=str(path))
-        explain_momentum_keys(report)
+        report = load_model_state(base, checkpoint_states(ckpt)[0], source=str(path))
         if dist.is_main:
             print(f"checkpoint {path}: {report.summary()}", flush=True)
         raise_on_report(report, str(path))

@@ -27,6 +27,7 @@ from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, set
 from models.vision import interpolate_pos_embed
 from models.vlp import VLPConfig
 from models.weights import LoadReport
+from objectives.pretrain import checkpoint_states, moved_config_keys
 
 log = logging.getLogger("tasks")
 
@@ -75,15 +76,12 @@ def make_tokenizer(cfg: TokenizerConfig, texts: Callable[[], list[str]], checkpo
     return tokenizer_from_state(D.broadcast_object(state))
 
 
-QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr", "image_queue_h", "text_queue_h")
-
-
 def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpoint",
                      expected_missing: Optional[dict[str, str]] = None) -> LoadReport:
     """Copy ``state`` (our key names) into ``model`` with an explicit report:
-    position embeddings are interpolated when the image size changed; queues of another size are
-    re-initialised; keys the model lacks are reported as unexpected, keys the checkpoint lacks as
-    missing (with the reason from ``expected_missing``, matched by key prefix).
+    position embeddings are interpolated when the image size changed; keys the model lacks are
+    reported as unexpected, keys the checkpoint lacks as missing (with the reason from
+    ``expected_missing``, matched by key prefix).
 
     A state with ALBEF/BLIP names (``visual_encoder.*``, under any prefix) is first converted by the
     explicit key maps of ``models/convert.py``; the report then also lists what was dropped and why,
@@ -103,10 +101,6 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpo
             grid = int(round(n_new ** 0.5))
             value = interpolate_pos_embed(value, grid)
             report.interpolated.append(key)
-        if key.split(".")[-1] in QUEUE_KEYS and value.shape != target.shape:
-            report.expected_missing[key] = "queue of another size: re-initialised (empty)"
-            report.missing.append(key)
-            continue
         if value.shape != target.shape:
             report.mismatched.append(key)
             continue
@@ -127,31 +121,30 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpo
 
 def load_pretrained(model: torch.nn.Module, path: str, expected_missing: Optional[dict[str, str]] = None,
                     prefix: str = "", allow_mismatch: bool = False) -> tuple[LoadReport, dict]:
-    """Load one of our checkpoints (pre-training or a task's) into ``model`` (keys under ``prefix``);
-    returns the report and the checkpoint dict (for its tokenizer and config).
+    """Load one of our checkpoints (pre-training or a task's) into ``model`` (keys under ``prefix``):
+    the checkpoint's model, without its training objective's state (momentum copy, queues); returns
+    the report and the checkpoint dict (for its tokenizer and config).
 
     ALBEF and BLIP checkpoints are recognised by their key names and loaded through the explicit key
     maps of ``models/convert.py`` (which raise on anything unexplained unless ``allow_mismatch``); the
     returned dict then holds ``model`` (our names), ``layout`` and ``source_config`` (their config),
     and no ``config`` / ``tokenizer`` (those always mean ours)."""
     ckpt = load_checkpoint(path)
-    if any(k.startswith("visual_encoder.") for k in ckpt["model"]):  # ALBEF / BLIP names
+    model_state, _ = checkpoint_states(ckpt)
+    if any(k.startswith("visual_encoder.") for k in model_state):  # ALBEF / BLIP names
         from models.convert import detect_layout, load_foreign_state
         layout = detect_layout(ckpt["model"])
-        report = load_foreign_state(model, ckpt["model"], source=str(path), allow_mismatch=allow_mismatch,
+        report = load_foreign_state(model, model_state, source=str(path), allow_mismatch=allow_mismatch,
                                     prefix=prefix or None, expected_missing=expected_missing)
         own = model.state_dict()
         state = {k[len(prefix):]: own[k] for k in report.loaded if k.startswith(prefix)}
         return report, {"model": state, "layout": layout, "source_config": ckpt.get("config")}
-    state = {prefix + k: v for k, v in ckpt["model"].items()}
+    state = {prefix + k: v for k, v in model_state.items()}
     report = load_model_state(model, state, source=path, expected_missing=expected_missing)
     return report, ckpt
 
 
 # ---------------------------------------------------------------------- the fine-tuning tasks
-MOMENTUM_REASON = "momentum encoder or queue (pre-training only)"
-
-
 def start_run(train: TrainConfig, out: Optional[OutputDir] = None) -> D.DistInfo:
     """The start of a fine-tuning run: processes (``train.device``, ``train.dist_timeout_s``), logging, ``train.num_threads``,
     and the output directory claimed (``out``, see :class:`engine.rundir.OutputDir`)."""
@@ -170,7 +163,7 @@ def with_vocab(cfg, tokenizer):
         cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
 
 
-# the base-model config keys that must equal the checkpoint's (image size, dropout, queue may differ)
+# the base-model config keys that must equal the checkpoint's (image size and dropout may differ)
 ARCH_KEYS = {"vision": ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "pre_norm", "act"),
              "text": ("hidden_size", "num_text_layers", "num_fusion_layers", "num_heads", "intermediate_size",
                       "max_position_embeddings", "type_vocab_size"),
@@ -208,9 +201,10 @@ def fit_model_config(cfg, tokenizer, ckpt: Optional[dict], path: Optional[str]):
 def saved_run_config(cls: type, data: dict):
     """The run config ``data`` saved in a checkpoint, as ``cls``. Its ``train.device`` describes the
     machine that trained, not this one: it is read as ``auto`` (so that a CUDA run's checkpoint
-    loads on a machine without CUDA)."""
+    loads on a machine without CUDA); keys that moved are read at their place now
+    (``objectives.pretrain.moved_config_keys``)."""
     from engine.config import from_dict
-    data = dict(data)
+    data = moved_config_keys(dict(data))
     if isinstance(data.get("train"), dict):
         data["train"] = {**data["train"], "device": "auto"}
     return from_dict(cls, data)
@@ -242,16 +236,6 @@ def require_positive(key: str, value: int) -> None:
 
 
 # ---------------------------------------------------------------------- weights and load reports
-def explain_momentum_keys(report: LoadReport, prefix: str = "") -> None:
-    """Mark the keys of a pre-training checkpoint's momentum encoders (``*_m.*``) and feature queues
-    among ``report.unexpected`` as expected (a task model has neither), with :data:`MOMENTUM_REASON`.
-    ``prefix`` is where the base model's keys start in the task model (``"base."``)."""
-    for key in report.unexpected:
-        first = key[len(prefix):].split(".")[0]
-        if first.endswith("_m") or key.split(".")[-1] in QUEUE_KEYS:
-            report.expected_unexpected[key] = MOMENTUM_REASON
-
-
 def raise_on_report(report: LoadReport, path: str, sections: str = "'model' section") -> None:
     """Raise ``ConfigError`` for unexplained missing/unexpected/mismatched keys of ``report``, adding
     that the config's ``sections`` must describe the model of the checkpoint ``path``."""

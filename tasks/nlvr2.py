@@ -41,8 +41,9 @@ from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
 from models.vlp import VLPConfig
 from models.weights import LoadReport
+from objectives.pretrain import checkpoint_states
 from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
-                          explain_momentum_keys, load_encoder_weights, load_model_state, load_selected_checkpoint,
+                          load_encoder_weights, load_model_state, load_selected_checkpoint,
                           make_tokenizer, raise_on_report, require_files, require_positive, start_run, to_device,
                           fit_model_config, require_image_root, write_json)
 from engine.rundir import OutputDir
@@ -85,6 +86,9 @@ class NLVR2Config:
     train: TrainConfig = opt(TrainConfig, "training loop")
 
 
+CONFIG_CLASS = NLVR2Config
+
+
 # ---------------------------------------------------------------------- checkpoint loading
 def is_nlvr2_state(state: dict) -> bool:
     """True for a fine-tuned NLVR2 state dict (it has the classifier), False for pre-training."""
@@ -95,12 +99,12 @@ def load_nlvr2_weights(model: NLVR2Model, ckpt: dict, source: str) -> LoadReport
     """Load a checkpoint into ``model`` with an explicit report.
 
     * A fine-tuned NLVR2 checkpoint loads as it is.
-    * A pre-training checkpoint (``VLPModel`` keys) loads into ``model.base``: its momentum encoders
-      and queues are reported as ignored, the right-image cross-attention of every fusion layer is
+    * A pre-training checkpoint's model (``VLPModel`` keys) loads into ``model.base``: the
+      right-image cross-attention of every fusion layer is
       initialised as a copy of the pre-trained cross-attention, the merge layers (if any) and the
       classifier are new.
     """
-    state = ckpt["model"]
+    state = checkpoint_states(ckpt)[0]
     if is_nlvr2_state(state):
         return load_model_state(model, state, source=source)
     prefixed = {"base." + k: v for k, v in state.items()}
@@ -108,7 +112,6 @@ def load_nlvr2_weights(model: NLVR2Model, ckpt: dict, source: str) -> LoadReport
                 "merge.": "new merge layer (initialised to the average)",
                 "cls_head.": "new NLVR2 classifier"}
     report = load_model_state(model, prefixed, source=source, expected_missing=expected)
-    explain_momentum_keys(report, "base.")
     model.init_right_from_left()
     return report
 

@@ -1,80 +1,39 @@
 """Pre-training: SRCL (or InfoNCE) + ITM with hard negatives + MLM on image-caption pairs.
 
-``PretrainConfig`` is the whole run's schema; ``run(cfg)`` builds data, tokenizer, model and the
-trainer and trains. The training loop itself lives in ``engine/trainer.py``.
+``PretrainConfig`` (``tasks/pretrain_config.py``) is the whole run's schema; ``run(cfg)`` builds
+data, tokenizer, model and objective (``objectives/pretrain.py``: momentum copy, queues, the
+losses) and the trainer, and trains. The training loop itself lives in ``engine/trainer.py``.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 
-from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS, PretrainCollator, PretrainDataset
+from datasets.formats import PretrainCollator, PretrainDataset
 from datasets.shards import ShardPretrainDataset
 from datasets.text import tokenizer_state
-from datasets.transforms import TransformConfig, build_transform, decode_min_side
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
-from engine.config import opt, save_config
+from engine.config import save_config
 from engine.loader import SafeDataLoader
 from engine.rundir import OutputDir
-from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
-                            grouped, setup_logging)
+from engine.trainer import EpochBatchSampler, Trainer, TrainState, grouped, setup_logging
 from models import losses as L
+from models.vlp import VLPModel, load_pretrained_encoders
 from shapesworld.truth import ShapesWorld
-from tasks.common import (QUEUE_KEYS, BadImageCheck, TokenizerConfig, load_model_state,
-                          make_tokenizer, require_files, require_image_root, saved_run_config, to_device,
-                          validate_image_data)
-from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
+from objectives.pretrain import PretrainObjective, checkpoint_states, load_objective_from_checkpoint
+from tasks.common import BadImageCheck, load_model_state, make_tokenizer, to_device
+from tasks.pretrain_config import PretrainConfig
+from tasks.pretrain_data import build_dataset, prepare_data
 from tasks.resume import check_resume_config
-from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics
+from tasks.srcl_measures import QueueTexts, training_diagnostics
+from tasks.zero_shot import load_vlp_checkpoint
 
 log = logging.getLogger("pretrain")
-
-@dataclass
-class PretrainDataConfig:
-    format: Literal["json", "shards"] = opt("json", "json: annotation JSONs (train_files) + image files; shards: WebDataset-style tar shards (shards), streamed")
-    train_files: list[str] = opt(["data/shapes/pretrain.json"], "annotation JSONs [{image, caption}], concatenated")
-    shards: list[str] = opt([], "with format=shards: tar shards as brace patterns (data/shards/shard-{000000..000099}.tar), globs, or the index.json that python -m datasets.shards writes; local paths or URLs (https://, s3://, gs://, any fsspec protocol; docs/datasets.md)")
-    shards_num_samples: Optional[int] = opt(None, "with format=shards: samples per epoch (default: all samples the shards' index.json lists)")
-    shards_shuffle_buffer: int = opt(1000, "with format=shards: samples in each loader worker's shuffle buffer (1 = shard order)")
-    image_root: str = opt("data/shapes", "directory the 'image' paths are relative to")
-    max_words: int = opt(30, "captions are cut to this many words after cleaning")
-    clean_style: Literal["albef", "blip"] = opt("albef", "caption cleaning rules")
-    transform: TransformConfig = opt(TransformConfig, "training image augmentation")
-    num_workers: int = opt(2, "data-loading worker processes per training process")
-    max_bad_fraction: float = opt(0.01, "stop when more than this fraction of the images tried are distinct images that fail to load (an unreadable image is replaced by a random other record and counted once; the count is logged as data/bad_images)")
-    bad_check_after: int = opt(500, "images tried before the bad-image fraction is checked (bad images beyond max_bad_fraction of the whole training set stop the run at once)")
-    max_image_pixels: Optional[int] = opt(DEFAULT_MAX_IMAGE_PIXELS, "an image that would decode to more pixels is skipped and counted as bad (a JPEG much larger than the training crop is first decoded reduced, 1/2 to 1/8, which counts); default: PIL's decompression-bomb warning limit; PIL itself refuses twice as many; null = no bound of ours")
-
-    def validate(self) -> None:
-        validate_image_data(self)
-
-
-@dataclass
-class DiagnosticsConfig:
-    every: int = opt(0, "optimiser steps between SRCL diagnostics (needs shapes data; 0 = off)")
-    collapse_check_step: int = opt(300, "at this optimiser step, warn when the image or text features of the batch are "
-                                        "still collapsed (mean pairwise cosine above collapse_threshold; logged every step "
-                                        "as feat/image_cos, feat/text_cos); 0 = off")
-    collapse_threshold: float = opt(0.98, "mean pairwise cosine above which features count as collapsed")
-
-
-@dataclass
-class PretrainConfig:
-    model: VLPConfig = opt(VLPConfig, "model")
-    tokenizer: TokenizerConfig = opt(TokenizerConfig, "tokenizer")
-    data: PretrainDataConfig = opt(PretrainDataConfig, "pre-training data")
-    loss: PretrainLossConfig = opt(PretrainLossConfig, "losses")
-    optim: OptimConfig = opt(OptimConfig, "optimiser")
-    schedule: ScheduleConfig = opt(ScheduleConfig, "learning-rate schedule")
-    train: TrainConfig = opt(TrainConfig, "training loop")
-    diagnostics: DiagnosticsConfig = opt(DiagnosticsConfig, "SRCL diagnostics on synthetic data")
 
 
 class PretrainTask:
@@ -92,7 +51,7 @@ class PretrainTask:
                                              dist.rank, dist.world_size, cfg.train.seed)
         self.collator = PretrainCollator(tokenizer, cfg.tokenizer.max_length, cfg.loss.mlm_prob)
         # diagnostics of the queue: the captions behind the model's text queue
-        self.queue_texts = QueueTexts(cfg.model.queue_size) if cfg.diagnostics.every and world is not None else None
+        self.queue_texts = QueueTexts(cfg.loss.queue_size) if cfg.diagnostics.every and world is not None else None
         n_images = len(dataset.image_ids) if isinstance(dataset, PretrainDataset) else len(dataset)
         self.bad_images = BadImageCheck.from_data(cfg.data, "input_ids", n_images)
 
@@ -134,7 +93,7 @@ class PretrainTask:
         alpha = ccfg.alpha_at(state.progress)
         queue_ptr = _queue_ptr(model) if self.queue_texts is not None else None
         helper_feats = self._helper_feats(batch)
-        out = model(batch, self.cfg.loss, alpha, helper_feats, step=state.global_step)
+        out = model(batch, alpha, helper_feats, step=state.global_step)
         logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
         logs["feat/image_cos"], logs["feat/text_cos"] = out["image_cos"], out["text_cos"]
         self._check_collapse(state.global_step + 1, out)
@@ -164,37 +123,17 @@ class PretrainTask:
                     "step %d: the %s features are still collapsed (mean cosine between batch items %.3f): the "
                     "contrastive loss cannot learn from them. From random weights this is the usual start; if it "
                     "persists, turn text dropout off, delay the queue (loss.contrastive.queue_start_step) or lower "
-                    "model.momentum, as configs/demo/pretrain.yaml does (README, 'What the demo does').",
+                    "loss.momentum, as configs/demo/pretrain.yaml does (README, 'What the demo does').",
                     step, name, cos)
 
     def diagnostics(self, batch: dict, out: dict, helper_feats=None) -> dict:
-        """How well low weight (and high raw similarity) finds the true false negatives among the
-        negatives of the local images (anchors): the local batch's captions (``diag/*``) and the
-        queued captions (``diag/queue_*``); see ``tasks/srcl_diagnostics.py``."""
-        b = batch["image"].shape[0]
-        lo = self.dist.rank * b
-        n_batch = b * self.dist.world_size
-        root = self.cfg.data.image_root
-        images = [os.path.relpath(self.dataset.image_path(int(i)), root) for i in batch["index"]]
-        truth = torch.as_tensor(self.world.truth_matrix(batch["captions"], images)).T  # (image, caption)
-        neg, sim, w = out["neg_mask"].cpu(), out["sim_i2t_model"].float().cpu(), out.get("weights_i2t")
-        w = w.float().cpu() if w is not None else None
-        res = batch_diagnostics(neg[:, lo:lo + b], truth, sim[:, lo:lo + b], None if w is None else w[:, lo:lo + b])
-        if helper_feats is not None:
-            sim_h = (helper_feats[0].float() @ helper_feats[1].float().T).cpu()
-            res["helper_sim_auc"] = L.roc_auc(sim_h[neg[:, lo:lo + b]], truth[neg[:, lo:lo + b]])
-        q = neg.shape[1] - n_batch
-        if self.queue_texts is not None and q == self.queue_texts.size and q > 0:
-            known = self.queue_texts.known()
-            if bool(known.any()):
-                cols = torch.nonzero(known).flatten()
-                texts = [self.queue_texts.texts[int(k)] for k in cols]
-                truth_q = torch.zeros(b, q, dtype=torch.bool)
-                truth_q[:, cols] = torch.as_tensor(self.world.truth_matrix(texts, images)).T
-                neg_q = neg[:, n_batch:] & known[None, :]
-                res.update(batch_diagnostics(neg_q, truth_q, sim[:, n_batch:],
-                                             None if w is None else w[:, n_batch:], prefix="queue_"))
-        return {f"diag/{k}": v for k, v in res.items()}
+        """The SRCL diagnostics of this step (``tasks/srcl_measures.py``); none while the similarities
+        are not finite (a diverging run, which the trainer stops)."""
+        if not bool(torch.isfinite(out["sim_i2t_model"]).all()):
+            return {}
+        images = [self.dataset.image_path(int(i)) for i in batch["index"]]
+        return training_diagnostics(self.world, batch["captions"], images, self.cfg.data.image_root, out,
+                                    self.dist.rank, self.dist.world_size, helper_feats, self.queue_texts)
 
     def evaluate(self, model, epoch: int):
         return None
@@ -204,7 +143,7 @@ class PretrainTask:
 
 
 def _queue_ptr(model) -> Optional[int]:
-    """The queue pointer of a (possibly DDP- or compile-wrapped) VLPModel, None without a queue."""
+    """The queue pointer of a (possibly DDP- or compile-wrapped) objective, None without a queue."""
     for _ in range(4):
         if hasattr(model, "queue_ptr"):
             return int(model.queue_ptr)
@@ -215,50 +154,26 @@ def _queue_ptr(model) -> Optional[int]:
 
 
 # ---------------------------------------------------------------------- building a run
-def prepare_data(cfg: PretrainConfig, dist: D.DistInfo) -> Optional[ShapesWorld]:
-    """Check that the files exist; the shapes world (for diagnostics) when the data is synthetic."""
-    d = cfg.data
-    if d.format == "json":
-        require_files(d.train_files, "pre-training annotation",
-                      "Real data (CC3M, SBU, COCO, VG) comes as ALBEF-format JSON lists; see docs/datasets.md.")
-    if not cfg.diagnostics.every:
-        return None
-    if d.format == "shards":
-        if dist.is_main:
-            log.warning("diagnostics.every is set but data.format=shards: diagnostics need the JSON reader; off")
-        return None
-    if (Path(d.image_root) / "scenes.json").is_file():
-        return ShapesWorld.load(d.image_root)
-    if dist.is_main:
-        log.warning("diagnostics.every is set but %s holds no shapes world (scenes.json): diagnostics off", d.image_root)
-    return None
-
-
 def load_helper(path: str, tokenizer, device: torch.device) -> VLPModel:
     """A frozen earlier checkpoint of this project, used for the helper similarity."""
-    ckpt = load_checkpoint(path)
-    hcfg = saved_run_config(PretrainConfig, ckpt["config"]).model
-    if tokenizer_state(tokenizer)["vocab"] != ckpt["tokenizer"]["vocab"]:
+    helper, helper_tokenizer, _ = load_vlp_checkpoint(path, device)
+    if tokenizer_state(tokenizer)["vocab"] != tokenizer_state(helper_tokenizer)["vocab"]:
         raise ValueError(f"helper checkpoint {path} uses a different tokenizer vocabulary than this run; "
                          "set tokenizer.path to the helper's tokenizer or train the helper with this one")
-    helper = VLPModel(hcfg, momentum=False)
-    state = {k: v for k, v in ckpt["model"].items() if k in helper.state_dict()}
-    helper.load_state_dict(state, strict=True)
-    helper.requires_grad_(False).eval()
-    return helper.to(device)
+    return helper.requires_grad_(False)
 
 
-def init_from_checkpoint(model: VLPModel, ckpt: dict, path: str):
-    """Continued pre-training: copy the model weights of one of our checkpoints into ``model``;
-    the queues start empty (their features belong to the other run), and the optimiser, schedule
-    and step count start afresh. Returns the load report; raises on any other missing, unexpected or
-    mismatched key."""
-    state = {k: v for k, v in ckpt["model"].items() if k.split(".")[-1] not in QUEUE_KEYS}
-    report = load_model_state(model, state, source=path,
-                              expected_missing={k: "queues start empty" for k in QUEUE_KEYS})
+def init_from_checkpoint(objective: PretrainObjective, ckpt: dict, path: str):
+    """Continued pre-training: copy the model and momentum weights of one of our checkpoints into
+    ``objective``; the queues start empty (their features belong to the other run), and the
+    optimiser, schedule and step count start afresh. Returns the model's load report; raises on any
+    missing, unexpected or mismatched key."""
+    report = load_model_state(objective.model, checkpoint_states(ckpt)[0], source=path)
     if report.unexplained_missing() or report.unexpected or report.mismatched:
         raise ValueError(f"{path} does not fit this model (--init-from needs the same architecture):\n"
                          + report.summary())
+    for note in load_objective_from_checkpoint(objective, ckpt):
+        log.info("%s", note)
     return report
 
 
@@ -283,17 +198,7 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
     if resume_ckpt is not None:  # before anything is written
         check_resume_config(cfg, resume_ckpt, resume, "pretrain", dist)
     world = prepare_data(cfg, dist)
-    d = cfg.data
-    transform = build_transform(cfg.model.vision.img_size, True, d.transform)
-    if d.format == "shards":
-        dataset = ShardPretrainDataset(d.shards, transform, d.max_words, d.clean_style, cfg.train.seed,
-                                       d.shards_shuffle_buffer, d.shards_num_samples, d.max_image_pixels,
-                                       decode_min_side(cfg.model.vision.img_size, True, d.transform))
-    else:
-        dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed,
-                                  d.max_bad_fraction, max_image_pixels=d.max_image_pixels,
-                                  decode_min_side=decode_min_side(cfg.model.vision.img_size, True, d.transform))
-        require_image_root(d.image_root, [dataset.image_path(i) for i in range(min(16, len(dataset)))])
+    dataset = build_dataset(cfg)
     init_ckpt = load_checkpoint(init_from) if init_from and not resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt or init_ckpt)
     del resume_ckpt
@@ -304,17 +209,18 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
     if cfg.loss.contrastive.kind == "srcl" and cfg.loss.contrastive.helper_checkpoint:
         helper = load_helper(cfg.loss.contrastive.helper_checkpoint, tokenizer, dist.device)
     torch.manual_seed(cfg.train.seed)
-    model = VLPModel(cfg.model, momentum=True, helper_dim=helper.cfg.embed_dim if helper else None)
+    model = VLPModel(cfg.model)
     for report in load_pretrained_encoders(model):
         if dist.is_main:
             print(report.summary(), flush=True)
         report.raise_if_unexpected()
+    objective = PretrainObjective(model, cfg.loss, helper_dim=helper.cfg.embed_dim if helper else None)
     if init_ckpt is not None:
-        report = init_from_checkpoint(model, init_ckpt, init_from)
+        report = init_from_checkpoint(objective, init_ckpt, init_from)
         if dist.is_main:
             print(f"initialised from {init_from}: {report.summary()}", flush=True)
         del init_ckpt
-    model.to(dist.device)
+    objective.to(dist.device)
     torch.manual_seed(cfg.train.seed + dist.rank)
 
     if dist.is_main:
@@ -324,8 +230,8 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
               f"contrastive={cfg.loss.contrastive.kind}, {dist.world_size} process(es) on {dist.device}, "
               f"output in {cfg.train.output_dir}", flush=True)
     lw = cfg.loss
-    trainer = Trainer(cfg.train, cfg.optim, cfg.schedule, model,
-                      model.param_groups(cfg.optim.lr, cfg.optim.lr_vision, cfg.optim.weight_decay),
+    trainer = Trainer(cfg.train, cfg.optim, cfg.schedule, objective,
+                      objective.param_groups(cfg.optim.lr, cfg.optim.lr_vision, cfg.optim.weight_decay),
                       dist, cfg, find_unused=(lw.itm == 0 or lw.mlm == 0))
     task = PretrainTask(cfg, dist, dataset, tokenizer, helper, world if cfg.diagnostics.every else None)
     state = trainer.fit(task, resume=resume)

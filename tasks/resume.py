@@ -20,10 +20,10 @@ with exactly, or where the new value is the user's intent and is applied from th
   the tokenizer source (the checkpoint's tokenizer is used), the test split (evaluated after
   training), evaluation batch sizes and caches.
 
-Everything else is refused: the model (architecture, dropout, momentum, queue), the training data
+Everything else is refused: the model (architecture, dropout), the training data
 (files, shards, transforms, caption length and cleaning, the synthetic world's config), the batch
-(``train.batch_size``, ``train.grad_accum``), ``train.seed``, the losses, and whatever decides the
-validation metric behind ``checkpoint_best.pth`` (val files, evaluation protocol, generation).
+(``train.batch_size``, ``train.grad_accum``), ``train.seed``, the objective (losses, momentum, queue),
+and whatever decides the validation metric behind ``checkpoint_best.pth`` (val files, evaluation protocol, generation).
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 
 from engine import distributed as D
 from engine.config import ConfigError, to_dict
+from objectives.pretrain import moved_config_keys
 
 log = logging.getLogger("tasks")
 
@@ -150,6 +151,7 @@ def check_resume_config(cfg: Any, ckpt: dict, path: str, task: str, dist: Option
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         return []
+    saved = moved_config_keys(saved)
     accepted, refused = resume_changes(saved, to_dict(cfg), task)
     if refused:
         raise ConfigError(

@@ -6,7 +6,7 @@
     python run_finetune.py --task retrieval_coco --checkpoint FINETUNED --evaluate  # test split only
     torchrun --nproc_per_node=8 run_finetune.py --task retrieval_coco --checkpoint CKPT
 
-Training reuses the pre-training forward (``VLPModel.forward``) with MLM off: the SRCL (or InfoNCE)
+Training reuses the pre-training objective (``objectives.pretrain.PretrainObjective``) with MLM off: the SRCL (or InfoNCE)
 contrastive loss against the momentum batch and queue, where every caption of one image is a
 positive (the train file's ``image_id`` is the model's ``image_idx``), plus ITM with hard negatives.
 At fine-tuning SRCL's similarity comes from the fine-tuned model alone (no helper model), as in the
@@ -38,9 +38,11 @@ from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config
 from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models import losses as L
-from models.vlp import ContrastiveConfig, PretrainLossConfig, VLPConfig, VLPModel
+from models.vlp import VLPConfig, VLPModel
 from models.weights import LoadReport
-from tasks.common import (QUEUE_KEYS, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
+from objectives.pretrain import (AlignmentLossConfig, ContrastiveConfig, PretrainObjective, checkpoint_states,
+                                 load_objective_from_checkpoint)
+from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
                           load_encoder_weights, load_model_state, load_selected_checkpoint, make_tokenizer,
                           fit_model_config, require_files, require_image_root, start_run)
 from engine.rundir import OutputDir
@@ -51,7 +53,6 @@ from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator, Retrie
 log = logging.getLogger("retrieval")
 
 Mode = Literal["finetune", "zero_shot", "evaluate"]
-MOMENTUM_PREFIXES = ("visual_m.", "text_m.", "vision_proj_m.", "text_proj_m.")
 # architecture fields that must agree between the config and a checkpoint (sizes that change shapes)
 @dataclass
 class RetrievalDataConfig:
@@ -68,19 +69,16 @@ class RetrievalDataConfig:
 
 
 @dataclass
-class RetrievalLossConfig:
+class RetrievalLossConfig(AlignmentLossConfig):
+    """The pre-training objective's losses without MLM, its momentum model and queue."""
+
     contrastive: ContrastiveConfig = opt(ContrastiveConfig, "contrastive (SRCL / InfoNCE) loss; captions of one image_id are positives")
-    itc: float = opt(1.0, "weight of the contrastive loss")
-    itm: float = opt(1.0, "weight of the image-text matching loss (hard negatives)")
 
     def validate(self) -> None:
+        super().validate()
         if self.contrastive.helper_checkpoint is not None:
             raise ConfigError("loss.contrastive.helper_checkpoint: fine-tuning uses the fine-tuned model's own "
                               "similarity for SRCL (as the paper does); set it to null")
-
-    def pretrain_loss(self) -> PretrainLossConfig:
-        """The pre-training loss settings with MLM off (``VLPModel.forward`` serves fine-tuning)."""
-        return PretrainLossConfig(contrastive=self.contrastive, itc=self.itc, itm=self.itm, mlm=0.0)
 
 
 @dataclass
@@ -88,11 +86,14 @@ class RetrievalConfig:
     model: VLPConfig = opt(VLPConfig, "model (must match the checkpoint's architecture; the image size may differ)")
     tokenizer: TokenizerConfig = opt(TokenizerConfig, "tokenizer (the checkpoint's when it has one)")
     data: RetrievalDataConfig = opt(RetrievalDataConfig, "retrieval data")
-    loss: RetrievalLossConfig = opt(RetrievalLossConfig, "fine-tuning losses")
+    loss: RetrievalLossConfig = opt(RetrievalLossConfig, "fine-tuning objective: losses, momentum model and queue")
     eval: RetrievalEvalConfig = opt(RetrievalEvalConfig, "evaluation: ITC top-k_test re-ranked by ITM")
     optim: OptimConfig = opt(OptimConfig, "optimiser")
     schedule: ScheduleConfig = opt(ScheduleConfig, "learning-rate schedule")
     train: TrainConfig = opt(TrainConfig, "training loop")
+
+
+CONFIG_CLASS = RetrievalConfig
 
 
 # ------------------------------------------------------------------------------------------- task
@@ -105,10 +106,9 @@ class RetrievalTask(SampledTrainTask):
         self.collator = RetrievalTrainCollator(tokenizer, cfg.tokenizer.max_length)
         self.train_data = SampledTrainData(dataset, self.collator, cfg.train, dist, cfg.data.num_workers,
                                            loader_seed=0)  # the loader's own generator leaves the global RNG alone
-        self.loss_cfg = cfg.loss.pretrain_loss()
 
-    def train_step(self, model, batch: dict, state: TrainState) -> dict:
-        out = model(batch, self.loss_cfg, 0.0)
+    def train_step(self, objective, batch: dict, state: TrainState) -> dict:
+        out = objective(batch, 0.0)
         logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
         logs["_pairs"] = batch["image"].shape[0]
         if "weights_i2t" in out:
@@ -116,8 +116,8 @@ class RetrievalTask(SampledTrainTask):
                 logs[f"srcl/{k}"] = v
         return logs
 
-    def evaluate(self, model, epoch: int) -> dict:
-        result = self.val.run(model)
+    def evaluate(self, objective, epoch: int) -> dict:
+        result = self.val.run(objective.model)
         self.reporter.report(result, "val", f"epoch {epoch}", write_ranked=False, suffix=f"_epoch{epoch:02d}")
         return result.flat()
 
@@ -157,37 +157,22 @@ class Reporter:
 
 
 # ------------------------------------------------------------------------------------ building
-def load_into(model: VLPModel, ckpt: dict, path: str, finetune: bool) -> LoadReport:
-    """Load a checkpoint (ours, pre-training or retrieval; or ALBEF/BLIP names, converted by
-    ``load_model_state``) with an explicit report.
-
-    Evaluation builds no momentum copy or queues, so those keys are ignored (with that reason).
-    Fine-tuning keeps the momentum copy (or initialises it from the online model when the checkpoint
-    has none) and starts with empty queues: queued pre-training features carry pre-training image
-    ids, which would collide with this task's ``image_id`` numbering."""
-    report = load_model_state(model, dict(ckpt["model"]), source=path,
-                              expected_missing={p: "momentum copy: initialised from the online model" for p in MOMENTUM_PREFIXES})
-    for k in report.unexpected:
-        last = k.split(".")[-1]
-        if last in ("image_queue_h", "text_queue_h"):
-            report.expected_unexpected[k] = "helper-feature queue: no helper model at fine-tuning"
-        elif not finetune and (k.startswith(MOMENTUM_PREFIXES) or last in QUEUE_KEYS):
-            report.expected_unexpected[k] = "momentum copy / queue: not used for evaluation"
-    if finetune:
-        if any(k.startswith(MOMENTUM_PREFIXES) for k in report.missing):
-            model.copy_params_to_momentum()
-        reset_queues(model)
-    return report
+def load_into(model: VLPModel, ckpt: dict, path: str) -> LoadReport:
+    """Load a checkpoint's model (ours, pre-training or retrieval; or ALBEF/BLIP names, converted by
+    ``load_model_state``) with an explicit report; its training objective's state (momentum copy,
+    queues) is not the model's (:func:`build_objective` takes the momentum copy)."""
+    return load_model_state(model, checkpoint_states(ckpt)[0], source=path)
 
 
-@torch.no_grad()
-def reset_queues(model: VLPModel) -> None:
-    """Empty the feature queues (index -1 = invalid, never used as a negative)."""
-    if model.has_momentum:
-        model.image_queue.zero_()
-        model.text_queue.zero_()
-        model.idx_queue.fill_(-1)
-        model.queue_ptr.zero_()
+def build_objective(model: VLPModel, cfg: "RetrievalConfig", ckpt: Optional[dict]) -> PretrainObjective:
+    """The fine-tuning objective on the loaded ``model``: the checkpoint's momentum copy when it has
+    one (else the online weights) and empty queues: queued pre-training features carry pre-training
+    image ids, which would collide with this task's ``image_id`` numbering."""
+    objective = PretrainObjective(model, cfg.loss)
+    if ckpt is not None:
+        for note in load_objective_from_checkpoint(objective, ckpt):
+            log.info("%s", note)
+    return objective
 
 
 def freeze_mlm_only(model: VLPModel) -> None:
@@ -252,13 +237,12 @@ def _run(cfg: RetrievalConfig, mode: Mode, checkpoint: Optional[str], resume: Op
     cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
 
     torch.manual_seed(cfg.train.seed)
-    model = VLPModel(cfg.model, momentum=finetune)
+    model = VLPModel(cfg.model)
     if ckpt is not None:
-        report = load_into(model, ckpt, checkpoint, finetune)
+        report = load_into(model, ckpt, checkpoint)
         if dist.is_main:
             print(f"checkpoint {checkpoint}: {report.summary()}", flush=True)
         report.raise_if_unexpected()
-        del ckpt
     else:
         if finetune and not resume and dist.is_main:
             log.warning("no --checkpoint: fine-tuning from scratch (random initialisation%s); retrieval "
@@ -266,7 +250,9 @@ def _run(cfg: RetrievalConfig, mode: Mode, checkpoint: Optional[str], resume: Op
                         " except the weight files named in model.*_weights" if (cfg.model.vision_weights or cfg.model.text_weights) else "")
         load_encoder_weights(model, dist)
     freeze_mlm_only(model)
-    model.to(dist.device)
+    objective = build_objective(model, cfg, ckpt) if finetune else None
+    del ckpt
+    (model if objective is None else objective).to(dist.device)
     torch.manual_seed(cfg.train.seed + dist.rank)
 
     out_dir = Path(cfg.train.output_dir)
@@ -295,7 +281,7 @@ def _run(cfg: RetrievalConfig, mode: Mode, checkpoint: Optional[str], resume: Op
         return result.flat()
 
     lw = cfg.loss
-    trainer = build_trainer(cfg, model, dist, find_unused=lw.itm == 0)
+    trainer = build_trainer(cfg, objective, dist, find_unused=lw.itm == 0)
     task = RetrievalTask(cfg, dist, train_set, tokenizer, evaluator("val"), reporter)
     t0 = time.perf_counter()
     state = trainer.fit(task, resume=resume, metric_key="r_mean")
@@ -327,4 +313,4 @@ def main(args) -> int:
 
 
 __all__ = ["RetrievalConfig", "RetrievalDataConfig", "RetrievalLossConfig", "RetrievalTask", "run", "main",
-           "load_into"]
+           "load_into", "build_objective"]

@@ -22,9 +22,9 @@ one). SRCL should give those a LOW weight. The numbers, for a batch or pooled ov
 
 Used three ways:
 
-* during pre-training (``diagnostics.every``): :func:`batch_diagnostics` on the local batch and,
-  with the queue, on the queued captions (their texts kept by :class:`QueueTexts`, a ring buffer
-  that mirrors the model's queue);
+* during pre-training (``diagnostics.every``): ``tasks/srcl_measures.py`` (``batch_diagnostics``
+  on the local batch and, with the queue, on the queued captions, their texts kept by
+  ``QueueTexts``, a ring buffer that mirrors the objective's queue);
 * for any checkpoint on any split, e.g. in a notebook::
 
       from tasks.srcl_diagnostics import diagnose_checkpoint
@@ -41,78 +41,17 @@ import json
 import os
 import random
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
 
 from models import losses as L
+from objectives.pretrain import PretrainObjective
+from tasks.srcl_measures import batch_diagnostics
+from tasks.zero_shot import itc_features, load_vlp_checkpoint
 
-__all__ = ["batch_diagnostics", "QueueTexts", "diagnose_checkpoint", "main"]
-
-
-def batch_diagnostics(neg_mask: Tensor, truth: Tensor, sim: Tensor, weights: Optional[Tensor] = None,
-                      prefix: str = "") -> dict[str, float]:
-    """Diagnostics of one block of anchors x candidates.
-
-    Args:
-        neg_mask: (B, K) bool, the entries the loss treats as negatives.
-        truth: (B, K) bool, True where the candidate is actually true of the anchor.
-        sim: (B, K) the model similarity the weights were computed from.
-        weights: (B, K) SRCL weights, or None (InfoNCE: only the similarity numbers).
-        prefix: put before every key (e.g. ``"queue_"``).
-
-    Returns (NaN where a class is absent): ``{prefix}weight_auc``, ``{prefix}weight_w_false_neg``,
-    ``{prefix}weight_w_true_neg``, ``{prefix}weight_n_false_neg``, ``{prefix}weight_n_true_neg``
-    (only with weights), ``{prefix}sim_auc``, ``{prefix}sim_centred_auc`` (the similarity minus its
-    anchor's mean over the negatives: as the weights, which are normalised per anchor, see the
-    module docstring), ``{prefix}sim_false_neg``, ``{prefix}sim_true_neg``,
-    ``{prefix}false_negative_rate``.
-    """
-    neg, truth = neg_mask.detach().cpu().bool(), truth.detach().cpu().bool()
-    s = sim.detach().cpu().double()[neg]
-    t = truth[neg]
-    nan = float("nan")
-    res: dict[str, float] = {}
-    if weights is not None:
-        fn = L.false_negative_auc(weights.detach().cpu().double(), neg, truth)
-        res.update({f"{prefix}weight_{k}": v for k, v in fn.items()})
-    res[f"{prefix}sim_auc"] = L.roc_auc(s, t)
-    # the weights are normalised per anchor; the same for the similarity: minus the anchor's mean
-    sd = torch.where(neg, sim.detach().cpu().double(), torch.zeros((), dtype=torch.float64))
-    row_mean = sd.sum(dim=1, keepdim=True) / neg.sum(dim=1, keepdim=True).clamp_min(1)
-    res[f"{prefix}sim_centred_auc"] = L.roc_auc((sd - row_mean)[neg], t)
-    res[f"{prefix}sim_false_neg"] = float(s[t].mean()) if bool(t.any()) else nan
-    res[f"{prefix}sim_true_neg"] = float(s[~t].mean()) if bool((~t).any()) else nan
-    res[f"{prefix}false_negative_rate"] = float(t.double().mean()) if t.numel() else nan
-    return res
-
-
-class QueueTexts:
-    """The captions behind the model's text queue, for the queue diagnostics.
-
-    The model's queue holds only features; this ring buffer of the same size holds the caption of
-    every slot. Call :meth:`write` with the queue pointer read *before* the forward that enqueues
-    and the (all-process) captions of that step, exactly as ``VLPModel.enqueue`` writes them.
-    Slots never written in this process (e.g. queued before a resume) are ``None`` and are left out.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = int(size)
-        self.texts: list[Optional[str]] = [None] * self.size
-
-    def write(self, ptr: int, texts: Sequence[str]) -> None:
-        """Mirror ``enqueue``: ``texts`` go to slots ``ptr, ptr + 1, ...`` modulo the size (only the
-        newest ``size`` when there are more)."""
-        if self.size == 0:
-            return
-        texts = list(texts)[-self.size:]
-        for k, text in enumerate(texts):
-            self.texts[(int(ptr) + k) % self.size] = text
-
-    def known(self) -> Tensor:
-        """(size,) bool: slots whose caption is known."""
-        return torch.tensor([t is not None for t in self.texts], dtype=torch.bool)
+__all__ = ["diagnose_checkpoint", "main"]
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -160,16 +99,16 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     ``delta``, ``alpha``, ``similarity_source``, ``split``, ``checkpoint``, ``helper``.
     """
     from shapesworld.truth import ShapesWorld
-    from tasks.zero_shot import itc_features, load_vlp_checkpoint
 
-    model, tokenizer, cfg = load_vlp_checkpoint(checkpoint_path, device, momentum=True)
+    if similarity_source not in (None, "momentum", "online"):
+        raise ValueError(f"similarity_source must be 'momentum' or 'online', got {similarity_source!r}")
+    # the momentum encoders are the checkpoint's objective's
+    model, tokenizer, cfg = load_vlp_checkpoint(checkpoint_path, device, objective=similarity_source != "online")
     ccfg = cfg.loss.contrastive
     delta = float(ccfg.delta if delta is None else delta)
     source = similarity_source or ccfg.similarity_source
-    if source not in ("momentum", "online"):
-        raise ValueError(f"similarity_source must be 'momentum' or 'online', got {source!r}")
-    if source == "momentum" and not model.has_momentum:
-        raise ValueError(f"{checkpoint_path} has no momentum encoders: use similarity_source='online'")
+    if source == "online" and isinstance(model, PretrainObjective):
+        model = model.model
     alpha = float((1.0 if helper else 0.0) if alpha is None else alpha)
     if alpha > 0 and not helper:
         raise ValueError(f"alpha={alpha} mixes in a helper similarity: pass helper=<checkpoint>")
@@ -190,7 +129,7 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
                          transform_cfg=d.transform)
     h_feats = None
     if helper:
-        h_model, h_tok, h_cfg = load_vlp_checkpoint(helper, device, momentum=False)
+        h_model, h_tok, h_cfg = load_vlp_checkpoint(helper, device)
         h_feats = itc_features(h_model, h_tok, full_paths, captions, h_cfg.model.vision.img_size, batch_size,
                                h_cfg.tokenizer.max_length, progress=progress, transform_cfg=h_cfg.data.transform)
 

@@ -44,9 +44,10 @@ from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
 from models.vqa import VQAModel, pad_vocab_rows
 from models.vlp import VLPConfig
+from objectives.pretrain import checkpoint_states
 from tasks.caption import DECODER_SECTIONS, token_ids
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
-                          build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
+                          build_trainer, load_encoder_weights, load_model_state,
                           load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
                           fit_model_config, require_fraction, require_image_root, require_positive, start_run, to_device, validate_image_data,
                           write_json)
@@ -225,10 +226,10 @@ def is_vqa_state(state: dict) -> bool:
 
 
 def load_weights(model: VQAModel, ckpt: dict, source: str) -> list:
-    """Load a fine-tuned VQA checkpoint as it is, or a pre-training checkpoint into ``model.base``
-    (momentum encoders and queues ignored with that reason) and initialise the decoder from it.
+    """Load a fine-tuned VQA checkpoint as it is, or a pre-training checkpoint's model into
+    ``model.base`` and initialise the decoder from it.
     Vocabulary-sized tensors are extended first when the tokenizer was extended. Returns the reports."""
-    state = dict(ckpt["model"])
+    state = checkpoint_states(ckpt)[0]
     extended = pad_vocab_rows(state, model.cfg.text.vocab_size)
     if is_vqa_state(state):
         report = load_model_state(model, state, source=source)
@@ -236,7 +237,6 @@ def load_weights(model: VQAModel, ckpt: dict, source: str) -> list:
     else:
         report = load_model_state(model, {"base." + k: v for k, v in state.items()}, source=source,
                                   expected_missing={"decoder.": "answer decoder: initialised from the base model"})
-        explain_momentum_keys(report, "base.")
         reports = [report, model.init_decoder_from_base()]
     if extended:
         reports[0].interpolated.extend(k for k in extended if k in reports[0].loaded or "base." + k in reports[0].loaded)

@@ -31,6 +31,9 @@ from datasets.transforms import TransformConfig, build_transform
 from engine.checkpoint import load_checkpoint
 from models.vision import vit_tokens
 from models.vlp import VLPModel
+from objectives.pretrain import PretrainObjective, checkpoint_states
+from tasks.common import saved_run_config
+from tasks.pretrain_config import PretrainConfig
 
 __all__ = ["load_vlp_checkpoint", "itc_features", "retrieval_metrics", "chance_recall", "read_retrieval_split",
            "zero_shot_retrieval"]
@@ -38,41 +41,48 @@ __all__ = ["load_vlp_checkpoint", "itc_features", "retrieval_metrics", "chance_r
 KS = (1, 5, 10)
 
 
-def load_vlp_checkpoint(path: str, device: str | torch.device = "cpu", momentum: bool = True):
-    """Build the pre-training model of one of our checkpoints and load its weights.
+def load_vlp_checkpoint(path: str, device: str | torch.device = "cpu", objective: bool = False):
+    """Build the model of one of our pre-training checkpoints and load its weights.
 
-    Returns ``(model, tokenizer, cfg)`` with ``model`` in eval mode on ``device`` (with its momentum
-    encoders and queues when ``momentum`` and the checkpoint has them) and ``cfg`` the checkpoint's
-    ``PretrainConfig``. Raises ``ValueError`` naming the file when it is not a pre-training checkpoint.
+    Returns ``(model, tokenizer, cfg)`` with ``model`` in eval mode on ``device`` and ``cfg`` the
+    checkpoint's ``PretrainConfig``. With ``objective``, ``model`` is the checkpoint's
+    ``PretrainObjective`` holding the model, with the checkpoint's momentum encoders (its queues
+    empty). Raises ``ValueError`` naming the file when it is not a pre-training checkpoint (or has
+    no momentum encoders, with ``objective``).
     """
-    from tasks.common import saved_run_config
-    from tasks.pretrain import PretrainConfig
-
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "config", "tokenizer") if k not in ckpt]
     if missing:
         raise ValueError(f"{path} is not a pre-training checkpoint of this project (no {missing} entries)")
     cfg = saved_run_config(PretrainConfig, ckpt["config"])
-    state = ckpt["model"]
-    has_momentum = momentum and any(k.startswith("visual_m.") for k in state)
-    helper_dim = int(state["image_queue_h"].shape[0]) if has_momentum and "image_queue_h" in state else None
-    model = VLPModel(cfg.model, momentum=has_momentum, helper_dim=helper_dim)
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    model_state, objective_state = checkpoint_states(ckpt)
+    model = VLPModel(cfg.model)
+    model.load_state_dict(model_state, strict=True)
+    if objective:
+        if not any(k.startswith("visual_m.") for k in objective_state):
+            raise ValueError(f"{path} has no momentum encoders: use similarity_source='online'")
+        model = PretrainObjective(model, cfg.loss)
+        model.load_momentum(objective_state)
     return model.to(device).eval(), tokenizer_from_state(ckpt["tokenizer"]), cfg
 
 
 @torch.no_grad()
-def itc_features(model: VLPModel, tokenizer, image_paths: Sequence[str], captions: Sequence[str],
+def itc_features(model: VLPModel | PretrainObjective, tokenizer, image_paths: Sequence[str], captions: Sequence[str],
                  img_size: int, batch_size: int = 64, max_length: int = 30, momentum: bool = False,
                  device: Optional[torch.device] = None, progress: bool = True,
                  transform_cfg: Optional[TransformConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised ITC features ``(N_images, D)`` and ``(N_captions, D)`` (float32, CPU).
 
     Images are read from ``image_paths`` (eval transform: resize to ``img_size``); captions are used
-    as given (clean them first). ``momentum=True`` uses the momentum encoders (the similarity that
-    the SRCL weights use by default). ``transform_cfg``: the normalisation of the training run
+    as given (clean them first). ``momentum=True`` uses the momentum encoders of ``model``, a
+    ``PretrainObjective`` (the similarity that the SRCL weights use by default); otherwise the model's
+    (an objective's: its model's) encoders. ``transform_cfg``: the normalisation of the training run
     (``cfg.data.transform``; default ``TransformConfig()``)."""
+    objective = model if isinstance(model, PretrainObjective) else None
+    if momentum and objective is None:
+        raise ValueError("momentum features need the objective's momentum encoders: pass a PretrainObjective "
+                         "(load_vlp_checkpoint(..., objective=True))")
+    base = objective.model if objective is not None else model
     device = device or next(model.parameters()).device
     transform = build_transform(img_size, False, transform_cfg)
     was_training = model.training
@@ -82,21 +92,21 @@ def itc_features(model: VLPModel, tokenizer, image_paths: Sequence[str], caption
                    leave=False):
         batch = torch.stack([transform(load_image(p)) for p in image_paths[lo:lo + batch_size]]).to(device)
         if momentum:
-            tokens = vit_tokens(model.visual_m, batch)
-            img_feats.append(torch.nn.functional.normalize(model.vision_proj_m(tokens[:, 0]).float(), dim=-1).cpu())
+            tokens = vit_tokens(objective.visual_m, batch)
+            img_feats.append(torch.nn.functional.normalize(objective.vision_proj_m(tokens[:, 0]).float(), dim=-1).cpu())
         else:
-            img_feats.append(model.image_feat(model.encode_image(batch)).cpu())
+            img_feats.append(base.image_feat(base.encode_image(batch)).cpu())
     for lo in tqdm(range(0, len(captions), batch_size), desc="zero-shot: texts", disable=not progress, leave=False):
         enc = tokenizer(list(captions[lo:lo + batch_size]), padding="longest", truncation=True,
                         max_length=max_length, return_tensors="pt")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         if momentum:
-            hidden = model.text_m.forward_text(ids, mask)
-            txt_feats.append(torch.nn.functional.normalize(model.text_proj_m(hidden[:, 0]).float(), dim=-1).cpu())
+            hidden = objective.text_m.forward_text(ids, mask)
+            txt_feats.append(torch.nn.functional.normalize(objective.text_proj_m(hidden[:, 0]).float(), dim=-1).cpu())
         else:
-            txt_feats.append(model.text_feat(model.encode_text(ids, mask)).cpu())
+            txt_feats.append(base.text_feat(base.encode_text(ids, mask)).cpu())
     model.train(was_training)
-    dim = model.cfg.embed_dim
+    dim = base.cfg.embed_dim
     return (torch.cat(img_feats) if img_feats else torch.zeros(0, dim),
             torch.cat(txt_feats) if txt_feats else torch.zeros(0, dim))
 

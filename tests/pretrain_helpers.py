@@ -50,7 +50,7 @@ def tiny_overrides(data_root: Path, out_dir: Path, **extra) -> list[str]:
         "model.text.hidden_size": 32, "model.text.num_text_layers": 1, "model.text.num_fusion_layers": 1,
         "model.text.num_heads": 2, "model.text.intermediate_size": 64,
         "model.text.hidden_dropout": 0.0, "model.text.attention_dropout": 0.0,
-        "model.embed_dim": 16, "model.queue_size": 32, "loss.contrastive.queue_start_step": 0,
+        "model.embed_dim": 16, "loss.queue_size": 32, "loss.contrastive.queue_start_step": 0,
         "tokenizer.vocab_size": 120,
         "data.train_files": f"[{data_root / 'pretrain.json'}]", "data.image_root": str(data_root),
         "x-synthetic": "null", "data.num_workers": 0,

@@ -16,7 +16,9 @@ from datasets.text import tokenizer_state, train_wordpiece_tokenizer
 from engine import distributed as D
 from engine.checkpoint import load_checkpoint
 from engine.config import ConfigError, load_config, to_dict
+from engine.trainer import checkpoint_sections
 from models.vlp import VLPModel
+from objectives.pretrain import PretrainLossConfig, PretrainObjective
 from tasks.caption import CaptionConfig, build_model, main, run
 from tasks.common import with_vocab
 from tasks.caption_eval import SPICE_JARS, score_captions, spice_command
@@ -149,8 +151,10 @@ def test_pretraining_checkpoint_initialises_encoder_and_decoder(world, tmp_path)
     tok = train_wordpiece_tokenizer(["a picture of a red circle"], 60)
     cfg = with_vocab(cfg, tok)
     torch.manual_seed(0)
-    base = VLPModel(cfg.model, momentum=True)
-    ckpt = {"model": base.state_dict(), "config": {"model": to_dict(cfg.model)}, "tokenizer": tokenizer_state(tok)}
+    base = VLPModel(cfg.model)
+    objective = PretrainObjective(base, PretrainLossConfig(queue_size=8))  # a pre-training checkpoint holds both
+    ckpt = {**checkpoint_sections(objective, objective.state_dict()), "config": {"model": to_dict(cfg.model)},
+            "tokenizer": tokenizer_state(tok)}
     model = build_model(cfg, ckpt, "pretrain.pth", D.DistInfo())
     assert torch.equal(model.visual.pos_embed, base.visual.pos_embed)
     fusion = base.text.encoder.layer[1]  # one text layer, then the fusion layer
@@ -198,7 +202,7 @@ def test_end_to_end_train_generate_score_evaluate_predict(world, tmp_path, capsy
     assert lines[0].split("\t")[1] == test_caps[first_id]
 
     # --predict with a pre-training checkpoint is refused with a clear message
-    torch.save({"model": VLPModel(with_vocab(cfg, _tok(out)).model, momentum=False).state_dict()}, tmp_path / "p.pth")
+    torch.save({"model": VLPModel(with_vocab(cfg, _tok(out)).model).state_dict()}, tmp_path / "p.pth")
     ns.checkpoint = str(tmp_path / "p.pth")
     with pytest.raises(ConfigError, match="no caption decoder"):
         main(ns)

@@ -12,7 +12,8 @@ import torch
 
 from models.text import TextConfig
 from models.vision import VisionConfig
-from models.vlp import PretrainLossConfig, VLPConfig, VLPModel
+from models.vlp import VLPConfig, VLPModel
+from objectives.pretrain import PretrainLossConfig, PretrainObjective
 
 
 def _cfg(ckpt_vision: bool, ckpt_text: bool, dropout: float = 0.0) -> VLPConfig:
@@ -21,7 +22,11 @@ def _cfg(ckpt_vision: bool, ckpt_text: bool, dropout: float = 0.0) -> VLPConfig:
         text=TextConfig(vocab_size=60, hidden_size=32, num_text_layers=2, num_fusion_layers=2, num_heads=2,
                         intermediate_size=64, max_position_embeddings=16, hidden_dropout=dropout,
                         attention_dropout=dropout, grad_checkpointing=ckpt_text),
-        embed_dim=16, queue_size=8)
+        embed_dim=16)
+
+
+def _objective(cfg: VLPConfig) -> PretrainObjective:
+    return PretrainObjective(VLPModel(cfg), PretrainLossConfig(queue_size=8))
 
 
 def _batch(b: int = 6, length: int = 7) -> dict:
@@ -36,16 +41,16 @@ def _batch(b: int = 6, length: int = 7) -> dict:
             "image_idx": torch.tensor([0, 1, 2, 2, 3, 4])}
 
 
-def _grads(model: VLPModel, seed: int = 0) -> tuple[dict, dict, float]:
+def _grads(model: PretrainObjective, seed: int = 0) -> tuple[dict, dict, float]:
     """One pre-training forward/backward; returns grads, per-block forward call counts and the loss."""
     calls: dict[str, int] = {}
     hooks = []
     for name, mod in model.named_modules():
-        if name.endswith(("blocks.0", "blocks.1", "encoder.layer.0", "encoder.layer.3")) and "_m." not in name:
+        if name.endswith(("blocks.0", "blocks.1", "encoder.layer.0", "encoder.layer.3")) and name.startswith("model."):
             # a pre-hook: torch's checkpoint stops a recomputation early, before forward hooks would run
             hooks.append(mod.register_forward_pre_hook(lambda m, i, name=name: calls.__setitem__(name, calls.get(name, 0) + 1)))
     torch.manual_seed(seed)
-    out = model(_batch(), PretrainLossConfig(), generator=torch.Generator().manual_seed(seed))
+    out = model(_batch(), generator=torch.Generator().manual_seed(seed))
     out["loss"].backward()
     for h in hooks:
         h.remove()
@@ -53,10 +58,10 @@ def _grads(model: VLPModel, seed: int = 0) -> tuple[dict, dict, float]:
     return grads, calls, float(out["loss"].detach())
 
 
-def _pair(ckpt_vision: bool, ckpt_text: bool, dropout: float = 0.0) -> tuple[VLPModel, VLPModel]:
+def _pair(ckpt_vision: bool, ckpt_text: bool, dropout: float = 0.0) -> tuple[PretrainObjective, PretrainObjective]:
     torch.manual_seed(0)
-    plain = VLPModel(_cfg(False, False, dropout))
-    ckpt = VLPModel(_cfg(ckpt_vision, ckpt_text, dropout))
+    plain = _objective(_cfg(False, False, dropout))
+    ckpt = _objective(_cfg(ckpt_vision, ckpt_text, dropout))
     ckpt.load_state_dict(plain.state_dict())
     return plain.train(), ckpt.train()
 
@@ -72,7 +77,7 @@ def test_checkpointed_gradients_equal_plain(vision, text):
         torch.testing.assert_close(g1[name], g0[name], rtol=1e-5, atol=1e-7, msg=name)
     # the checkpointed blocks ran again in backward (once per forward use), the others did not
     for name, n in calls0.items():
-        recomputed = (vision and name.startswith("visual.")) or (text and name.startswith("text."))
+        recomputed = (vision and name.startswith("model.visual.")) or (text and name.startswith("model.text."))
         assert calls1[name] == (2 * n if recomputed else n), (name, calls0, calls1)
 
 
@@ -93,7 +98,7 @@ def test_checkpointed_gradients_equal_plain_under_bf16_autocast():
     grads = []
     for model in (plain, ckpt):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = model(_batch(), PretrainLossConfig(), generator=torch.Generator().manual_seed(0))
+            out = model(_batch(), generator=torch.Generator().manual_seed(0))
         out["loss"].backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for name in grads[0]:
@@ -115,7 +120,7 @@ def test_momentum_encoders_are_not_checkpointed():
     try:
         with torch.no_grad():
             ckpt.text_m.forward_text(_batch()["input_ids"], _batch()["attention_mask"])
-            ckpt.text.forward_text(_batch()["input_ids"], _batch()["attention_mask"])
+            ckpt.model.text.forward_text(_batch()["input_ids"], _batch()["attention_mask"])
     finally:
         torch.utils.checkpoint.checkpoint = real
     assert calls["n"] == 0
@@ -126,7 +131,7 @@ def test_fairscale_checkpoint_wrapper_gives_the_same_gradients():
 
     plain, _ = _pair(False, False)
     wrapped = copy.deepcopy(plain)
-    for enc in (wrapped.visual.blocks, wrapped.text.encoder.layer):
+    for enc in (wrapped.model.visual.blocks, wrapped.model.text.encoder.layer):
         for i in range(len(enc)):
             enc[i] = checkpoint_wrapper(enc[i])
     assert sorted(wrapped.state_dict()) == sorted(plain.state_dict())  # names unchanged

@@ -147,7 +147,7 @@ def test_new_run_refuses_a_folder_holding_a_checkpoint_overwrite_replaces_it(wor
     # an evaluation-only run in the same folder is not refused, and writes no checkpoint
     ckpt = (out / "checkpoint_last.pth").read_bytes()
     model = [x for x in overrides(world, out) if x.startswith(("model.vision.", "model.text.", "model.embed_dim",
-                                                                "model.queue_size"))]
+                                                                "loss.queue_size"))]
     rc = run_finetune.main(["--task", "retrieval_shapes", "--checkpoint", str(out / "checkpoint_last.pth"), "--zero-shot",
                             "--set", *model, f"data.test_file={world / 'retrieval_test.json'}", f"data.image_root={world}",
                             "x-synthetic=null", "data.num_workers=0", f"train.output_dir={out}", "train.progress=false",
@@ -230,7 +230,7 @@ def test_resume_rules_of_the_fine_tuning_tasks():
 def test_fine_tuning_resume_with_a_changed_batch_is_refused_and_a_new_run_too(world, tmp_path, capsys):
     out = tmp_path / "ft"
     model = [x for x in overrides(world, out) if x.startswith(("model.vision.", "model.text.", "model.embed_dim",
-                                                                "model.queue_size"))]
+                                                                "loss.queue_size"))]
     sets = model + [f"data.train_files=[{world / 'retrieval_train.json'}]", f"data.val_file={world / 'retrieval_val.json'}",
                     f"data.test_file={world / 'retrieval_test.json'}", f"data.image_root={world}", "x-synthetic=null",
                     "data.num_workers=0", f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=1",

@@ -49,7 +49,7 @@ BAD_VALUES = [
     ("data.max_bad_fraction=1.5", "data.max_bad_fraction"),
     ("data.max_bad_fraction=-0.1", "data.max_bad_fraction"),
     ("data.max_image_pixels=0", "data.max_image_pixels"),
-    ("model.queue_size=-1", "model.queue_size"),                # (checked before: kept as a guard)
+    ("loss.queue_size=-1", "loss.queue_size"),                  # (checked before: kept as a guard)
     ("model.vision.patch_size=7", "model.vision.patch_size"),   # the demo's img_size is 64
     ("model.vision.num_heads=5", "model.vision.num_heads"),     # width 128
     ("model.vision.num_heads=0", "model.vision.num_heads"),
@@ -432,4 +432,5 @@ def test_non_finite_features_skip_the_step_and_training_goes_on(world, tmp_path,
     # the skipped step left no NaN in the queue: every later step is finite
     assert all(math.isfinite(r["loss"]) for r in log if r["step"] != 3)
     ckpt = load_checkpoint(tmp_path / "out" / "checkpoint_last.pth")
-    assert all(bool(torch.isfinite(v).all()) for v in ckpt["model"].values() if v.is_floating_point())
+    for part in ("model", "objective"):  # the model, its momentum copy and the queues
+        assert all(bool(torch.isfinite(v).all()) for v in ckpt[part].values() if v.is_floating_point())

@@ -102,7 +102,7 @@ def _tiny_vlp(world, tmp_path):
     from models.vlp import VLPModel
 
     cfg = load_config(PretrainConfig, DEMO, tiny_overrides(world, tmp_path, **{"model.text.vocab_size": 120}))
-    return VLPModel(cfg.model, momentum=False)
+    return VLPModel(cfg.model)
 
 
 def _reader(name: str, world: Path, pretrained: Path, tmp_path: Path):

@@ -17,7 +17,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from models import losses as L
 from models.text import QueryLayout, TextConfig, TextTransformer
 from models.vision import VisionConfig, build_vit, vit_tokens
-from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, vit_class_token
+from models.vlp import VLPConfig, VLPModel, vit_class_token
+from objectives.pretrain import PretrainLossConfig, PretrainObjective
 
 HIDDEN, WIDTH, INTER, N_IMG, LENGTH = 16, 24, 32, 5, 6
 
@@ -122,7 +123,11 @@ def _vlp_cfg(checkpointing: bool = False) -> VLPConfig:
         text=TextConfig(vocab_size=50, hidden_size=32, num_text_layers=1, num_fusion_layers=2, num_heads=2,
                         intermediate_size=64, max_position_embeddings=16, hidden_dropout=0.0,
                         attention_dropout=0.0, grad_checkpointing=checkpointing),
-        embed_dim=16, queue_size=8, momentum=0.9)
+        embed_dim=16)
+
+
+def _objective(cfg: VLPConfig, **loss) -> PretrainObjective:
+    return PretrainObjective(VLPModel(cfg), PretrainLossConfig(queue_size=8, momentum=0.9, **loss)).double().train()
 
 
 def _batch(b: int = 5, length: int = 7) -> dict:
@@ -142,10 +147,11 @@ def _batch(b: int = 5, length: int = 7) -> dict:
             "mlm_labels": labels, "image_idx": torch.tensor([0, 1, 1, 2, 3])}
 
 
-def _reference_losses(model: VLPModel, batch: dict, loss_cfg: PretrainLossConfig, generator) -> dict:
+def _reference_losses(obj: PretrainObjective, batch: dict, generator) -> dict:
     """The pre-training losses computed the unshared way: full momentum encoders, ITM on the
     gathered (text, image) pairs, MLM in its own full fusion pass, states selected afterwards."""
     image, ids, mask, idx = batch["image"], batch["input_ids"], batch["attention_mask"], batch["image_idx"]
+    model, loss_cfg = obj.model, obj.cfg
     ccfg = loss_cfg.contrastive
     image_embeds = vit_tokens(model.visual, image)
     text_embeds = model.text.forward_text(ids, mask)
@@ -153,13 +159,13 @@ def _reference_losses(model: VLPModel, batch: dict, loss_cfg: PretrainLossConfig
     image_feat = F.normalize(model.vision_proj(image_embeds[:, 0]).float(), dim=-1)
     text_feat = F.normalize(model.text_proj(text_embeds[:, 0]).float(), dim=-1)
     with torch.no_grad():
-        model.momentum_update()
-        image_feat_m = F.normalize(model.vision_proj_m(vit_tokens(model.visual_m, image)[:, 0]).float(), dim=-1)
-        text_feat_m = F.normalize(model.text_proj_m(model.text_m.forward_text(ids, mask)[:, 0]).float(), dim=-1)
-        valid_q = model.idx_queue >= 0
-        image_all = torch.cat([image_feat_m, model.image_queue.T.float()])
-        text_all = torch.cat([text_feat_m, model.text_queue.T.float()])
-        idx_all = torch.cat([idx, model.idx_queue])
+        obj.momentum_update()
+        image_feat_m = F.normalize(obj.vision_proj_m(vit_tokens(obj.visual_m, image)[:, 0]).float(), dim=-1)
+        text_feat_m = F.normalize(obj.text_proj_m(obj.text_m.forward_text(ids, mask)[:, 0]).float(), dim=-1)
+        valid_q = obj.idx_queue >= 0
+        image_all = torch.cat([image_feat_m, obj.image_queue.T.float()])
+        text_all = torch.cat([text_feat_m, obj.text_queue.T.float()])
+        idx_all = torch.cat([idx, obj.idx_queue])
         pos = idx[:, None] == idx_all[None, :]
         valid = torch.cat([torch.ones_like(idx, dtype=torch.bool), valid_q])[None, :].expand_as(pos)
         neg = valid & ~pos
@@ -190,7 +196,7 @@ def _reference_losses(model: VLPModel, batch: dict, loss_cfg: PretrainLossConfig
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_pretrain_losses_and_gradients_equal_the_unshared_path(checkpointing):
     torch.manual_seed(0)
-    model = VLPModel(_vlp_cfg(checkpointing)).double().train()
+    model = _objective(_vlp_cfg(checkpointing))
     ref_model = copy.deepcopy(model)
     with torch.no_grad():  # a momentum copy that differs from the online model, and a filled queue part
         for p in model.momentum_parameters():
@@ -198,9 +204,9 @@ def test_pretrain_losses_and_gradients_equal_the_unshared_path(checkpointing):
         model.enqueue(F.normalize(torch.randn(3, 16, dtype=torch.float64), dim=-1),
                       F.normalize(torch.randn(3, 16, dtype=torch.float64), dim=-1), torch.tensor([1, 7, 8]))
     ref_model.load_state_dict(model.state_dict())
-    batch, loss_cfg = _batch(), PretrainLossConfig()
-    out = model(batch, loss_cfg, generator=torch.Generator().manual_seed(3))
-    ref = _reference_losses(ref_model, batch, loss_cfg, torch.Generator().manual_seed(3))
+    batch = _batch()
+    out = model(batch, generator=torch.Generator().manual_seed(3))
+    ref = _reference_losses(ref_model, batch, torch.Generator().manual_seed(3))
     for k in ("loss_itc", "loss_itm", "loss_mlm", "loss"):
         torch.testing.assert_close(out[k], ref[k], rtol=1e-12, atol=1e-12, msg=k)
     out["loss"].backward()
@@ -222,12 +228,11 @@ def test_pretrain_losses_and_gradients_equal_the_unshared_path(checkpointing):
 @pytest.mark.parametrize("itm, mlm", [(1.0, 0.0), (0.0, 1.0), (0.0, 0.0)])
 def test_pretrain_with_itm_or_mlm_off_equals_the_unshared_path(itm, mlm):
     torch.manual_seed(0)
-    model = VLPModel(_vlp_cfg()).double().train()
+    model = _objective(_vlp_cfg(), itm=itm, mlm=mlm)
     ref_model = copy.deepcopy(model)
     batch = _batch()
-    loss_cfg = dataclasses.replace(PretrainLossConfig(), itm=itm, mlm=mlm)
-    out = model(batch, loss_cfg, generator=torch.Generator().manual_seed(3))
-    ref = _reference_losses(ref_model, batch, loss_cfg, torch.Generator().manual_seed(3))
+    out = model(batch, generator=torch.Generator().manual_seed(3))
+    ref = _reference_losses(ref_model, batch, torch.Generator().manual_seed(3))
     torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-12, atol=1e-12)
     assert ("loss_itm" in out) == (itm > 0) and ("loss_mlm" in out) == (mlm > 0)
     for k in ("loss_itm", "loss_mlm"):
@@ -239,11 +244,11 @@ def test_pretrain_step_with_dropout_runs():
     cfg = _vlp_cfg()
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hidden_dropout=0.1, attention_dropout=0.1))
     torch.manual_seed(0)
-    model = VLPModel(cfg).double().train()
-    out = model(_batch(), PretrainLossConfig())
+    model = _objective(cfg)
+    out = model(_batch())
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
-    assert model.text.encoder.layer[-1].crossattention.self.key.weight.grad is not None
+    assert model.model.text.encoder.layer[-1].crossattention.self.key.weight.grad is not None
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

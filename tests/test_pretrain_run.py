@@ -35,7 +35,7 @@ def test_demo_run_writes_checkpoint_config_and_log(world, tmp_path):
     state = run(cfg_for(world, out, **{"diagnostics.every": 2}))
     assert state.global_step == 12 and state.epoch == 2  # 48 pairs / batch 8 = 6 steps x 2 epochs
     ckpt = load_checkpoint(out / "checkpoint_last.pth")
-    for key in ("model", "optimizer", "scheduler", "scaler", "state", "rng", "config", "tokenizer"):
+    for key in ("model", "objective", "optimizer", "scheduler", "scaler", "state", "rng", "config", "tokenizer"):
         assert key in ckpt, key
     assert ckpt["state"]["global_step"] == 12
     assert (out / "config.yaml").is_file()
@@ -67,6 +67,48 @@ def test_resume_continues_exactly(world, tmp_path, monkeypatch):
     assert sorted(b) == list(range(1, 13))
     for step in range(1, 13):
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+
+
+def _older_layout(path: Path) -> None:
+    """Rewrite a checkpoint in the layout of the checkpoints this project wrote before the objective
+    had its own entry: momentum copy and queues inside ``model``, momentum and queue size under
+    ``model`` in the saved config."""
+    ckpt = load_checkpoint(path)
+    ckpt["model"].update(ckpt.pop("objective"))
+    cfg = ckpt["config"]
+    for key in ("momentum", "queue_size"):
+        cfg["model"][key] = cfg["loss"].pop(key)
+    torch.save(ckpt, path)
+
+
+def test_resume_and_loading_of_the_older_checkpoint_layout_are_exact(world, tmp_path, monkeypatch):
+    """A checkpoint with the momentum copy and queues in its ``model`` entry resumes bitwise (losses
+    and final weights) and loads into the model and the objective (evaluation, --init-from)."""
+    from objectives.pretrain import PretrainObjective
+    from tasks.zero_shot import load_vlp_checkpoint
+
+    one = {"train.num_threads": 1}
+    full = tmp_path / "full"
+    run(cfg_for(world, full, **one))
+    part = tmp_path / "part"
+    original = Trainer._stop_requested
+    monkeypatch.setattr(Trainer, "_stop_requested", lambda self, stop: self.state.global_step == 4 or original(self, stop))
+    assert run(cfg_for(world, part, **one)).global_step == 4
+    monkeypatch.setattr(Trainer, "_stop_requested", original)
+    _older_layout(part / "checkpoint_last.pth")
+    assert "objective" not in load_checkpoint(part / "checkpoint_last.pth")
+    model, _, cfg = load_vlp_checkpoint(str(part / "checkpoint_last.pth"))
+    objective, _, _ = load_vlp_checkpoint(str(part / "checkpoint_last.pth"), objective=True)
+    assert cfg.loss.queue_size == 32 and isinstance(objective, PretrainObjective)
+    older = load_checkpoint(part / "checkpoint_last.pth")["model"]
+    assert all(torch.equal(v, older[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, older[k]) for k, v in objective.state_dict().items() if k.startswith("visual_m."))
+    run(cfg_for(world, part, **one), resume=str(part))
+    assert step_losses(part) == step_losses(full)
+    a, b = load_checkpoint(full / "checkpoint_last.pth"), load_checkpoint(part / "checkpoint_last.pth")
+    for section in ("model", "objective"):
+        assert sorted(a[section]) == sorted(b[section])
+        assert all(torch.equal(v, b[section][k]) for k, v in a[section].items()), section
 
 
 def test_sigterm_saves_and_exits_cleanly(world, tmp_path):
@@ -122,16 +164,16 @@ def test_collapse_check_warns_only_above_the_threshold(world, tmp_path, caplog):
 
 
 def test_nan_loss_stops_naming_step_and_part(world, tmp_path, monkeypatch):
-    from models import vlp
-    real = vlp.VLPModel.forward
+    from objectives.pretrain import PretrainObjective
+    real = PretrainObjective.forward
 
-    def poisoned(self, batch, loss_cfg, *a, **k):
-        out = real(self, batch, loss_cfg, *a, **k)
+    def poisoned(self, batch, *a, **k):
+        out = real(self, batch, *a, **k)
         out["loss_mlm"] = out["loss_mlm"] * float("nan")
         out["loss"] = out["loss_itc"] + out["loss_mlm"]
         return out
 
-    monkeypatch.setattr(vlp.VLPModel, "forward", poisoned)
+    monkeypatch.setattr(PretrainObjective, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match=r"step 0 .*loss"):
         run(cfg_for(world, tmp_path / "nan"))
     # skip policy: skips, counts, then gives up after max_nan_skips in a row

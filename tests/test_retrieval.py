@@ -164,8 +164,8 @@ def tiny_model(vocab: int) -> VLPModel:
     cfg = VLPConfig(vision=VisionConfig(img_size=32, patch_size=8, width=32, depth=1, num_heads=2),
                     text=TextConfig(vocab_size=vocab, hidden_size=32, num_text_layers=1, num_fusion_layers=1,
                                     num_heads=2, intermediate_size=64, max_position_embeddings=64),
-                    embed_dim=16, queue_size=0)
-    return VLPModel(cfg, momentum=False)
+                    embed_dim=16)
+    return VLPModel(cfg)
 
 
 def test_evaluator_matches_per_pair_scores_and_is_cache_independent(world):
@@ -227,8 +227,8 @@ def test_reranking_projects_image_keys_values_once_per_image_with_the_per_pair_s
     cfg = VLPConfig(vision=VisionConfig(img_size=32, patch_size=8, width=32, depth=1, num_heads=2),
                     text=TextConfig(vocab_size=len(tok), hidden_size=32, num_text_layers=1, num_fusion_layers=2,
                                     num_heads=2, intermediate_size=64, max_position_embeddings=64),
-                    embed_dim=16, queue_size=0)
-    model = VLPModel(cfg, momentum=False)
+                    embed_dim=16)
+    model = VLPModel(cfg)
     tf = build_transform(32, False)
     fusion = model.text.encoder.layer[1:]
     rows: list[int] = []  # image rows each fusion layer's key projection saw, summed over calls
@@ -324,16 +324,15 @@ def test_configs_load_with_the_paper_settings():
     for cfg, k, epochs in ((flickr, 128, 10), (coco, 256, 5)):
         assert cfg.eval.k_test == k and cfg.train.epochs == epochs
         assert cfg.model.vision.img_size == 384 and cfg.optim.lr == cfg.optim.lr_vision == 1e-5
-        assert cfg.train.batch_size == 256 and cfg.model.queue_size == 65536 and cfg.optim.weight_decay == 0.02
+        assert cfg.train.batch_size == 256 and cfg.loss.queue_size == 65536 and cfg.optim.weight_decay == 0.02
         assert cfg.schedule.kind == "cosine" and cfg.eval.score_rule == "albef"
     demo = load_config(RetrievalConfig, ROOT / "configs/demo/retrieval.yaml")
     from tasks.pretrain import PretrainConfig
     pre = load_config(PretrainConfig, ROOT / "configs/demo/pretrain.yaml")
-    # the demo fine-tunes the demo pre-training checkpoint: the same architecture (dropout and the
-    # EMA coefficient are training settings and may differ)
+    # the demo fine-tunes the demo pre-training checkpoint: the same architecture (dropout is a
+    # training setting and may differ)
     def arch(m):
-        text = dataclasses.replace(m.text, hidden_dropout=0.0, attention_dropout=0.0)
-        return dataclasses.replace(m, text=text, momentum=0.0)
+        return dataclasses.replace(m, text=dataclasses.replace(m.text, hidden_dropout=0.0, attention_dropout=0.0))
     assert arch(demo.model) == arch(pre.model)
     assert read_yaml(ROOT / "configs/demo/retrieval.yaml")["x-synthetic"]["root"] == demo.data.image_root  # asks for the world
     with pytest.raises(ConfigError, match="helper"):

@@ -16,7 +16,7 @@ from engine.checkpoint import load_checkpoint
 from tests.pretrain_helpers import ROOT, make_world, read_log, tiny_overrides, tiny_pretrain_checkpoint
 from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
 
-MODEL_KEYS = ("model.vision.", "model.text.", "model.embed_dim", "model.queue_size")
+MODEL_KEYS = ("model.vision.", "model.text.", "model.embed_dim", "loss.queue_size")
 
 
 @pytest.fixture(scope="module")

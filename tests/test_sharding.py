@@ -52,7 +52,9 @@ def _worker(world: Path, base: Path) -> None:
 
 
 def _model_state(out: Path) -> dict:
-    return load_checkpoint(out / "checkpoint_last.pth")["model"]
+    """The model's and the objective's (momentum copy, queues) state of the run's last checkpoint."""
+    ckpt = load_checkpoint(out / "checkpoint_last.pth")
+    return {**ckpt["model"], **{"objective." + k: v for k, v in ckpt["objective"].items()}}
 
 
 @pytest.mark.distributed

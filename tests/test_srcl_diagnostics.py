@@ -1,4 +1,4 @@
-"""SRCL diagnostics (tasks/srcl_diagnostics.py), the zero-shot retrieval metrics (tasks/zero_shot.py)
+"""SRCL diagnostics (tasks/srcl_diagnostics.py, tasks/srcl_measures.py), the zero-shot retrieval metrics (tasks/zero_shot.py)
 and the diagnostics logged by pre-training, against independent re-computations: brute-force
 pairwise AUCs in float64, the shapes world's reference (pure Python) truth oracle, and a queue
 reconstructed from the batch history."""
@@ -17,10 +17,12 @@ from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from models import losses as L
 from models.vlp import VLPModel
+from objectives.pretrain import PretrainObjective, checkpoint_states
 from shapesworld.grammar import parse_caption
 from shapesworld.truth import ShapesWorld, claim_is_true
 from tasks import pretrain as P
-from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics, diagnose_checkpoint, main as diag_main
+from tasks.srcl_diagnostics import diagnose_checkpoint, main as diag_main
+from tasks.srcl_measures import QueueTexts, batch_diagnostics
 from tasks.zero_shot import chance_recall, load_vlp_checkpoint, retrieval_metrics, zero_shot_retrieval
 from tests.pretrain_helpers import DEMO, make_world, read_log, tiny_overrides
 
@@ -125,9 +127,10 @@ def test_false_negative_auc_ignores_entries_outside_the_negatives():
 # ------------------------------------------------------------------------------- queue texts
 def test_queue_texts_mirror_the_model_queue():
     """QueueTexts written like the task writes it holds, slot for slot, the items that
-    VLPModel.enqueue put in the queue (also wrapping around and with more items than slots)."""
-    cfg = load_config(P.PretrainConfig, DEMO, tiny_overrides(Path("."), Path("."), **{"model.queue_size": 10})).model
-    model = VLPModel(cfg, momentum=True)
+    PretrainObjective.enqueue put in the queue (also wrapping around and with more items than slots)."""
+    run_cfg = load_config(P.PretrainConfig, DEMO, tiny_overrides(Path("."), Path("."), **{"loss.queue_size": 10}))
+    cfg = run_cfg.model
+    model = PretrainObjective(VLPModel(cfg), run_cfg.loss)
     texts = QueueTexts(10)
     counter = itertools.count()
     for n in (4, 4, 4, 13, 3, 10):
@@ -218,7 +221,7 @@ def tiny_run(world, tmp_path_factory):
     P.PretrainTask.diagnostics = spy
     try:
         cfg = load_config(P.PretrainConfig, DEMO, tiny_overrides(
-            world, out, **{"diagnostics.every": 1, "model.queue_size": QUEUE, "train.epochs": 1, "loss.mlm": 0}))
+            world, out, **{"diagnostics.every": 1, "loss.queue_size": QUEUE, "train.epochs": 1, "loss.mlm": 0}))
         P.run(cfg)
     finally:
         P.PretrainTask.diagnostics = original
@@ -266,19 +269,22 @@ def test_init_from_and_helper_diagnostics(tiny_run, world, tmp_path):
     first, _ = tiny_run
     ckpt = str(first / "checkpoint_last.pth")
     cfg = load_config(P.PretrainConfig, DEMO, tiny_overrides(world, tmp_path, **{
-        "diagnostics.every": 1, "model.queue_size": QUEUE, "train.max_steps": 2, "loss.mlm": 0, "loss.itm": 0,
+        "diagnostics.every": 1, "loss.queue_size": QUEUE, "train.max_steps": 2, "loss.mlm": 0, "loss.itm": 0,
         "loss.contrastive.helper_checkpoint": ckpt}))
     # the initialisation alone: every weight of the checkpoint, empty queues
-    model = VLPModel(load_config(P.PretrainConfig, first / "config.yaml").model, momentum=True)
+    first_cfg = load_config(P.PretrainConfig, first / "config.yaml")
+    model = PretrainObjective(VLPModel(first_cfg.model), first_cfg.loss)
     saved = load_checkpoint(ckpt)
     P.init_from_checkpoint(model, saved, ckpt)
-    empty = VLPModel(load_config(P.PretrainConfig, first / "config.yaml").model, momentum=True).state_dict()
+    empty = PretrainObjective(VLPModel(first_cfg.model), first_cfg.loss).state_dict()
+    saved_model, saved_objective = checkpoint_states(saved)
     for key, value in model.state_dict().items():
         if key in ("image_queue", "text_queue", "idx_queue", "queue_ptr"):
             assert torch.equal(value, empty[key]), key  # the queues start empty
         else:
-            assert torch.equal(value, saved["model"][key]), key
-    assert not torch.equal(saved["model"]["idx_queue"], empty["idx_queue"])
+            assert torch.equal(value, saved_model[key[len("model."):]] if key.startswith("model.")
+                               else saved_objective[key]), key
+    assert not torch.equal(saved_objective["idx_queue"], empty["idx_queue"])
     captured = []
     original = P.PretrainTask.diagnostics
 

@@ -16,7 +16,9 @@ from datasets.vqa_data import answer_targets, extend_tokenizer, read_vqa, tokeni
 from engine.checkpoint import load_checkpoint
 from engine.config import load_config, to_dict
 from models.decoder import DecoderConfig
+from engine.trainer import checkpoint_sections
 from models.vlp import VLPConfig, VLPModel
+from objectives.pretrain import PretrainLossConfig, PretrainObjective
 from models.vision import VisionConfig
 from models.text import TextConfig
 from models.vqa import VQAModel, pad_vocab_rows
@@ -34,7 +36,7 @@ def tiny_vlp(vocab: int) -> VLPConfig:
                      text=TextConfig(vocab_size=vocab, hidden_size=16, num_text_layers=1, num_fusion_layers=1,
                                      num_heads=2, intermediate_size=32, max_position_embeddings=32,
                                      hidden_dropout=0.0, attention_dropout=0.0),
-                     embed_dim=8, queue_size=0)
+                     embed_dim=8)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def test_extend_tokenizer_and_pad_vocab_rows():
     same, none = extend_tokenizer(ext, ["3 12"])
     assert none == [] and same is ext
 
-    model = VLPModel(tiny_vlp(len(tok)), momentum=False)
+    model = VLPModel(tiny_vlp(len(tok)))
     state = model.state_dict()
     old_emb = state["text.embeddings.word_embeddings.weight"].clone()
     keys = pad_vocab_rows(state, len(ext))
@@ -182,9 +184,11 @@ def test_end_to_end_from_a_pretraining_checkpoint(world, tmp_path):
     mcfg = to_dict(cfg.model)
     mcfg["text"]["vocab_size"] = len(ptok)
     from engine.config import from_dict
-    base = VLPModel(from_dict(VLPConfig, mcfg), momentum=True)
+    base = VLPModel(from_dict(VLPConfig, mcfg))
+    objective = PretrainObjective(base, PretrainLossConfig(queue_size=8))  # a pre-training checkpoint holds both
     ckpt_path = tmp_path / "pretrain.pth"
-    torch.save({"model": base.state_dict(), "config": {"model": mcfg}, "tokenizer": tokenizer_state(ptok)}, ckpt_path)
+    torch.save({**checkpoint_sections(objective, objective.state_dict()), "config": {"model": mcfg},
+                "tokenizer": tokenizer_state(ptok)}, ckpt_path)
 
     out = tmp_path / "run"
     results = run(load_config(VQAConfig, DEMO, tiny_vqa_overrides(world, out)), checkpoint=str(ckpt_path))

@@ -113,7 +113,7 @@ HEADER = f"""# Configuration reference
 Every run is described by one YAML file whose keys are the fields below (nested sections are
 YAML mappings: `model.vision.width` is `model: {{vision: {{width: ...}}}}`). Any key can be
 overridden on the command line with `--set key=value` (for example
-`--set train.batch_size=64 model.queue_size=0`). Unknown keys and values of the wrong type are
+`--set train.batch_size=64 loss.queue_size=0`). Unknown keys and values of the wrong type are
 errors that name the key; nothing falls back silently. The resolved config is saved beside the
 checkpoints (`config.yaml`) and inside each checkpoint.
 

@@ -65,7 +65,7 @@ def suggested_overrides(arch: dict) -> list[str]:
                      ("model.text.hidden_size", t["hidden_size"]),
                      ("model.text.intermediate_size", t["intermediate_size"]),
                      ("model.text.max_position_embeddings", t["max_position_embeddings"]),
-                     ("model.embed_dim", arch["embed_dim"]), ("model.queue_size", arch["queue_size"])):
+                     ("model.embed_dim", arch["embed_dim"]), ("loss.queue_size", arch["queue_size"])):
         if isinstance(val, bool):
             out.append(f"{key}={str(val).lower()}")
         elif val is not None:
@@ -150,7 +150,7 @@ def config_fits(arch: dict, paths: list[Path]) -> list[dict]:
 def describe(path: str | os.PathLike, configs: Optional[list[Path]] = None) -> dict:
     """Everything :func:`main` prints, as a JSON-ready dict."""
     ckpt = read_checkpoint(path)
-    sd = ckpt["model"]
+    sd = {**ckpt["model"], **ckpt.get("objective", {})}  # ours: the model and its training objective's state
     layout = detect_layout(sd)
     arch = architecture(sd, layout)
     info: dict[str, Any] = {
