@@ -6,6 +6,11 @@ the keys; ``--set section.key=value`` overrides them. Unknown keys and values of
 are errors that name the key and list the valid ones: a typo never silently falls back to a
 default.
 
+A YAML file may build on others: a top-level ``include: other.yaml`` (or a list of files, paths
+relative to the including file) reads those first, in order, and merges the file's own keys over
+them (mappings key by key, any other value replaces). ``configs/models/*.yaml`` are such partial
+configs: the model presets the task configs include.
+
 Field documentation lives in the schema (``field(metadata={"help": ...})``, see :func:`opt`) so
 that the configuration reference in the docs is generated from it and cannot drift.
 """
@@ -214,11 +219,51 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+INCLUDE_KEY = "include"
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` merged onto ``base`` (a new dict): mappings key by key, any other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML config with its ``include:`` files merged in (see the module docstring); an include
+    that is missing, not a path, or includes itself is an error naming the file."""
+    path = Path(path)
+    data = read_yaml(path)
+    includes = data.pop(INCLUDE_KEY, None)
+    if includes is None:
+        return data
+    files = [includes] if isinstance(includes, str) else includes
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ConfigError(f"config file {path}: '{INCLUDE_KEY}' must be a file name or a list of them; got {includes!r}")
+    chain = _chain + (path.resolve(),)
+    base: dict = {}
+    for name in files:
+        target = path.parent / name
+        if not target.is_file():
+            raise ConfigError(f"config file {path}: included file {name} not found (looked for {target})")
+        if target.resolve() in chain:
+            cycle = " -> ".join(p.name for p in (*chain, target))
+            raise ConfigError(f"config file {path}: including {name} makes a cycle ({cycle})")
+        base = merge(base, read_config(target, chain))
+    return merge(base, data)
+
+
+def load_config_data(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """The nested dict a run config is built from: the YAML file (with its includes) <- overrides.
+    Its keys are those the user gave; the schema's defaults are not in it."""
+    data = read_config(path) if path else {}
+    return apply_overrides(data, overrides or [])
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Schema defaults <- YAML file <- overrides, validated strictly."""
-    data = read_yaml(path) if path else {}
-    data = apply_overrides(data, overrides or [])
-    return from_dict(cls, data)
+    """Schema defaults <- YAML file (with its includes) <- overrides, validated strictly."""
+    return from_dict(cls, load_config_data(path, overrides))
 
 
 def dump_yaml(obj: Any) -> str:
