@@ -281,11 +281,14 @@ def save_config(obj: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def iter_schema(cls: type, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
-    """Yield ``(key, type name, default, help)`` for every leaf key of a schema, depth first."""
+def iter_schema(cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> Iterator[tuple[str, str, Any, str]]:
+    """Yield ``(key, type name, default, help)`` for every leaf key of a schema, depth first
+    (leaving out the top-level fields named in ``skip``)."""
     hints = typing.get_type_hints(cls)
     defaults = cls()
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
@@ -294,10 +297,11 @@ def iter_schema(cls: type, prefix: str = "") -> Iterator[tuple[str, str, Any, st
         yield key, _type_name(tp), to_dict(getattr(defaults, f.name)), f.metadata.get("help", "")
 
 
-def schema_markdown(cls: type, title: str) -> str:
-    """A Markdown table of every key of ``cls``: the config reference in the docs."""
+def schema_markdown(cls: type, title: str, skip: tuple[str, ...] = ()) -> str:
+    """A Markdown table of every key of ``cls`` (but the top-level fields in ``skip``): the config
+    reference in the docs."""
     lines = [f"### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, tname, default, help_ in iter_schema(cls):
+    for key, tname, default, help_ in iter_schema(cls, skip=skip):
         d = "null" if default is None else repr(default) if isinstance(default, str) else str(default)
         lines.append(f"| `{key}` | {tname.replace('|', '&#124;')} | `{d}` | {help_} |")
     return "\n".join(lines) + "\n"

@@ -27,9 +27,9 @@ from engine.rundir import OutputDir
 from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
                             grouped, setup_logging)
 from models import losses as L
-from tasks.common import (QUEUE_KEYS, SHAPES_HELP, BadImageCheck, TokenizerConfig, ensure_synthetic, load_model_state,
-                          make_tokenizer, require_files, require_image_root, saved_run_config, to_device,
-                          validate_image_data)
+from tasks.common import (QUEUE_KEYS, SHAPES_HELP, TokenizerConfig, ensure_synthetic, load_model_state,
+                          make_tokenizer, require_files, require_image_root, saved_run_config, to_device)
+from tasks.train_data import BadImageCheck, validate_image_data
 from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
 from tasks.resume import check_resume_config
 from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics
