@@ -240,7 +240,8 @@ def read_config(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
         return data
     files = [includes] if isinstance(includes, str) else includes
     if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-        raise ConfigError(f"config file {path}: '{INCLUDE_KEY}' must be a file name or a list of them; got {includes!r}")
+        raise ConfigError(f"config file {path}: '{INCLUDE_KEY}' must be a file name or a list of them; "
+                          f"got {includes!r}")
     chain = _chain + (path.resolve(),)
     base: dict = {}
     for name in files:

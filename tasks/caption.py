@@ -125,7 +125,8 @@ def load_data(run: Run) -> CaptionData:
     if run.training:
         train = PretrainDataset(d.train_files, d.image_root, build_transform(img, True, d.transform), d.max_words,
                                 d.clean_style, cfg.train.seed, d.max_bad_fraction, hint=CAPTION_HINT,
-                                max_image_pixels=d.max_image_pixels, decode_min_side=decode_min_side(img, True, d.transform))
+                                max_image_pixels=d.max_image_pixels,
+                                decode_min_side=decode_min_side(img, True, d.transform))
     return CaptionData(train, load_splits(cfg), d.prompt)
 
 

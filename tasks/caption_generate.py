@@ -96,7 +96,8 @@ def references_for(split: CaptionSplit, gt_file: Optional[str]) -> dict[int, lis
     return {i: refs[i] for i in split.image_ids}
 
 
-def load_splits(cfg: CaptionConfig, which: tuple[str, ...] = ("val", "test")) -> dict[str, tuple[CaptionSplit, dict]]:
+def load_splits(cfg: CaptionConfig,
+                which: tuple[str, ...] = ("val", "test")) -> dict[str, tuple[CaptionSplit, dict]]:
     """The evaluation splits that have a file, with their scoring references."""
     d = cfg.data
     out = {}

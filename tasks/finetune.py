@@ -190,7 +190,8 @@ def predict(spec: TaskSpec, cfg: Any, checkpoint: Optional[str], inputs: list[st
 # ---------------------------------------------------------------------- the command line
 def mode_flags(spec: TaskSpec) -> dict[str, dict]:
     """The mode flags of ``spec``'s command line (argparse keyword arguments by flag)."""
-    flags = {"--evaluate": {"action": "store_true", "help": "evaluate --checkpoint (fine-tuned) on the test split only"}}
+    flags = {"--evaluate": {"action": "store_true",
+                            "help": "evaluate --checkpoint (fine-tuned) on the test split only"}}
     if spec.zero_shot:
         flags["--zero-shot"] = {"action": "store_true", "help": "evaluate a pre-trained checkpoint without fine-tuning"}
     if spec.predictor is not None:

@@ -105,11 +105,14 @@ def load_data(run: Run) -> RetrievalData:
     naming the file and the record."""
     d, training = run.cfg.data, run.training
     try:
-        train = RetrievalTrainDataset(d.train_files, d.image_root,
-                                      build_transform(run.cfg.model.vision.img_size, True, d.transform),
-                                      d.max_words, d.clean_style, run.cfg.train.seed, d.check_images) if training else None
+        train = None
+        if training:
+            train = RetrievalTrainDataset(d.train_files, d.image_root,
+                                          build_transform(run.cfg.model.vision.img_size, True, d.transform),
+                                          d.max_words, d.clean_style, run.cfg.train.seed, d.check_images)
         names = {"test": d.test_file, **({"val": d.val_file} if training else {})}
-        splits = {k: read_eval_split(f, d.image_root, d.max_words, d.clean_style, d.check_images) for k, f in names.items()}
+        splits = {k: read_eval_split(f, d.image_root, d.max_words, d.clean_style, d.check_images)
+                  for k, f in names.items()}
     except ValueError as err:
         raise ConfigError(f"bad retrieval data: {err}") from err
     return RetrievalData(train, splits)
@@ -128,8 +131,8 @@ def load_checkpoint_into(run: Run, model: VLPModel, ckpt: dict) -> LoadReport:
     that reason). Fine-tuning keeps the momentum copy (or initialises it from the online model when
     the checkpoint has none) and starts with empty queues: queued pre-training features carry
     pre-training image ids, which would collide with this task's ``image_id`` numbering."""
-    report = load_weights(run, model, ckpt["model"],
-                          expected_missing={p: "momentum copy: initialised from the online model" for p in MOMENTUM_PREFIXES})
+    momentum = {p: "momentum copy: initialised from the online model" for p in MOMENTUM_PREFIXES}
+    report = load_weights(run, model, ckpt["model"], expected_missing=momentum)
     if run.training:
         if any(k.startswith(MOMENTUM_PREFIXES) for k in report.missing):
             model.copy_params_to_momentum()
@@ -187,8 +190,8 @@ def describe(run: Run, data: RetrievalData, model: VLPModel) -> str:
     n_tokens = (cfg.model.vision.img_size // cfg.model.vision.patch_size) ** 2 + 1
     mem = memory_estimate(data.splits["test"], cfg.eval, n_tokens, cfg.model.vision.width, cfg.model.text.hidden_size,
                           cfg.tokenizer.max_length)
-    return (f"retrieval ({run.mode}) on {d.name}: protocol: {protocol_text(run.mode, run.checkpoint, d.name, d.train_files)}"
-            f"\n  score rule {cfg.eval.score_rule}, k_test {cfg.eval.k_test}, {dist.world_size} process(es) on "
+    protocol = protocol_text(run.mode, run.checkpoint, d.name, d.train_files)
+    return (f"retrieval ({run.mode}) on {d.name}: protocol: {protocol}\n  score rule {cfg.eval.score_rule}, k_test {cfg.eval.k_test}, {dist.world_size} process(es) on "
             f"{dist.device}; evaluation keeps about " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items())
             + f"; output in {run.out_dir}")
 

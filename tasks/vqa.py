@@ -174,8 +174,8 @@ def build_model(run: Run, ckpt: Optional[dict]) -> VQAModel:
             return model
         load_weights(run, model, state, DECODER_SECTIONS, prefix="base.", resized=resized,
                      expected_missing={"decoder.": "answer decoder: initialised from the base model"})
-    show_report(run, model.init_decoder_from_base(), f"decoder initialised from the base model ({cfg.decoder.init_from})",
-                DECODER_SECTIONS)
+    show_report(run, model.init_decoder_from_base(),
+                f"decoder initialised from the base model ({cfg.decoder.init_from})", DECODER_SECTIONS)
     return model
 
 
