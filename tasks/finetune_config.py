@@ -10,7 +10,8 @@ and ``train`` are defined here once; a task adds its own sections (``data``, ``l
 the config saved in that checkpoint (:func:`model_from_checkpoint`). The task config may set a
 different value only for the keys of :data:`MODEL_MAY_DIFFER` (the one allow-list: image size,
 dropout, grad checkpointing, queue, ...); any other key it sets must equal the checkpoint's, or the
-run stops with one line naming the key. Keys the task config does not set are the checkpoint's.
+run stops with one line naming the key. Keys the task config does not set are the checkpoint's,
+but the initial weight files (:data:`MODEL_OWN`), which only a run from scratch reads.
 From scratch (no checkpoint, or an ALBEF / BLIP file whose config is not ours) the task config's
 model section is used as it is. The vocabulary size is always the tokenizer's (:func:`with_vocab`).
 """
@@ -26,7 +27,7 @@ from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig
 from models.vlp import VLPConfig
 from tasks.common import TokenizerConfig
 
-__all__ = ["FinetuneConfig", "MODEL_MAY_DIFFER", "MODEL_DERIVED", "model_from_checkpoint", "with_vocab"]
+__all__ = ["FinetuneConfig", "MODEL_MAY_DIFFER", "MODEL_OWN", "MODEL_DERIVED", "model_from_checkpoint", "with_vocab"]
 
 
 @dataclass
@@ -48,6 +49,9 @@ MODEL_MAY_DIFFER: dict[str, str] = {
     "vision.grad_checkpointing": "memory (same numbers)", "text.grad_checkpointing": "memory (same numbers)",
     "queue_size": "the feature queue starts empty at fine-tuning (re-initialised when its size differs)",
     "momentum": "the EMA coefficient of this run's momentum encoder",
+}
+# always the task config's value, never the checkpoint's: what a run from scratch starts from
+MODEL_OWN: dict[str, str] = {
     "vision_weights": "initial weight files: a checkpoint's weights are loaded instead",
     "vision_weights_format": "initial weight files: a checkpoint's weights are loaded instead",
     "text_weights": "initial weight files: a checkpoint's weights are loaded instead",
@@ -79,7 +83,8 @@ def model_from_checkpoint(model: VLPConfig, saved: Optional[dict], source: str,
     mapping of the YAML files and ``--set``), ``None`` = every key of ``model``. A given key keeps
     its value when it equals the checkpoint's, is in :data:`MODEL_MAY_DIFFER` or
     :data:`MODEL_DERIVED`, or the checkpoint predates it; any other difference is a
-    ``ConfigError`` naming every such key. A key not given is the checkpoint's."""
+    ``ConfigError`` naming every such key. A key not given is the checkpoint's, but for the keys
+    of :data:`MODEL_OWN` (the initial weight files), which are always the config's."""
     if not isinstance(saved, dict):
         return model
     ours = _leaves(to_dict(model))
@@ -88,7 +93,7 @@ def model_from_checkpoint(model: VLPConfig, saved: Optional[dict], source: str,
     merged: dict[str, Any] = {}
     diffs = []
     for key, value in ours.items():
-        if key not in theirs:  # a checkpoint older than the key
+        if key not in theirs or key in MODEL_OWN:  # a checkpoint older than the key; the config's own
             merged[key] = value
         elif key not in explicit:
             merged[key] = theirs[key]

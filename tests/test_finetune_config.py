@@ -8,7 +8,7 @@ import pytest
 
 from engine.config import ConfigError, from_dict, load_config_data, to_dict
 from models.vlp import VLPConfig
-from tasks.finetune_config import MODEL_MAY_DIFFER, FinetuneConfig, model_from_checkpoint
+from tasks.finetune_config import MODEL_MAY_DIFFER, MODEL_OWN, FinetuneConfig, model_from_checkpoint
 from tests.pretrain_helpers import ROOT
 
 TINY = {"vision": {"img_size": 32, "patch_size": 8, "width": 32, "depth": 1, "num_heads": 2},
@@ -53,6 +53,14 @@ def test_without_given_keys_every_key_of_the_config_is_compared():
         model_from_checkpoint(from_dict(VLPConfig, {k: v for k, v in TINY.items() if k != "embed_dim"}), saved(), "c")
 
 
+def test_weight_files_are_never_the_checkpoints():
+    """A pre-training checkpoint names the CLIP / BERT files it started from: a run from it (or a
+    resume of that run without --checkpoint) must not read them."""
+    ck = {**saved(), "vision_weights": "pretrained/clip.pt", "text_weights": "pretrained/bert"}
+    got = model_from_checkpoint(from_dict(VLPConfig, {}), ck, "ck.pth", given={})
+    assert got.vision_weights is None and got.text_weights is None and got.vision.width == 32
+
+
 def test_older_and_foreign_checkpoints():
     task = from_dict(VLPConfig, TINY)
     old = saved()
@@ -71,7 +79,7 @@ def test_the_allow_list_names_existing_keys():
             walk(v, f"{prefix}{k}.") if isinstance(v, dict) else leaves.add(prefix + k)
 
     walk(to_dict(VLPConfig()))
-    assert set(MODEL_MAY_DIFFER) <= leaves
+    assert set(MODEL_MAY_DIFFER) | set(MODEL_OWN) <= leaves
     assert {"vision.img_size", "vision.drop_path", "text.hidden_dropout", "vision.grad_checkpointing",
             "queue_size"} <= set(MODEL_MAY_DIFFER)
 
