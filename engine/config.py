@@ -257,9 +257,11 @@ def read_config(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
 
 def load_config_data(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
     """The nested dict a run config is built from: the YAML file (with its includes) <- overrides.
-    Its keys are those the user gave; the schema's defaults are not in it."""
-    data = read_config(path) if path else {}
-    return apply_overrides(data, overrides or [])
+    Its keys are those the user gave; the schema's defaults are not in it. Top-level keys that begin
+    with ``x-`` are not part of the schema and are left out: they hold settings for the programs that
+    read the file before the run starts (the entry points)."""
+    data = apply_overrides(read_config(path) if path else {}, overrides or [])
+    return {k: v for k, v in data.items() if not str(k).startswith("x-")}
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:

@@ -27,7 +27,6 @@ from typing import Literal, Optional
 
 from datasets.caption_data import CAPTION_HINT, CaptionSplit, CaptionTrainCollator
 from datasets.formats import PretrainDataset
-from datasets.shapes import ShapesConfig
 from datasets.transforms import TransformConfig, build_transform, decode_min_side
 from engine.config import opt
 from engine.trainer import TrainState
@@ -37,7 +36,6 @@ from models.vlp import VLPModel
 from tasks import finetune
 from tasks.caption_eval import METRIC_KEYS, METRICS
 from tasks.caption_generate import CaptionRunEvaluator, check_image_files, load_splits, predict_captions
-from tasks.common import SHAPES_HELP
 from tasks.finetune_config import FinetuneConfig
 from tasks.spec import DECODER_SECTIONS, Predictor, Run, TaskSpec, init_encoders, load_weights, show_report
 from tasks.train_data import BadImageCheck, ImageChecks, SampledTrainData, require_fraction, require_positive
@@ -60,7 +58,6 @@ class CaptionDataConfig(ImageChecks):
     transform: TransformConfig = opt(TransformConfig, "training image augmentation")
     num_workers: int = opt(4, "data-loading worker processes per process")
     eval_batch_size: int = opt(64, "images per generation batch (per process)")
-    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         super().validate()

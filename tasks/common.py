@@ -1,20 +1,17 @@
 """Pieces every task shares (pre-training and fine-tuning): tokenizer set-up, the data files a run
-needs, synthetic data on first use, moving batches to the device, loading a checkpoint into a
-(possibly differently sized) model with its load report, and the checkpoint a fine-tuning run
-selected at its end. The fine-tuning flow itself is ``tasks/finetune.py``."""
+needs, moving batches to the device, loading a checkpoint into a (possibly differently sized) model
+with its load report, and the checkpoint a fine-tuning run selected at its end. The fine-tuning flow
+itself is ``tasks/finetune.py``."""
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
-from datasets.shapes import ShapesConfig, ensure_shapes
 from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state, train_wordpiece_tokenizer
 from engine import distributed as D
 from engine.checkpoint import load_checkpoint
@@ -27,10 +24,6 @@ log = logging.getLogger("tasks")
 SYNTHETIC_HINT = ("To try the project without downloading data, run the synthetic demo: "
                   "python run_pretrain.py --config configs/demo/pretrain.yaml")
 
-SHAPES_HELP = ("generate the synthetic shapes world on first use ({} = the default world; keys: root = its folder, "
-               "default data/shapes, and the generator's options, python -m datasets.shapes --help); only into root, "
-               "only when a data path lies in root, never over a file the generator did not write")
-
 
 @dataclass
 class TokenizerConfig:
@@ -41,48 +34,6 @@ class TokenizerConfig:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def data_paths(data: Any) -> list[str]:
-    """The files and folders a data config section names: its ``*_root``, ``*_file``, ``*_files``
-    and ``answer_list`` fields."""
-    out: list[str] = []
-    for f in dataclasses.fields(data):
-        if f.name.endswith(("_root", "_file", "_files")) or f.name == "answer_list":
-            value = getattr(data, f.name)
-            out += [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-    return out
-
-
-def _inside(path: str, folder: Path) -> bool:
-    p = Path(path).resolve()
-    return p == folder or folder in p.parents
-
-
-def ensure_synthetic(paths: list[str], shapes: Optional[ShapesConfig], dist: D.DistInfo) -> None:
-    """With ``data.shapes`` set: generate the shapes world into its own folder ``shapes.root`` on
-    first use (main process; the others wait), when one of the run's data ``paths`` lies in that
-    folder; a run whose data paths point elsewhere uses its own data. The generator never writes over
-    a file it did not write: ``ConfigError`` names it (on every process)."""
-    if shapes is None:
-        return
-    if not any(_inside(p, Path(shapes.root).resolve()) for p in paths):
-        if dist.is_main:
-            log.info("data.shapes is set, but no data path lies in data.shapes.root=%s: the synthetic world is "
-                     "not generated", shapes.root)
-        return
-    error = None
-    if dist.is_main:
-        t0 = time.time()
-        try:
-            _, created = ensure_shapes(shapes.root, shapes)
-            if created:
-                print(f"created the synthetic shapes data in {shapes.root} ({time.time() - t0:.1f} s)", flush=True)
-        except FileExistsError as err:
-            error = f"{err} (data.shapes.root={shapes.root})"
-    error = D.broadcast_object(error)
-    if error is not None:
-        raise ConfigError(error)
 
 
 def require_files(paths: list[str], what: str, how_to_get: str) -> None:

@@ -33,8 +33,7 @@ from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, from_dict, load_config_data, save_config
 from engine.rundir import OutputDir
 from engine.trainer import Trainer, TrainConfig, TrainState, setup_logging
-from tasks.common import (data_paths, ensure_synthetic, load_selected_checkpoint, make_tokenizer, require_files,
-                          require_image_root)
+from tasks.common import load_selected_checkpoint, make_tokenizer, require_files, require_image_root
 from tasks.finetune_config import model_from_checkpoint, with_vocab
 from tasks.resume import check_resume_config
 from tasks.spec import MODE_FLAGS, Evaluator, Run, TaskSpec
@@ -43,18 +42,15 @@ from tasks.train_data import SampledTrainData
 log = logging.getLogger("tasks")
 
 
-def start_run(train: TrainConfig, data: Any, out: Optional[OutputDir] = None) -> D.DistInfo:
+def start_run(train: TrainConfig, out: Optional[OutputDir] = None) -> D.DistInfo:
     """The start of a fine-tuning run: processes (``train.device``, ``train.dist_timeout_s``), logging, ``train.num_threads``,
-    the output directory claimed (``out``, see :class:`engine.rundir.OutputDir`), and the synthetic
-    shapes world on first use (when the ``data`` section's ``shapes`` is set and a data path lies in
-    its folder)."""
+    and the output directory claimed (``out``, see :class:`engine.rundir.OutputDir`)."""
     dist = D.init_distributed(train.device, timeout_s=train.dist_timeout_s)
     setup_logging(dist.is_main)
     if train.num_threads > 0:
         torch.set_num_threads(train.num_threads)
     if out is not None:
         out.open(dist)
-    ensure_synthetic(data_paths(data), data.shapes, dist)
     return dist
 
 
@@ -116,7 +112,7 @@ def run(spec: TaskSpec, cfg: Any, mode: str = "finetune", checkpoint: Optional[s
     ``tasks.finetune_config.model_from_checkpoint``; None = all of ``cfg.model``)."""
     training = mode == "finetune"
     with OutputDir(cfg.train.output_dir, training=training, resume=resume, overwrite=overwrite) as out:
-        r = Run(cfg, start_run(cfg.train, cfg.data, out), mode, checkpoint, resume if training else None)
+        r = Run(cfg, start_run(cfg.train, out), mode, checkpoint, resume if training else None)
         ckpt = _checkpoint(spec, r)
         resume_ckpt = load_checkpoint(find_resume(r.resume)) if r.resume else None
         _model_from(r, resume_ckpt or ckpt, r.resume or checkpoint, model_given)

@@ -27,14 +27,12 @@ from typing import Literal, Optional
 import torch.nn.functional as F
 
 from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset
-from datasets.shapes import ShapesConfig
 from datasets.transforms import TransformConfig, build_transform
 from engine.config import opt
 from engine.trainer import TrainState
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
 from models.weights import LoadReport
 from tasks import finetune
-from tasks.common import SHAPES_HELP
 from tasks.finetune_config import FinetuneConfig
 from tasks.nlvr2_eval import DATA_HINT, NLVR2RunEvaluator, eval_sets
 from tasks.spec import Run, TaskSpec, init_encoders, load_state, show_report
@@ -54,7 +52,6 @@ class NLVR2DataConfig:
     transform: TransformConfig = opt(TransformConfig, "training image augmentation (each image of a pair augmented independently)")
     num_workers: int = opt(4, "data-loading worker processes per process")
     eval_batch_size: int = opt(64, "examples per evaluation batch (per process)")
-    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         require_positive("data.eval_batch_size", self.eval_batch_size)

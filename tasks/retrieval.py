@@ -29,7 +29,6 @@ import torch
 
 from datasets.retrieval_data import (RETRIEVAL_HINT, RetrievalEvalData, RetrievalTrainCollator, RetrievalTrainDataset,
                                      read_eval_split)
-from datasets.shapes import ShapesConfig
 from datasets.transforms import TransformConfig, build_transform
 from engine.config import ConfigError, opt
 from engine.trainer import TrainState
@@ -37,7 +36,6 @@ from models import losses as L
 from models.vlp import ContrastiveConfig, PretrainLossConfig, VLPModel
 from models.weights import LoadReport
 from tasks import finetune
-from tasks.common import SHAPES_HELP
 from tasks.finetune_config import FinetuneConfig
 from tasks.retrieval_eval import RetrievalEvalConfig
 from tasks.retrieval_report import RetrievalRunEvaluator, memory_estimate, protocol_text
@@ -62,7 +60,6 @@ class RetrievalDataConfig:
     transform: TransformConfig = opt(TransformConfig, "training augmentation (evaluation uses its mean/std/interpolation only)")
     num_workers: int = opt(2, "data-loading worker processes per process")
     check_images: bool = opt(True, "check at start that every image file exists (errors name the record)")
-    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
 
 @dataclass

@@ -26,7 +26,6 @@ import logging
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from datasets.shapes import ShapesConfig
 from datasets.transforms import TransformConfig, build_transform, decode_min_side
 from datasets.vqa_data import (VQA_HINT, VQAEvalDataset, VQATrainCollator, VQATrainDataset, extend_tokenizer,
                                read_answer_list, read_vqa)
@@ -35,7 +34,6 @@ from engine.trainer import TrainState
 from models.decoder import DecoderConfig, GenerationConfig
 from models.vqa import VQAModel, pad_vocab_rows
 from tasks import finetune
-from tasks.common import SHAPES_HELP
 from tasks.finetune_config import FinetuneConfig
 from tasks.spec import DECODER_SECTIONS, Run, TaskSpec, init_encoders, load_weights, show_report
 from tasks.train_data import BadImageCheck, ImageChecks, SampledTrainData, require_fraction, require_positive
@@ -61,7 +59,6 @@ class VQADataConfig(ImageChecks):
     transform: TransformConfig = opt(TransformConfig, "training image augmentation")
     num_workers: int = opt(4, "data-loading worker processes per process")
     eval_batch_size: int = opt(32, "questions per evaluation batch (per process)")
-    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         super().validate()
