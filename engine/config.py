@@ -6,6 +6,11 @@ the keys; ``--set section.key=value`` overrides them. Unknown keys and values of
 are errors that name the key and list the valid ones: a typo never silently falls back to a
 default.
 
+A YAML file may build on others: a top-level ``include: other.yaml`` (or a list of files, paths
+relative to the including file) reads those first, in order, and merges the file's own keys over
+them (mappings key by key, any other value replaces). ``configs/models/*.yaml`` are such partial
+configs: the model presets the task configs include.
+
 Field documentation lives in the schema (``field(metadata={"help": ...})``, see :func:`opt`) so
 that the configuration reference in the docs is generated from it and cannot drift.
 """
@@ -214,13 +219,54 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return data
 
 
+INCLUDE_KEY = "include"
+
+
+def merge(base: dict, over: dict) -> dict:
+    """``over`` merged onto ``base`` (a new dict): mappings key by key, any other value replaces."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML config with its ``include:`` files merged in (see the module docstring); an include
+    that is missing, not a path, or includes itself is an error naming the file."""
+    path = Path(path)
+    data = read_yaml(path)
+    includes = data.pop(INCLUDE_KEY, None)
+    if includes is None:
+        return data
+    files = [includes] if isinstance(includes, str) else includes
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        raise ConfigError(f"config file {path}: '{INCLUDE_KEY}' must be a file name or a list of them; "
+                          f"got {includes!r}")
+    chain = _chain + (path.resolve(),)
+    base: dict = {}
+    for name in files:
+        target = path.parent / name
+        if not target.is_file():
+            raise ConfigError(f"config file {path}: included file {name} not found (looked for {target})")
+        if target.resolve() in chain:
+            cycle = " -> ".join(p.name for p in (*chain, target))
+            raise ConfigError(f"config file {path}: including {name} makes a cycle ({cycle})")
+        base = merge(base, read_config(target, chain))
+    return merge(base, data)
+
+
+def load_config_data(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict:
+    """The nested dict a run config is built from: the YAML file (with its includes) <- overrides.
+    Its keys are those the user gave; the schema's defaults are not in it. Top-level keys that begin
+    with ``x-`` are not part of the schema and are left out: they hold settings for the programs that
+    read the file before the run starts (the entry points)."""
+    data = apply_overrides(read_config(path) if path else {}, overrides or [])
+    return {k: v for k, v in data.items() if not str(k).startswith("x-")}
+
+
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Schema defaults <- YAML file <- overrides, validated strictly. Top-level keys that begin with
-    ``x-`` are not part of the schema and are skipped: they hold settings for the programs that read
-    the file before the run starts (the entry points)."""
-    data = read_yaml(path) if path else {}
-    data = apply_overrides(data, overrides or [])
-    return from_dict(cls, {k: v for k, v in data.items() if not str(k).startswith("x-")})
+    """Schema defaults <- YAML file (with its includes) <- overrides, validated strictly."""
+    return from_dict(cls, load_config_data(path, overrides))
 
 
 def dump_yaml(obj: Any) -> str:
@@ -238,11 +284,14 @@ def save_config(obj: Any, path: str | os.PathLike) -> None:
     os.replace(tmp, path)
 
 
-def iter_schema(cls: type, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
-    """Yield ``(key, type name, default, help)`` for every leaf key of a schema, depth first."""
+def iter_schema(cls: type, prefix: str = "", skip: tuple[str, ...] = ()) -> Iterator[tuple[str, str, Any, str]]:
+    """Yield ``(key, type name, default, help)`` for every leaf key of a schema, depth first
+    (leaving out the top-level fields named in ``skip``)."""
     hints = typing.get_type_hints(cls)
     defaults = cls()
     for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
         key = f"{prefix}.{f.name}" if prefix else f.name
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
@@ -251,10 +300,11 @@ def iter_schema(cls: type, prefix: str = "") -> Iterator[tuple[str, str, Any, st
         yield key, _type_name(tp), to_dict(getattr(defaults, f.name)), f.metadata.get("help", "")
 
 
-def schema_markdown(cls: type, title: str) -> str:
-    """A Markdown table of every key of ``cls``: the config reference in the docs."""
+def schema_markdown(cls: type, title: str, skip: tuple[str, ...] = ()) -> str:
+    """A Markdown table of every key of ``cls`` (but the top-level fields in ``skip``): the config
+    reference in the docs."""
     lines = [f"### {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
-    for key, tname, default, help_ in iter_schema(cls):
+    for key, tname, default, help_ in iter_schema(cls, skip=skip):
         d = "null" if default is None else repr(default) if isinstance(default, str) else str(default)
         lines.append(f"| `{key}` | {tname.replace('|', '&#124;')} | `{d}` | {help_} |")
     return "\n".join(lines) + "\n"

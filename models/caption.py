@@ -20,11 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from models.decoder import DecoderConfig, GenerationConfig, Generated, TextDecoder, init_decoder_from_base
+from models.param_groups import param_groups
 from models.vision import build_vit, vit_tokens
 from models.vlp import VLPConfig, VLPModel
 from models.weights import LoadReport
 
-__all__ = ["CaptionModel", "decoder_param_groups"]
+__all__ = ["CaptionModel"]
 
 
 class CaptionModel(nn.Module):
@@ -68,21 +69,5 @@ class CaptionModel(nn.Module):
 
     def param_groups(self, lr: float, lr_vision: float, weight_decay: float) -> list[dict]:
         """AdamW groups: the ViT at ``lr_vision``, the decoder at ``lr``; no weight decay on biases,
-        norms, position embeddings and the class token (as ``VLPModel.param_groups``)."""
-        return decoder_param_groups(self, lr, lr_vision, weight_decay, vision_prefixes=("visual.",))
-
-
-def decoder_param_groups(model: nn.Module, lr: float, lr_vision: float, weight_decay: float,
-                         vision_prefixes: tuple[str, ...]) -> list[dict]:
-    """AdamW groups of ``model``'s trainable parameters: names under ``vision_prefixes`` at
-    ``lr_vision``, the rest at ``lr``; no decay for 1-d tensors, ``pos_embed`` and ``cls_token``."""
-    groups: dict[tuple[bool, bool], list] = {(v, d): [] for v in (True, False) for d in (True, False)}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_vision = name.startswith(vision_prefixes)
-        no_decay = p.ndim < 2 or name.endswith(("pos_embed", "cls_token"))
-        groups[(is_vision, not no_decay)].append(p)
-    return [{"params": ps, "lr": lr_vision if v else lr, "weight_decay": weight_decay if d else 0.0,
-             "name": f"{'vision' if v else 'text'}_{'decay' if d else 'no_decay'}"}
-            for (v, d), ps in groups.items() if ps]
+        norms, position embeddings and the class token (``models/param_groups.py``)."""
+        return param_groups(self, lr, lr_vision, weight_decay)

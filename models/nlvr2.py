@@ -44,6 +44,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import opt
+from models.param_groups import param_groups
 from models.text import TextTransformer, TransformerLayer, attention_mask_4d
 from models.vlp import VLPConfig, VLPModel
 
@@ -158,13 +159,6 @@ class NLVR2Model(nn.Module):
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, lr: float, lr_vision: float, weight_decay: float) -> list[dict]:
         """The base model's AdamW groups (ViT at ``lr_vision``, the rest at ``lr``; frozen parts
-        left out) plus the NLVR2 parts (twin cross-attention, merge, classifier) at ``lr``."""
-        groups = self.base.param_groups(lr, lr_vision, weight_decay)
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if name.startswith("base.") or not p.requires_grad:
-                continue
-            (decay if p.ndim >= 2 else no_decay).append(p)
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "nlvr2_decay"})
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "nlvr2_no_decay"})
-        return groups
+        left out) plus the NLVR2 parts (twin cross-attention, merge, classifier) at ``lr``
+        (``models/param_groups.py``)."""
+        return param_groups(self, lr, lr_vision, weight_decay, base="base.", head="nlvr2")

@@ -139,21 +139,9 @@ class VLPModel(nn.Module):
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, lr: float, lr_vision: float, weight_decay: float) -> list[dict]:
         """AdamW groups: ViT at ``lr_vision``, everything else at ``lr``; no decay on biases,
-        norms, embeddings of positions/class token and the temperature."""
-        groups = {(v, d): [] for v in (True, False) for d in (True, False)}
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            is_vision = name.startswith("visual.")
-            no_decay = p.ndim < 2 or name.endswith(("pos_embed", "cls_token")) or name == "temp"
-            groups[(is_vision, not no_decay)].append(p)
-        out = []
-        for (is_vision, decay), params in groups.items():
-            if params:
-                out.append({"params": params, "lr": lr_vision if is_vision else lr,
-                            "weight_decay": weight_decay if decay else 0.0,
-                            "name": f"{'vision' if is_vision else 'text'}_{'decay' if decay else 'no_decay'}"})
-        return out
+        norms, embeddings of positions/class token and the temperature (``models/param_groups.py``)."""
+        from models.param_groups import param_groups
+        return param_groups(self, lr, lr_vision, weight_decay)
 
 
 def load_pretrained_encoders(model: VLPModel) -> list:

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.decoder import DecoderConfig, GenerationConfig, Generated, TextDecoder, init_decoder_from_base
+from models.param_groups import param_groups
 from models.vlp import VLPConfig, VLPModel
 from models.weights import LoadReport
 
@@ -122,15 +123,8 @@ class VQAModel(nn.Module):
     # ------------------------------------------------------------------ optimisation
     def param_groups(self, lr: float, lr_vision: float, weight_decay: float) -> list[dict]:
         """The base model's AdamW groups (frozen parts left out) plus the decoder at ``lr`` (no decay
-        on its biases and LayerNorms)."""
-        groups = self.base.param_groups(lr, lr_vision, weight_decay)
-        decay, no_decay = [], []
-        for name, p in self.decoder.named_parameters():
-            if p.requires_grad:
-                (decay if p.ndim >= 2 else no_decay).append(p)
-        groups.append({"params": decay, "lr": lr, "weight_decay": weight_decay, "name": "decoder_decay"})
-        groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0, "name": "decoder_no_decay"})
-        return groups
+        on its biases and LayerNorms; ``models/param_groups.py``)."""
+        return param_groups(self, lr, lr_vision, weight_decay, base="base.", head="decoder")
 
 
 @torch.no_grad()

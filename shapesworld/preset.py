@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
-from engine.config import ConfigError, apply_overrides, load_config, read_yaml
+from engine.config import ConfigError, apply_overrides, load_config, read_config
 from shapesworld.config import ShapesConfig
 from shapesworld.write import ensure_shapes
 
@@ -51,7 +51,7 @@ def prepare(config: Union[str, os.PathLike], overrides: Sequence[str] = (),
     generator did not write (it is never written over)."""
     if schema is not None:
         load_config(schema, config, list(overrides))
-    data = apply_overrides(read_yaml(config), list(overrides))
+    data = apply_overrides(read_config(config), list(overrides))
     spec = data.get(SECTION)
     if spec is None:
         return None

@@ -26,9 +26,10 @@ from models import losses as L
 from models.vlp import VLPModel, load_pretrained_encoders
 from shapesworld.truth import ShapesWorld
 from objectives.pretrain import PretrainObjective, checkpoint_states, load_objective_from_checkpoint
-from tasks.common import BadImageCheck, load_model_state, make_tokenizer, to_device
+from tasks.common import load_model_state, make_tokenizer, to_device
 from tasks.pretrain_config import PretrainConfig
 from tasks.pretrain_data import build_dataset, prepare_data
+from tasks.train_data import BadImageCheck
 from tasks.resume import check_resume_config
 from tasks.srcl_measures import QueueTexts, training_diagnostics
 from tasks.zero_shot import load_vlp_checkpoint

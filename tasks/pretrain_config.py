@@ -12,7 +12,8 @@ from engine.config import opt
 from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig
 from models.vlp import VLPConfig
 from objectives.pretrain import PretrainLossConfig
-from tasks.common import TokenizerConfig, validate_image_data
+from tasks.common import TokenizerConfig
+from tasks.train_data import validate_image_data
 
 __all__ = ["PretrainDataConfig", "DiagnosticsConfig", "PretrainConfig"]
 

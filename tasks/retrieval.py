@@ -6,7 +6,7 @@
     python run_finetune.py --task retrieval_coco --checkpoint FINETUNED --evaluate  # test split only
     torchrun --nproc_per_node=8 run_finetune.py --task retrieval_coco --checkpoint CKPT
 
-Training reuses the pre-training objective (``objectives.pretrain.PretrainObjective``) with MLM off: the SRCL (or InfoNCE)
+Training reuses the pre-training forward (``VLPModel.forward``) with MLM off: the SRCL (or InfoNCE)
 contrastive loss against the momentum batch and queue, where every caption of one image is a
 positive (the train file's ``image_id`` is the model's ``image_idx``), plus ITM with hard negatives.
 At fine-tuning SRCL's similarity comes from the fine-tuned model alone (no helper model), as in the
@@ -21,39 +21,32 @@ checkpoint), ``zero-shot`` (``--zero-shot``: the given checkpoint, no training; 
 """
 from __future__ import annotations
 
-import json
 import logging
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch
 
-from datasets.retrieval_data import RETRIEVAL_HINT, RetrievalTrainCollator, RetrievalTrainDataset, read_eval_split
-from datasets.text import tokenizer_state
+from datasets.retrieval_data import (RETRIEVAL_HINT, RetrievalEvalData, RetrievalTrainCollator, RetrievalTrainDataset,
+                                     read_eval_split)
 from datasets.transforms import TransformConfig, build_transform
-from engine import distributed as D
-from engine.checkpoint import find_resume, load_checkpoint
-from engine.config import ConfigError, load_config, opt, save_config
-from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
+from engine.config import ConfigError, opt
+from engine.trainer import TrainState
 from models import losses as L
-from models.vlp import VLPConfig, VLPModel
+from models.vlp import VLPModel
 from models.weights import LoadReport
 from objectives.pretrain import (AlignmentLossConfig, ContrastiveConfig, PretrainObjective, checkpoint_states,
                                  load_objective_from_checkpoint)
-from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
-                          load_encoder_weights, load_model_state, load_selected_checkpoint, make_tokenizer,
-                          fit_model_config, require_files, require_image_root, start_run)
-from engine.rundir import OutputDir
-from tasks.resume import check_resume_config
-from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator, RetrievalResult, format_table, \
-    memory_estimate, ranked_json
+from tasks import finetune
+from tasks.finetune_config import FinetuneConfig
+from tasks.retrieval_eval import RetrievalEvalConfig
+from tasks.retrieval_report import RetrievalRunEvaluator, memory_estimate, protocol_text
+from tasks.spec import Run, TaskSpec, init_encoders, load_weights
+from tasks.train_data import SampledTrainData
 
 log = logging.getLogger("retrieval")
 
 Mode = Literal["finetune", "zero_shot", "evaluate"]
-# architecture fields that must agree between the config and a checkpoint (sizes that change shapes)
 @dataclass
 class RetrievalDataConfig:
     name: str = opt("shapes", "dataset name printed with the results (flickr30k, coco, shapes, ...)")
@@ -82,93 +75,58 @@ class RetrievalLossConfig(AlignmentLossConfig):
 
 
 @dataclass
-class RetrievalConfig:
-    model: VLPConfig = opt(VLPConfig, "model (must match the checkpoint's architecture; the image size may differ)")
-    tokenizer: TokenizerConfig = opt(TokenizerConfig, "tokenizer (the checkpoint's when it has one)")
+class RetrievalConfig(FinetuneConfig):
     data: RetrievalDataConfig = opt(RetrievalDataConfig, "retrieval data")
     loss: RetrievalLossConfig = opt(RetrievalLossConfig, "fine-tuning objective: losses, momentum model and queue")
     eval: RetrievalEvalConfig = opt(RetrievalEvalConfig, "evaluation: ITC top-k_test re-ranked by ITM")
-    optim: OptimConfig = opt(OptimConfig, "optimiser")
-    schedule: ScheduleConfig = opt(ScheduleConfig, "learning-rate schedule")
-    train: TrainConfig = opt(TrainConfig, "training loop")
 
 
-CONFIG_CLASS = RetrievalConfig
+# ------------------------------------------------------------------------------------------- data
+@dataclass
+class RetrievalData:
+    train: Optional[RetrievalTrainDataset]  # fine-tuning only
+    splits: dict[str, RetrievalEvalData]  # test, and val when fine-tuning
 
 
-# ------------------------------------------------------------------------------------------- task
-class RetrievalTask(SampledTrainTask):
-    """Data + step + validation for fine-tuning (see ``engine.trainer.Task``)."""
-
-    def __init__(self, cfg: RetrievalConfig, dist: D.DistInfo, dataset: RetrievalTrainDataset, tokenizer,
-                 val: RetrievalEvaluator, reporter: "Reporter") -> None:
-        self.cfg, self.dist, self.dataset, self.tokenizer, self.val, self.reporter = cfg, dist, dataset, tokenizer, val, reporter
-        self.collator = RetrievalTrainCollator(tokenizer, cfg.tokenizer.max_length)
-        self.train_data = SampledTrainData(dataset, self.collator, cfg.train, dist, cfg.data.num_workers,
-                                           loader_seed=0)  # the loader's own generator leaves the global RNG alone
-
-    def train_step(self, objective, batch: dict, state: TrainState) -> dict:
-        out = objective(batch, 0.0)
-        logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
-        logs["_pairs"] = batch["image"].shape[0]
-        if "weights_i2t" in out:
-            for k, v in L.regulation_summary(out["weights_i2t"], out["neg_mask"], out["sim_i2t_model"]).items():
-                logs[f"srcl/{k}"] = v
-        return logs
-
-    def evaluate(self, objective, epoch: int) -> dict:
-        result = self.val.run(objective.model)
-        self.reporter.report(result, "val", f"epoch {epoch}", write_ranked=False, suffix=f"_epoch{epoch:02d}")
-        return result.flat()
-
-    def checkpoint_extra(self) -> dict:
-        return {"tokenizer": tokenizer_state(self.tokenizer)}
+def annotation_files(cfg: RetrievalConfig, training: bool) -> list[str]:
+    d = cfg.data
+    return ([*d.train_files, d.val_file] if training else []) + [d.test_file]
 
 
-class Reporter:
-    """Prints result tables (main process) and writes the results JSON and the ranked results file."""
-
-    def __init__(self, cfg: RetrievalConfig, out_dir: Path, tag: str, protocol: str, checkpoint: Optional[str],
-                 splits: dict) -> None:
-        self.cfg, self.out_dir, self.tag, self.protocol, self.checkpoint, self.splits = cfg, out_dir, tag, protocol, checkpoint, splits
-
-    def report(self, result: RetrievalResult, split: str, when: str = "", write_ranked: bool = True,
-               suffix: str = "", extra: Optional[dict] = None) -> None:
-        if not D.is_main():
-            return
-        data = self.splits[split]
-        title = (f"retrieval {self.cfg.data.name} {split}{' (' + when + ')' if when else ''}: {data.num_images} images, "
-                 f"{data.num_texts} captions | protocol: {self.protocol}")
-        print(format_table(result, title), flush=True)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"task": "retrieval", "dataset": self.cfg.data.name, "split": split, "split_file": data.source,
-                  "protocol": self.tag, "protocol_text": self.protocol, "checkpoint": self.checkpoint,
-                  "score_rule": result.score_rule, "k_test": result.k_test, "num_images": data.num_images,
-                  "num_captions": data.num_texts, "metrics": result.metrics, "itc_only_metrics": result.itc_metrics,
-                  "itm_pairs": result.num_pairs, "seconds": result.timings, "processes": D.world_size(), **(extra or {})}
-        path = self.out_dir / f"results_{self.tag}_{split}{suffix}.json"
-        path.write_text(json.dumps(record, indent=1), encoding="utf-8")
-        if write_ranked and self.cfg.eval.save_ranked:
-            rpath = self.out_dir / f"ranked_{self.tag}_{split}{suffix}.json"
-            rpath.write_text(json.dumps(ranked_json(result, data, self.cfg.eval.save_scores)), encoding="utf-8")
-            print(f"wrote {path} and {rpath}", flush=True)
-        else:
-            print(f"wrote {path}", flush=True)
+def load_data(run: Run) -> RetrievalData:
+    """The training pairs (fine-tuning) and the evaluation splits; a bad record is a ``ConfigError``
+    naming the file and the record."""
+    d, training = run.cfg.data, run.training
+    try:
+        train = None
+        if training:
+            train = RetrievalTrainDataset(d.train_files, d.image_root,
+                                          build_transform(run.cfg.model.vision.img_size, True, d.transform),
+                                          d.max_words, d.clean_style, run.cfg.train.seed, d.check_images)
+        names = {"test": d.test_file, **({"val": d.val_file} if training else {})}
+        splits = {k: read_eval_split(f, d.image_root, d.max_words, d.clean_style, d.check_images)
+                  for k, f in names.items()}
+    except ValueError as err:
+        raise ConfigError(f"bad retrieval data: {err}") from err
+    return RetrievalData(train, splits)
 
 
-# ------------------------------------------------------------------------------------ building
-def load_into(model: VLPModel, ckpt: dict, path: str) -> LoadReport:
-    """Load a checkpoint's model (ours, pre-training or retrieval; or ALBEF/BLIP names, converted by
-    ``load_model_state``) with an explicit report; its training objective's state (momentum copy,
-    queues) is not the model's (:func:`build_objective` takes the momentum copy)."""
-    return load_model_state(model, checkpoint_states(ckpt)[0], source=path)
+# ------------------------------------------------------------------------------------ the model
+def load_checkpoint_into(run: Run, model: VLPModel, ckpt: dict) -> LoadReport:
+    """Load a checkpoint's model (ours, pre-training or retrieval; or ALBEF/BLIP names, converted) with
+    an explicit report; its training objective's state (momentum copy, queues) is not the model's
+    (:func:`build_trained_module` takes the momentum copy)."""
+    return load_weights(run, model, checkpoint_states(ckpt)[0])
 
 
-def build_objective(model: VLPModel, cfg: "RetrievalConfig", ckpt: Optional[dict]) -> PretrainObjective:
-    """The fine-tuning objective on the loaded ``model``: the checkpoint's momentum copy when it has
-    one (else the online weights) and empty queues: queued pre-training features carry pre-training
-    image ids, which would collide with this task's ``image_id`` numbering."""
-    objective = PretrainObjective(model, cfg.loss)
+def build_trained_module(run: Run, model: VLPModel, ckpt: Optional[dict]) -> VLPModel | PretrainObjective:
+    """What the run uses: for fine-tuning the objective on the loaded ``model`` (the checkpoint's
+    momentum copy when it has one, else the online weights, and empty queues: queued pre-training
+    features carry pre-training image ids, which would collide with this task's ``image_id``
+    numbering); for evaluation the model alone."""
+    if not run.training:
+        return model
+    objective = PretrainObjective(model, run.cfg.loss)
     if ckpt is not None:
         for note in load_objective_from_checkpoint(objective, ckpt):
             log.info("%s", note)
@@ -183,134 +141,69 @@ def freeze_mlm_only(model: VLPModel) -> None:
             p.requires_grad_(False)
 
 
-def protocol_text(mode: Mode, checkpoint: Optional[str], cfg: RetrievalConfig) -> str:
-    ck = checkpoint or "a randomly initialised model (no checkpoint)"
-    if mode == "zero_shot":
-        return (f"zero-shot: {ck} evaluated without fine-tuning on {cfg.data.name}. (ALBEF's 'zero-shot "
-                "Flickr30K' numbers evaluate the COCO-fine-tuned model: pass that checkpoint to follow it.)")
-    if mode == "evaluate":
-        return f"evaluation only: {ck}, no training"
-    return (f"fine-tuned on {cfg.data.name} ({', '.join(cfg.data.train_files)}) from {ck}; "
-            "the checkpoint with the best val r_mean is evaluated on test")
+def build_model(run: Run, ckpt: Optional[dict]) -> VLPModel | PretrainObjective:
+    model = VLPModel(run.cfg.model)
+    if ckpt is not None:
+        load_checkpoint_into(run, model, ckpt)
+    else:
+        init_encoders(run, model)
+    freeze_mlm_only(model)
+    return build_trained_module(run, model, ckpt)
+
+
+def evaluated_model(module: VLPModel | PretrainObjective) -> VLPModel:
+    """The model inside what :func:`build_model` returns (evaluation and the selected checkpoint)."""
+    return module.model if isinstance(module, PretrainObjective) else module
+
+
+# ------------------------------------------------------------------------------------ training
+def train_data(run: Run, data: RetrievalData) -> SampledTrainData:
+    collator = RetrievalTrainCollator(run.tokenizer, run.cfg.tokenizer.max_length)
+    # the loader's own generator leaves the global RNG alone
+    return SampledTrainData(data.train, collator, run.cfg.train, run.dist, run.cfg.data.num_workers, loader_seed=0)
+
+
+def train_step(run: Run, objective: PretrainObjective, batch: dict, state: TrainState) -> dict:
+    out = objective(batch, 0.0)
+    logs = {k: v for k, v in out.items() if k.startswith("loss") or k in ("itm_acc", "temp")}
+    logs["_pairs"] = batch["image"].shape[0]
+    if "weights_i2t" in out:
+        for k, v in L.regulation_summary(out["weights_i2t"], out["neg_mask"], out["sim_i2t_model"]).items():
+            logs[f"srcl/{k}"] = v
+    return logs
+
+
+def describe(run: Run, data: RetrievalData, model: VLPModel) -> str:
+    cfg, d, dist = run.cfg, run.cfg.data, run.dist
+    n_tokens = (cfg.model.vision.img_size // cfg.model.vision.patch_size) ** 2 + 1
+    mem = memory_estimate(data.splits["test"], cfg.eval, n_tokens, cfg.model.vision.width, cfg.model.text.hidden_size,
+                          cfg.tokenizer.max_length)
+    protocol = protocol_text(run.mode, run.checkpoint, d.name, d.train_files)
+    return (f"retrieval ({run.mode}) on {d.name}: protocol: {protocol}\n  score rule {cfg.eval.score_rule}, k_test {cfg.eval.k_test}, {dist.world_size} process(es) on "
+            f"{dist.device}; evaluation keeps about " + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items())
+            + f"; output in {run.out_dir}")
+
+
+SPEC = TaskSpec(
+    name="retrieval", title="retrieval", config_cls=RetrievalConfig, files=annotation_files,
+    files_hint=RETRIEVAL_HINT + " The synthetic retrieval demo: python run_finetune.py --task retrieval_shapes "
+    "--checkpoint <demo pre-training checkpoint>.",
+    data=load_data, texts=lambda data: data.train.all_captions(), build_model=build_model, train_data=train_data,
+    train_step=train_step, evaluator=lambda run, data: RetrievalRunEvaluator(run, data.splits),
+    metric=lambda cfg: ("r_mean", "r_mean"), best_key="best_val_r_mean", describe=describe,
+    find_unused=lambda cfg: cfg.loss.itm == 0, zero_shot=True, evaluated_model=evaluated_model)
 
 
 def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str] = None,
         resume: Optional[str] = None, overwrite: bool = False) -> dict:
-    """Fine-tune and/or evaluate; returns the test metrics (on every process). ``train.output_dir`` is
-    claimed for the run (``engine/rundir.py``: fine-tuning refuses another run's checkpoints unless
-    ``resume`` or ``overwrite``; evaluation writes no checkpoint and is not refused because of one)."""
-    with OutputDir(cfg.train.output_dir, training=mode == "finetune", resume=resume, overwrite=overwrite) as out:
-        return _run(cfg, mode, checkpoint, resume, out)
-
-
-def _run(cfg: RetrievalConfig, mode: Mode, checkpoint: Optional[str], resume: Optional[str], out: OutputDir) -> dict:
-    finetune = mode == "finetune"
-    if not finetune and not checkpoint:
-        raise ConfigError(f"--{mode.replace('_', '-')} evaluates a checkpoint: pass --checkpoint")
-    d = cfg.data
-    dist = start_run(cfg.train, out)
-    resume_ckpt = load_checkpoint(find_resume(resume)) if resume and finetune else None
-    if resume_ckpt is not None:  # before anything is written
-        check_resume_config(cfg, resume_ckpt, resume, "retrieval", dist)
-    require_files(([*d.train_files, d.val_file] if finetune else []) + [d.test_file], "retrieval annotation",
-                  RETRIEVAL_HINT + " The synthetic retrieval demo: python run_finetune.py --task retrieval_shapes "
-                  "--checkpoint <demo pre-training checkpoint>.")
-    require_image_root(d.image_root)
-    img = cfg.model.vision.img_size
-    train_set = None
-    try:  # bad records: the CLI prints the message (it names the file and record) and exits with 2
-        if finetune:
-            train_set = RetrievalTrainDataset(d.train_files, d.image_root, build_transform(img, True, d.transform),
-                                              d.max_words, d.clean_style, cfg.train.seed, d.check_images)
-        splits = {"test": read_eval_split(d.test_file, d.image_root, d.max_words, d.clean_style, d.check_images)}
-        if finetune:
-            splits["val"] = read_eval_split(d.val_file, d.image_root, d.max_words, d.clean_style, d.check_images)
-    except ValueError as err:
-        raise ConfigError(f"bad retrieval data: {err}") from err
-
-    ckpt = load_checkpoint(checkpoint) if checkpoint else None
-    tok_source = ckpt if ckpt is not None else resume_ckpt
-    if not finetune and "tokenizer" not in ckpt and not cfg.tokenizer.path:
-        raise ConfigError(f"checkpoint {checkpoint} holds no tokenizer: set tokenizer.path to its vocabulary")
-    tokenizer = make_tokenizer(cfg.tokenizer, train_set.all_captions if train_set else list, tok_source)
-    del tok_source, resume_ckpt
-    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
-
-    torch.manual_seed(cfg.train.seed)
-    model = VLPModel(cfg.model)
-    if ckpt is not None:
-        report = load_into(model, ckpt, checkpoint)
-        if dist.is_main:
-            print(f"checkpoint {checkpoint}: {report.summary()}", flush=True)
-        report.raise_if_unexpected()
-    else:
-        if finetune and not resume and dist.is_main:
-            log.warning("no --checkpoint: fine-tuning from scratch (random initialisation%s); retrieval "
-                        "results will be far below a pre-trained model's",
-                        " except the weight files named in model.*_weights" if (cfg.model.vision_weights or cfg.model.text_weights) else "")
-        load_encoder_weights(model, dist)
-    freeze_mlm_only(model)
-    objective = build_objective(model, cfg, ckpt) if finetune else None
-    del ckpt
-    (model if objective is None else objective).to(dist.device)
-    torch.manual_seed(cfg.train.seed + dist.rank)
-
-    out_dir = Path(cfg.train.output_dir)
-    tag = {"finetune": "finetuned", "zero_shot": "zero_shot", "evaluate": "evaluate"}[mode]
-    protocol = protocol_text(mode, checkpoint, cfg)
-    reporter = Reporter(cfg, out_dir, tag, protocol, checkpoint, splits)
-    eval_tf = build_transform(img, False, d.transform)
-    autocast = autocast_for(cfg.train.precision, dist.device)
-
-    def evaluator(split: str) -> RetrievalEvaluator:
-        return RetrievalEvaluator(splits[split], tokenizer, cfg.eval, eval_tf, cfg.tokenizer.max_length,
-                                  dist.device, d.num_workers, autocast, name=split)
-
-    if dist.is_main:
-        save_config(cfg, out_dir / ("config.yaml" if finetune else f"config_{tag}.yaml"))
-        n_tokens = (img // cfg.model.vision.patch_size) ** 2 + 1
-        mem = memory_estimate(splits["test"], cfg.eval, n_tokens, cfg.model.vision.width, cfg.model.text.hidden_size,
-                              cfg.tokenizer.max_length)
-        print(f"retrieval ({mode}) on {d.name}: protocol: {protocol}\n  score rule {cfg.eval.score_rule}, "
-              f"k_test {cfg.eval.k_test}, {dist.world_size} process(es) on {dist.device}; evaluation keeps about "
-              + ", ".join(f"{k} {v:.2f} GiB" for k, v in mem.items()) + f"; output in {out_dir}", flush=True)
-
-    if not finetune:
-        result = evaluator("test").run(model)
-        reporter.report(result, "test")
-        return result.flat()
-
-    lw = cfg.loss
-    trainer = build_trainer(cfg, objective, dist, find_unused=lw.itm == 0)
-    task = RetrievalTask(cfg, dist, train_set, tokenizer, evaluator("val"), reporter)
-    t0 = time.perf_counter()
-    state = trainer.fit(task, resume=resume, metric_key="r_mean")
-    if state.global_step < state.total_steps:
-        if dist.is_main:
-            print("training stopped before the end: no test evaluation", flush=True)
-        return {}
-    path = load_selected_checkpoint(model, out_dir)[0]
-    result = evaluator("test").run(model)
-    reporter.report(result, "test", f"checkpoint {path.name}",
-                    extra={"evaluated_checkpoint": str(path), "best_val_r_mean": state.best_metric,
-                           "train_seconds": time.perf_counter() - t0, "steps": state.global_step})
-    return result.flat()
+    """Fine-tune and/or evaluate (``tasks/finetune.py``); returns the test metrics (every process)."""
+    return finetune.run(SPEC, cfg, mode, checkpoint, resume, overwrite)
 
 
 def main(args) -> int:
-    """``run_finetune.py --task retrieval_{flickr,coco,shapes}`` entry point."""
-    if getattr(args, "predict", None):
-        raise ConfigError("--predict is for the caption tasks; retrieval has --evaluate and --zero-shot")
-    if args.zero_shot and args.evaluate:
-        raise ConfigError("--zero-shot and --evaluate are exclusive (both evaluate --checkpoint without training)")
-    try:
-        cfg = load_config(RetrievalConfig, args.config, args.set)
-    except ValueError as err:  # a validate() message names the key
-        raise ConfigError(str(err)) from err
-    mode: Mode = "zero_shot" if args.zero_shot else "evaluate" if args.evaluate else "finetune"
-    run(cfg, mode, checkpoint=args.checkpoint, resume=args.resume, overwrite=getattr(args, "overwrite", False))
-    return 0
+    """``run_finetune.py --task retrieval_{flickr,coco,shapes}``."""
+    return finetune.main(SPEC, args)
 
 
-__all__ = ["RetrievalConfig", "RetrievalDataConfig", "RetrievalLossConfig", "RetrievalTask", "run", "main",
-           "load_into", "build_objective"]
+__all__ = ["RetrievalConfig", "RetrievalDataConfig", "RetrievalLossConfig", "SPEC", "build_trained_module",
+           "load_checkpoint_into", "train_step", "run", "main"]

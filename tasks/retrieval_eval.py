@@ -33,17 +33,17 @@ How a split is evaluated (:class:`RetrievalEvaluator`):
    the top K (the best rank over its captions); text-to-image is per caption. ``r_mean`` is the
    mean of the six recalls. ITC-only recalls (no re-ranking) are reported beside them.
 
-The building blocks (:func:`itc_candidates`, :func:`rerank`, :func:`final_ranks`,
-:func:`query_ranks`, :func:`recall_metrics`, :func:`ranks_from_score_matrix`) are pure functions on
-tensors.
+The building blocks (``itc_candidates``, ``rerank``, ``final_ranks``, ``query_ranks``,
+``recall_metrics``) are pure functions on tensors in ``tasks/retrieval_ranking.py``; results are
+reported by ``tasks/retrieval_report.py``.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Literal, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Literal, Optional
 
 import torch
 from torch import Tensor
@@ -53,13 +53,13 @@ from datasets.retrieval_data import ImageListDataset, RetrievalEvalData, tokeniz
 from engine import distributed as D
 from engine.config import opt
 from engine.loader import SafeDataLoader
+from tasks.retrieval_ranking import (RetrievalResult, final_ranks, itc_candidates, itm_match_scores, query_ranks,
+                                     recall_metrics, rerank)
 
 log = logging.getLogger("retrieval")
 
-SCORE_RULES: dict[str, str] = {
-    "albef": "ITM score alone for the re-ranked candidates, as fine-tuned ALBEF",
-    "blip": "ITM score + ITC cosine for the re-ranked candidates, as BLIP",
-}
+# itm_match_scores is looked up in this module by the evaluator (a benchmark swaps it for another path)
+__all__ = ["RetrievalEvalConfig", "RetrievalEvaluator", "itm_match_scores"]
 
 
 @dataclass
@@ -82,140 +82,6 @@ class RetrievalEvalConfig:
                 raise ValueError(f"eval.{name} must be >= 1; got {getattr(self, name)}")
         if not self.recall_ks or min(self.recall_ks) < 1:
             raise ValueError(f"eval.recall_ks must be positive integers; got {self.recall_ks}")
-
-
-# ---------------------------------------------------------------------------------------- pure parts
-def stable_order(scores: Tensor) -> Tensor:
-    """Indices that sort each row by descending score; equal scores keep the lower index first."""
-    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
-
-
-def itc_candidates(query: Tensor, cands: Tensor, k: int, pos_query: Tensor, pos_cand: Tensor,
-                   chunk: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``k`` candidates of every query by ITC similarity ``query @ cands.T``.
-
-    ``(pos_query[p], pos_cand[p])`` are the ground-truth pairs. Returns ``topk_sim (Q, k)``,
-    ``topk_idx (Q, k)`` (stable descending order) and ``pos_rank (P,)``: the 0-based ITC position of
-    each ground-truth candidate in its query's full ranking. Works on blocks of ``chunk`` queries."""
-    n_q, n_c = query.shape[0], cands.shape[0]
-    k = min(k, n_c)
-    topk_sim = torch.empty(n_q, k, dtype=torch.float32, device=query.device)
-    topk_idx = torch.empty(n_q, k, dtype=torch.long, device=query.device)
-    pos_rank = torch.full((pos_query.shape[0],), -1, dtype=torch.long, device=query.device)
-    pos_query, pos_cand = pos_query.to(query.device), pos_cand.to(query.device)
-    arange = torch.arange(n_c, device=query.device)
-    for a in range(0, n_q, chunk):
-        b = min(a + chunk, n_q)
-        sims = query[a:b].float() @ cands.float().T
-        order = stable_order(sims)
-        topk_idx[a:b] = order[:, :k]
-        topk_sim[a:b] = sims.gather(1, order[:, :k])
-        position = torch.empty_like(order)
-        position.scatter_(1, order, arange.expand(b - a, n_c))
-        sel = (pos_query >= a) & (pos_query < b)
-        pos_rank[sel] = position[pos_query[sel] - a, pos_cand[sel]]
-    return topk_sim, topk_idx, pos_rank
-
-
-def combine_scores(itm: Tensor, itc: Tensor, rule: str) -> Tensor:
-    """The re-ranking score of a candidate: ``albef`` = ITM logit; ``blip`` = ITM logit + ITC cosine."""
-    if rule == "albef":
-        return itm.float()
-    if rule == "blip":
-        return itm.float() + itc.float()
-    raise ValueError(f"unknown score rule {rule!r}; valid: {sorted(SCORE_RULES)}")
-
-
-def rerank(topk_idx: Tensor, topk_sim: Tensor, itm: Tensor, rule: str) -> tuple[Tensor, Tensor]:
-    """Re-sort each query's ``k`` ITC candidates by the rule's score (ties keep the ITC order).
-    Returns ``(ranked_idx (Q, k), ranked_score (Q, k))``: the same candidates, new order."""
-    score = combine_scores(itm, topk_sim, rule)
-    perm = stable_order(score)
-    return topk_idx.gather(1, perm), score.gather(1, perm)
-
-
-def final_ranks(ranked_idx: Tensor, pos_query: Tensor, pos_cand: Tensor, pos_itc_rank: Tensor) -> Tensor:
-    """0-based final rank of each ground-truth pair: its position among the re-ranked ``k`` when it
-    is one of them, else its ITC position (all re-ranked candidates come first, the rest keep the ITC
-    order, so a candidate at ITC position ``p >= k`` stays at ``p``)."""
-    k = ranked_idx.shape[1]
-    rows = ranked_idx[pos_query.to(ranked_idx.device)]
-    hit = rows == pos_cand.to(ranked_idx.device)[:, None]
-    inside = pos_itc_rank.to(ranked_idx.device) < k
-    return torch.where(inside, hit.to(torch.int8).argmax(1), pos_itc_rank.to(ranked_idx.device))
-
-
-def query_ranks(pos_rank: Tensor, pos_query: Tensor, num_queries: int) -> Tensor:
-    """Best (smallest) rank over each query's ground-truth candidates: image-to-text counts a hit when
-    any caption of the image is in the top K."""
-    big = torch.iinfo(torch.long).max
-    out = torch.full((num_queries,), big, dtype=torch.long, device=pos_rank.device)
-    out.scatter_reduce_(0, pos_query.to(pos_rank.device), pos_rank.long(), reduce="amin")
-    if bool((out == big).any()):
-        raise ValueError("every query needs at least one ground-truth candidate")
-    return out
-
-
-def recall_metrics(i2t_ranks: Tensor, t2i_ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """Recall@K in percent (ALBEF's names): ``txt_r{K}`` image-to-text (one rank per image),
-    ``img_r{K}`` text-to-image (one rank per caption), their means and ``r_mean`` over all of them."""
-    out: dict[str, float] = {}
-    for prefix, ranks in (("txt", i2t_ranks), ("img", t2i_ranks)):
-        values = [100.0 * float((ranks < k).double().mean()) for k in ks]
-        out.update({f"{prefix}_r{k}": v for k, v in zip(ks, values)})
-        out[f"{prefix}_r_mean"] = sum(values) / len(values)
-    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
-    return out
-
-
-def itm_match_scores(model, text_states: Tensor, text_mask: Tensor, image_tokens: Tensor,
-                     image_index: Tensor) -> Tensor:
-    """ITM logit of "match" (float32, one per pair) for pairs ``(image_index[p], caption p)``.
-
-    ``text_states`` (P, L, H) and ``text_mask`` (P, L) are the captions' unimodal states, one row per
-    pair; ``image_tokens`` (M, N, W) the images the pairs read. The fusion encoder gets each distinct
-    image of ``image_index`` once and an index into them (``VLPModel.fuse(..., image_index=...)``),
-    so the cross-attention keys and values are projected once per distinct image instead of once
-    per pair: the same scores as fusing ``image_tokens[image_index]`` (up to float rounding)."""
-    images, inverse = torch.unique(image_index, return_inverse=True)
-    fused = model.fuse(text_states, text_mask, image_tokens[images], image_index=inverse)
-    return model.itm_logits(fused)[:, 1].float()
-
-
-def ranks_from_score_matrix(score_i2t: Tensor, txt2img: Sequence[int] | Tensor) -> tuple[Tensor, Tensor]:
-    """Ranks from a full ``(images, captions)`` score matrix (the same score ranks both directions),
-    ties broken by the lower index: ``(best rank per image over its captions, rank per caption)``."""
-    txt2img = torch.as_tensor(txt2img, dtype=torch.long)
-    n_i, n_t = score_i2t.shape
-    order_i2t = stable_order(score_i2t)
-    pos_i2t = torch.empty_like(order_i2t).scatter_(1, order_i2t, torch.arange(n_t).expand(n_i, n_t))
-    i2t = query_ranks(pos_i2t[txt2img, torch.arange(n_t)], txt2img, n_i)
-    order_t2i = stable_order(score_i2t.T)
-    pos_t2i = torch.empty_like(order_t2i).scatter_(1, order_t2i, torch.arange(n_i).expand(n_t, n_i))
-    return i2t, pos_t2i[torch.arange(n_t), txt2img]
-
-
-# ---------------------------------------------------------------------------------------- evaluator
-@dataclass
-class RetrievalResult:
-    """What one evaluation produced. ``*_ranked`` hold the re-ranked top-k candidate indices of every
-    query (into the split's captions for image queries, into its images for caption queries)."""
-
-    metrics: dict[str, float]
-    itc_metrics: dict[str, float]
-    i2t_ranked: Tensor
-    t2i_ranked: Tensor
-    i2t_scores: Tensor
-    t2i_scores: Tensor
-    score_rule: str
-    k_test: int
-    timings: dict[str, float] = field(default_factory=dict)
-    num_pairs: int = 0
-
-    def flat(self) -> dict[str, float]:
-        """Metrics plus ``itc_*`` (no re-ranking) and the evaluation time, for logs."""
-        return {**self.metrics, **{f"itc_{k}": v for k, v in self.itc_metrics.items()},
-                "eval_seconds": self.timings.get("total", 0.0)}
 
 
 def _sync(device: torch.device) -> None:
@@ -374,51 +240,3 @@ class RetrievalEvaluator:
         timings = {"features": t1 - t0, "itc": t2 - t1, "itm": t3 - t2, "total": t4 - t0}
         return RetrievalResult(metrics, itc_metrics, i2t_ranked.cpu(), t2i_ranked.cpu(), i2t_score.cpu(),
                                t2i_score.cpu(), cfg.score_rule, cfg.k_test, timings, int(uniq.numel()))
-
-
-# ---------------------------------------------------------------------------------------- reporting
-def format_table(result: RetrievalResult, title: str) -> str:
-    """A plain-text table of the recalls (re-ranked and ITC only), with the score rule."""
-    ks = sorted({int(k[len("txt_r"):]) for k in result.metrics if k.startswith("txt_r") and k[5:].isdigit()})
-    head = f"{'':22s}" + "".join(f"{'R@' + str(k):>8s}" for k in ks) + f"{'mean':>8s}"
-    lines = [title, f"score rule: {result.score_rule} ({SCORE_RULES[result.score_rule]}), k_test {result.k_test}", head]
-    for label, m in (("", result.metrics), ("ITC only, ", result.itc_metrics)):
-        for name, prefix in (("image->text", "txt"), ("text->image", "img")):
-            row = f"{label}{name}"
-            lines.append(f"{row:22s}" + "".join(f"{m[f'{prefix}_r{k}']:8.2f}" for k in ks) + f"{m[f'{prefix}_r_mean']:8.2f}")
-    lines.append(f"r_mean {result.metrics['r_mean']:.2f} (ITC only {result.itc_metrics['r_mean']:.2f}); "
-                 f"evaluation {result.timings.get('total', 0.0):.1f} s")
-    return "\n".join(lines)
-
-
-def ranked_json(result: RetrievalResult, data: RetrievalEvalData, scores: bool = False) -> dict:
-    """The ranked results file: top-k candidate indices per query (and the index tables to read them);
-    with ``scores`` also the rule's score of every listed candidate."""
-    extra = {"i2t_scores": result.i2t_scores.tolist(), "t2i_scores": result.t2i_scores.tolist()} if scores else {}
-    return {
-        "split_file": data.source, "score_rule": result.score_rule, "k_test": result.k_test,
-        "images": data.image_names,
-        "captions": [{"text": t, "image": i} for t, i in zip(data.texts, data.txt2img)],
-        "i2t": result.i2t_ranked.tolist(), "t2i": result.t2i_ranked.tolist(),
-        "note": "i2t[i]: caption indices ranked for image i; t2i[t]: image indices ranked for caption t; "
-                "only the re-ranked top k_test of each query are listed",
-        **extra,
-    }
-
-
-def memory_estimate(data: RetrievalEvalData, cfg: RetrievalEvalConfig, num_image_tokens: int, width: int,
-                    hidden: int, max_length: int, bytes_per: int = 4) -> dict[str, float]:
-    """Rough sizes in GiB of what the evaluation keeps (for the log)."""
-    gib = 1024 ** 3
-    return {
-        "text_states": data.num_texts * max_length * hidden * bytes_per / gib if cfg.cache_text_states else 0.0,
-        "image_tokens": (data.num_images if cfg.cache_image_tokens else min(cfg.batch_size, data.num_images))
-        * num_image_tokens * width * bytes_per / gib,
-        # similarities (4 B) + sort order (8 B) + positions (8 B) of one block of queries
-        "itc_block": min(cfg.itc_chunk, data.num_texts) * max(data.num_images, data.num_texts) * 20 / gib,
-    }
-
-
-__all__ = ["SCORE_RULES", "RetrievalEvalConfig", "RetrievalEvaluator", "RetrievalResult", "stable_order",
-           "itc_candidates", "combine_scores", "rerank", "itm_match_scores", "final_ranks", "query_ranks",
-           "recall_metrics", "ranks_from_score_matrix", "format_table", "ranked_json", "memory_estimate"]

@@ -20,7 +20,8 @@ from engine.trainer import checkpoint_sections
 from models.vlp import VLPModel
 from objectives.pretrain import PretrainLossConfig, PretrainObjective
 from tasks.caption import CaptionConfig, build_model, main, run
-from tasks.common import with_vocab
+from tasks.finetune_config import with_vocab
+from tasks.spec import Run
 from tasks.caption_eval import SPICE_JARS, score_captions, spice_command
 from tests.pretrain_helpers import make_world
 
@@ -155,7 +156,7 @@ def test_pretraining_checkpoint_initialises_encoder_and_decoder(world, tmp_path)
     objective = PretrainObjective(base, PretrainLossConfig(queue_size=8))  # a pre-training checkpoint holds both
     ckpt = {**checkpoint_sections(objective, objective.state_dict()), "config": {"model": to_dict(cfg.model)},
             "tokenizer": tokenizer_state(tok)}
-    model = build_model(cfg, ckpt, "pretrain.pth", D.DistInfo())
+    model = build_model(Run(cfg, D.DistInfo(), checkpoint="pretrain.pth"), ckpt)
     assert torch.equal(model.visual.pos_embed, base.visual.pos_embed)
     fusion = base.text.encoder.layer[1]  # one text layer, then the fusion layer
     assert torch.equal(model.decoder.text.encoder.layer[0].crossattention.self.key.weight,

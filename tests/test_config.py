@@ -99,3 +99,33 @@ def test_a_schemas_own_check_is_a_clear_cli_error(capsys):
     assert run_finetune.main(["--task", "caption_shapes", "--set", "loss.label_smoothing=-0.1"]) == 2
     err = capsys.readouterr().err
     assert "loss.label_smoothing must be in [0, 1); got -0.1" in err and "Traceback" not in err
+
+
+def test_include_merges_files_under_the_including_one(tmp_path):
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "base.yaml").write_text("inner: {lr: 0.5, kind: b}\nsteps: 7\nfiles: [a.json, b.json]\n")
+    (tmp_path / "more.yaml").write_text("include: presets/base.yaml\ninner: {path: p}\n")
+    main = tmp_path / "main.yaml"
+    main.write_text("include: [more.yaml]\ninner: {lr: 0.25}\nfiles: [c.json]\n")
+    cfg = load_config(Outer, main, ["inner.kind=a"])
+    # mappings merge key by key; lists and scalars replace; the including file wins, --set last
+    assert cfg.inner.lr == 0.25 and cfg.inner.path == "p" and cfg.inner.kind == "a" and cfg.steps == 7
+    assert cfg.files == ["c.json"]
+    from engine.config import load_config_data
+    assert load_config_data(main) == {"inner": {"lr": 0.25, "kind": "b", "path": "p"}, "steps": 7, "files": ["c.json"]}
+    # unknown keys in an included file are errors as anywhere else
+    (tmp_path / "presets" / "base.yaml").write_text("inner: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match="inner.lrr"):
+        load_config(Outer, main)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("include: nothere.yaml\n", "nothere.yaml not found"),
+    ("include: {a: 1}\n", "'include' must be a file name"),
+    ("include: c.yaml\n", r"cycle \(c.yaml -> c.yaml\)"),
+])
+def test_bad_include_is_a_clear_error(tmp_path, text, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(Outer, p)

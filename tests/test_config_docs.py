@@ -61,3 +61,15 @@ def test_generated_text_lists_keys_and_convention():
     assert "CONFIG_CLASS" in text and REGENERATE in text
     assert "| `model.vision.width` |" in text and "| `loss.contrastive.delta` |" in text
     assert all(dataclasses.is_dataclass(e.cls) for e in discover()[0])
+
+
+def test_a_task_spec_names_the_config_class():
+    by_spec = types.ModuleType("fake_s")
+    by_spec.SPEC = types.SimpleNamespace(config_cls=_Cfg)
+    by_spec.CONFIG_CLASS = dict  # the spec comes first
+    assert find_config_class(by_spec) == (_Cfg, "SPEC.config_cls")
+    # the shared fine-tuning sections are documented once; a task lists its own sections
+    text = generate()
+    assert "## tasks.finetune_config.FinetuneConfig" in text
+    vqa = text.split("## tasks.vqa.VQAConfig")[1].split("\n## ")[0]
+    assert "| `decoder.num_layers` |" in vqa and "| `train.epochs` |" not in vqa and "FinetuneConfig" in vqa

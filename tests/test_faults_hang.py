@@ -272,7 +272,7 @@ def test_a_busy_worker_that_ignores_every_signal_is_killed(monkeypatch):
 def test_an_error_in_a_training_worker_of_a_finetuning_task_shuts_the_workers_down():
     """SampledTrainData: the training loader of every fine-tuning task."""
     from engine.trainer import TrainConfig
-    from tasks.common import SampledTrainData
+    from tasks.train_data import SampledTrainData
 
     class Epochs(Numbers):
         def set_epoch(self, epoch: int) -> None:

@@ -1,5 +1,5 @@
 """The project's import graph, read from the source (every ``import`` statement, also those inside
-functions): no cycle among the project's modules, and ``models/`` stays below the rest (it imports
+functions; not those under ``if TYPE_CHECKING:``, which only name types for annotations): no cycle among the project's modules, and ``models/`` stays below the rest (it imports
 nothing from ``tasks/``, ``objectives/``, ``datasets/``, and not ``engine.distributed``)."""
 from __future__ import annotations
 
@@ -28,11 +28,21 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     """The project modules ``name`` imports (a ``from package import module`` counts as the module)."""
     is_pkg = path.name == "__init__.py"
     out = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and _is_type_checking(block.test)
+                   for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:  # `if TYPE_CHECKING:` imports name types for annotations and never run
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -18,9 +18,10 @@ from models.text import TextConfig
 from models.vision import VisionConfig
 from models.vlp import VLPConfig, VLPModel
 from tasks import retrieval_eval
-from tasks.common import check_architecture
+from tasks.finetune_config import model_from_checkpoint
 from tasks.retrieval import RetrievalConfig
-from tasks.retrieval_eval import (RetrievalEvalConfig, RetrievalEvaluator, final_ranks, itc_candidates, query_ranks,
+from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator
+from tasks.retrieval_ranking import (final_ranks, itc_candidates, query_ranks,
                                   ranks_from_score_matrix, recall_metrics, rerank)
 from tests.pretrain_helpers import ROOT, make_world
 from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
@@ -345,6 +346,6 @@ def test_architecture_mismatch_is_a_clear_error():
     cfg = load_config(RetrievalConfig, ROOT / "configs/demo/retrieval.yaml")
     saved = {"model": {"vision": {"width": 256, "img_size": 32}, "text": {"hidden_size": 128}, "embed_dim": 64}}
     with pytest.raises(ConfigError, match=r"model.vision.width: checkpoint 256, config 128"):
-        check_architecture(cfg.model, saved, "ck.pth")
+        model_from_checkpoint(cfg.model, saved["model"], "ck.pth")
     saved["model"]["vision"]["width"] = 128  # image size may differ
-    check_architecture(cfg.model, saved, "ck.pth")
+    model_from_checkpoint(cfg.model, saved["model"], "ck.pth")

@@ -148,3 +148,25 @@ def test_two_process_evaluation_matches_one_process(world, pretrained, tmp_path)
         assert torch.allclose(torch.tensor(ra[key]), torch.tensor(rb[key]), atol=1e-6)
     # the scores are not degenerate: the comparison means something
     assert len({round(s, 6) for row in ra["i2t_scores"] for s in row}) > 10
+
+
+def test_the_architecture_comes_from_the_checkpoint(world, pretrained, tmp_path, capsys):
+    """A config without a model section evaluates the tiny checkpoint with the checkpoint's model;
+    the image size may be set; a width other than the checkpoint's is one line naming the key."""
+    from engine.config import read_yaml
+
+    config = tmp_path / "no_model.yaml"
+    config.write_text("tokenizer: {max_length: 30}\n")
+    out = tmp_path / "zs"
+    sets = [o for o in rt_overrides(world, out) if not o.startswith("model.")] + ["model.vision.img_size=48"]
+    args = ["--task", "retrieval_shapes", "--config", str(config), "--checkpoint", str(pretrained), "--zero-shot"]
+    assert run_finetune.main([*args, "--set", *sets]) == 0
+    saved = load_checkpoint(pretrained)["config"]["model"]
+    used = read_yaml(out / "config_zero_shot.yaml")["model"]
+    assert used["vision"] == {**saved["vision"], "img_size": 48} and used["text"] == saved["text"]
+    assert used["embed_dim"] == saved["embed_dim"] == 16
+    capsys.readouterr()
+    assert run_finetune.main([*args, "--set", *sets, "model.vision.width=64", "model.vision.num_heads=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model.vision.width: checkpoint 32, config 64" in err and "\n" not in err
+    assert "model.vision.img_size: checkpoint" not in err  # allowed to differ

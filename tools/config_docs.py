@@ -4,14 +4,17 @@ cannot drift from the code.
     python -m tools.config_docs            # rewrite docs/config_reference.md
     python -m tools.config_docs --check    # exit 1 when the committed file is stale
 
-Which schemas are documented: ``tasks.pretrain.PretrainConfig`` and, for every module named in
-``run_finetune.TASKS``, its run-config dataclass, found by this convention (first rule that applies):
+Which schemas are documented: ``tasks.pretrain.PretrainConfig``, the sections every fine-tuning
+task shares (``tasks.finetune_config.FinetuneConfig``, once) and, for every module named in
+``run_finetune.TASKS``, its run-config dataclass (its own sections), found by this convention (first
+rule that applies):
 
-1. a module-level ``CONFIG_CLASS = <dataclass>`` attribute;
-2. the type annotation of the first parameter of the module's ``run`` function
+1. a module-level ``SPEC`` (``tasks.spec.TaskSpec``): its ``config_cls``;
+2. a module-level ``CONFIG_CLASS = <dataclass>`` attribute;
+3. the type annotation of the first parameter of the module's ``run`` function
    (``def run(cfg: RetrievalConfig, ...)``).
 
-A task module that does not exist yet or has neither is listed as undocumented.
+A task module that does not exist yet or has none is listed as undocumented.
 """
 from __future__ import annotations
 
@@ -46,6 +49,9 @@ class ConfigEntry:
 
 def find_config_class(module: ModuleType) -> tuple[Optional[type], str]:
     """The run-config dataclass of a task module and how it was found (see the module docstring)."""
+    spec_cls = getattr(getattr(module, "SPEC", None), "config_cls", None)
+    if isinstance(spec_cls, type) and dataclasses.is_dataclass(spec_cls):
+        return spec_cls, "SPEC.config_cls"
     cls = getattr(module, "CONFIG_CLASS", None)
     if cls is not None:
         if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
@@ -117,12 +123,19 @@ overridden on the command line with `--set key=value` (for example
 errors that name the key; nothing falls back silently. The resolved config is saved beside the
 checkpoints (`config.yaml`) and inside each checkpoint.
 
-**How schemas are found.** Pre-training uses `tasks.pretrain.PretrainConfig`. For each task module
-named in `run_finetune.TASKS` the generator imports the module and documents its run-config
-dataclass, found by this convention (first rule that applies):
+A YAML file may build on others with a top-level `include:` (a file or a list, relative to it; its
+own keys are merged over theirs): the model presets `configs/models/*.yaml` are included this way.
+A fine-tuning run that starts from a checkpoint takes its `model` section from the checkpoint
+(`tasks/finetune_config.py`: only the keys of `MODEL_MAY_DIFFER` may differ from it).
 
-1. a module-level `CONFIG_CLASS = <dataclass>` attribute (preferred);
-2. the type annotation of the first parameter of the module's `run` function
+**How schemas are found.** Pre-training uses `tasks.pretrain.PretrainConfig`. The sections every
+fine-tuning task shares are `tasks.finetune_config.FinetuneConfig` (listed once). For each task
+module named in `run_finetune.TASKS` the generator imports the module and documents its run-config
+dataclass (its own sections), found by this convention (first rule that applies):
+
+1. a module-level `SPEC` (`tasks.spec.TaskSpec`): its `config_cls` (preferred);
+2. a module-level `CONFIG_CLASS = <dataclass>` attribute;
+3. the type annotation of the first parameter of the module's `run` function
    (`def run(cfg: RetrievalConfig, ...)`).
 
 Regenerate after adding or changing a config field: `{REGENERATE}`.
@@ -137,7 +150,16 @@ def generate() -> str:
     """The full Markdown text of ``docs/config_reference.md``."""
     from engine.config import schema_markdown
 
+    from tasks.finetune_config import FinetuneConfig
+
     entries, skipped = discover()
+    shared = tuple(f.name for f in dataclasses.fields(FinetuneConfig))
+    shared_title = f"{FinetuneConfig.__module__}.{FinetuneConfig.__name__}"
+    subclasses = [e for e in entries if issubclass(e.cls, FinetuneConfig)]
+    if subclasses:
+        entries.insert(1, ConfigEntry(FinetuneConfig.__module__, FinetuneConfig, "the base of the task configs",
+                                      [t for e in subclasses for t in e.tasks],
+                                      [c for e in subclasses for c in e.default_configs]))
     parts = [HEADER, "## Contents", ""]
     titles = []
     for e in entries:
@@ -159,8 +181,12 @@ def generate() -> str:
         parts.append(f"Used by: {tasks}. Default configs: {configs}. Found by: {e.found_by}.")
         if doc:
             parts += ["", doc]
+        skip = shared if e.cls is not FinetuneConfig and issubclass(e.cls, FinetuneConfig) else ()
+        if skip:
+            parts += ["", f"Besides the sections {', '.join(f'`{s}`' for s in shared)} of "
+                          f"[{shared_title}](#{_anchor(shared_title)}):"]
         parts.append("")
-        parts.append(schema_markdown(e.cls, "Keys").replace("### Keys\n\n", "", 1))
+        parts.append(schema_markdown(e.cls, "Keys", skip).replace("### Keys\n\n", "", 1))
     return "\n".join(parts).rstrip() + "\n"
 
 
