@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from models.decoder import DecoderConfig, GenerationConfig, Generated, TextDecoder, init_decoder_from_base
 from models.vision import build_vit, vit_tokens
 from models.vlp import VLPConfig, VLPModel
-from models.weights import LoadReport
+from models.loading import LoadReport
 
 __all__ = ["CaptionModel", "decoder_param_groups"]
 

@@ -447,18 +447,3 @@ class VLPModel(nn.Module):
                             "weight_decay": weight_decay if decay else 0.0,
                             "name": f"{'vision' if is_vision else 'text'}_{'decay' if decay else 'no_decay'}"})
         return out
-
-
-def load_pretrained_encoders(model: VLPModel) -> list:
-    """Initialise the encoders from the local weight files named in the config; returns the reports."""
-    from models.text import load_bert_weights
-    from models.vision import load_vision_weights
-
-    reports = []
-    if model.cfg.vision_weights:
-        reports.append(load_vision_weights(model.visual, model.cfg.vision_weights, model.cfg.vision_weights_format))
-    if model.cfg.text_weights:
-        reports.append(load_bert_weights(model.text, model.mlm_head, model.cfg.text_weights))
-    if reports and model.has_momentum:
-        model.copy_params_to_momentum()
-    return reports

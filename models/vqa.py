@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from models.decoder import DecoderConfig, GenerationConfig, Generated, TextDecoder, init_decoder_from_base
 from models.vlp import VLPConfig, VLPModel
-from models.weights import LoadReport
+from models.loading import LoadReport
 
 __all__ = ["VQAModel", "UNUSED_BASE_PREFIXES", "VOCAB_KEY_SUFFIXES", "pad_vocab_rows"]
 

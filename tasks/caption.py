@@ -46,12 +46,12 @@ from engine.loader import SafeDataLoader
 from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.caption import CaptionModel
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
+from models.loading import load_checkpoint_into, load_encoder_weights
 from models.vlp import VLPConfig, VLPModel
 from tasks.caption_eval import METRIC_KEYS, METRICS, CaptionScores, format_table, predictions_to_results, score_captions
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
-                          build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
-                          load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
-                          fit_model_config, require_fraction, require_image_root, require_positive, start_run, validate_image_data,
+                          build_trainer, load_selected_checkpoint, make_tokenizer, print_reports, require_files,
+                          with_vocab, require_fraction, require_image_root, require_positive, start_run, validate_image_data,
                           write_json)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
@@ -62,8 +62,6 @@ log = logging.getLogger("caption")
 PROTOCOL = ("captioning: fine-tuned with the LM loss on the training captions (prompt excluded from the loss); "
             "the checkpoint with the best val {metric} is evaluated on test; beam search as configured under "
             "'generation'; pycocoevalcap metrics with the PTB tokenizer (0-1 scale, tables x100)")
-# the config sections a caption / VQA checkpoint's model must match
-DECODER_SECTIONS = "'model' and 'decoder' sections"
 NOT_USED_REASON = "base-model part not used by the task"
 
 
@@ -140,18 +138,14 @@ CONFIG_CLASS = CaptionConfig
 # ---------------------------------------------------------------------- helpers shared with VQA
 def load_base_model(cfg: VLPConfig, ckpt: Optional[dict], path: Optional[str], dist: D.DistInfo,
                     warn_scratch: bool = True) -> VLPModel:
-    """A ``VLPModel`` (no momentum copy) from a pre-training checkpoint (our names, or ALBEF/BLIP
-    names converted by ``load_model_state``), or initialised from the local weight files named in
+    """A ``VLPModel`` (no momentum copy) from a pre-training checkpoint (ours, or ALBEF/BLIP names:
+    ``models.loading.load_checkpoint_into``), or initialised from the local weight files named in
     ``cfg`` when there is no checkpoint. Prints the load report; unexplained problems raise."""
     base = VLPModel(cfg, momentum=False)
     if ckpt is not None:
-        report = load_model_state(base, dict(ckpt["model"]), source=str(path))
-        explain_momentum_keys(report)
-        if dist.is_main:
-            print(f"checkpoint {path}: {report.summary()}", flush=True)
-        raise_on_report(report, str(path))
+        print_reports(dist, [load_checkpoint_into(base, ckpt, source=str(path))], f"checkpoint {path}")
         return base
-    load_encoder_weights(base, dist)
+    print_reports(dist, load_encoder_weights(base))
     if warn_scratch and dist.is_main:
         log.warning("no --checkpoint: fine-tuning a model that was not pre-trained on image-text pairs%s",
                     " (except the weight files named in model.*_weights)" if (cfg.vision_weights or cfg.text_weights) else "")
@@ -279,10 +273,7 @@ def build_model(cfg: CaptionConfig, ckpt: Optional[dict], path: Optional[str], d
     initialised from its text weights), or from scratch."""
     if ckpt is not None and is_caption_state(ckpt["model"]):
         model = CaptionModel(cfg.model, cfg.decoder)
-        report = load_model_state(model, dict(ckpt["model"]), source=str(path))
-        if dist.is_main:
-            print(f"caption checkpoint {path}: {report.summary()}", flush=True)
-        raise_on_report(report, str(path), DECODER_SECTIONS)
+        print_reports(dist, [load_checkpoint_into(model, ckpt, source=str(path))], f"caption checkpoint {path}")
         return model
     base = load_base_model(cfg.model, ckpt, path, dist, warn_scratch)
     model, report = CaptionModel.from_base(base, cfg.decoder)
@@ -341,7 +332,7 @@ def predict_files(cfg: CaptionConfig, checkpoint: str, files: list[str]) -> list
         raise ConfigError(f"{checkpoint} has no caption decoder (it is a pre-training checkpoint): fine-tune it "
                           "first (run without --predict), then pass the fine-tuned checkpoint")
     tokenizer = make_tokenizer(cfg.tokenizer, list, ckpt)
-    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
+    cfg = with_vocab(cfg, tokenizer)
     model = build_model(cfg, ckpt, checkpoint, dist).to(dist.device)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False))
     return CaptionGenerator(cfg, tokenizer, dist).captions(model, [os.path.abspath(f) for f in files], "--predict")
@@ -382,7 +373,7 @@ def _run(cfg: CaptionConfig, checkpoint: Optional[str], evaluate: bool, resume: 
                                     decode_min_side=decode_min_side(cfg.model.vision.img_size, True, d.transform))
     tokenizer = make_tokenizer(cfg.tokenizer, lambda: train_set.all_captions() + [d.prompt], resume_ckpt or ckpt)
     del resume_ckpt
-    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
+    cfg = with_vocab(cfg, tokenizer)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, ckpt, checkpoint, dist, warn_scratch=not resume)
     del ckpt

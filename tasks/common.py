@@ -1,8 +1,8 @@
-"""Pieces every task shares: tokenizer set-up, synthetic data on first use, loading a pre-trained
-checkpoint into a (possibly differently sized) model, and moving batches to the device; for the
-fine-tuning tasks (caption, VQA, NLVR2, retrieval) also the start of a run, the training batches of a
-map-style dataset (with the bad-image check), the trainer, the load reports and the selected
-checkpoint at the end."""
+"""Pieces every task shares: tokenizer set-up, synthetic data on first use and moving batches to the
+device; for the fine-tuning tasks (caption, VQA, NLVR2, retrieval) also the start of a run, the training
+batches of a map-style dataset (with the bad-image check), the trainer, the load reports and the
+selected checkpoint at the end. Weights load through ``models/loading.py``; the section at the end
+loads a checkpoint into a ``VLPModel`` that holds its own momentum encoders and queues."""
 from __future__ import annotations
 
 import contextlib
@@ -27,9 +27,7 @@ from engine.config import ConfigError, opt
 from engine.loader import SafeDataLoader
 from engine.rundir import OutputDir
 from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, setup_logging
-from models.vision import interpolate_pos_embed
-from models.vlp import VLPConfig
-from models.weights import LoadReport
+from models.loading import Converted, LoadReport, load_checkpoint_into, load_encoder_weights, load_into
 
 log = logging.getLogger("tasks")
 
@@ -125,83 +123,7 @@ def make_tokenizer(cfg: TokenizerConfig, texts: Callable[[], list[str]], checkpo
     return tokenizer_from_state(D.broadcast_object(state))
 
 
-QUEUE_KEYS = ("image_queue", "text_queue", "idx_queue", "queue_ptr", "image_queue_h", "text_queue_h")
-
-
-def load_model_state(model: torch.nn.Module, state: dict, source: str = "checkpoint",
-                     expected_missing: Optional[dict[str, str]] = None) -> LoadReport:
-    """Copy ``state`` (our key names) into ``model`` with an explicit report:
-    position embeddings are interpolated when the image size changed; queues of another size are
-    re-initialised; keys the model lacks are reported as unexpected, keys the checkpoint lacks as
-    missing (with the reason from ``expected_missing``, matched by key prefix).
-
-    A state with ALBEF/BLIP names (``visual_encoder.*``, under any prefix) is first converted by the
-    explicit key maps of ``models/convert.py``; the report then also lists what was dropped and why,
-    and architecture mismatches (naming the config keys to set) as ``mismatched``."""
-    from models.convert import convert_in_place
-    state, foreign = convert_in_place(model, state)
-    own = model.state_dict()
-    report = LoadReport()
-    fixed = {}
-    for key, value in state.items():
-        if key not in own:
-            report.unexpected.append(key)
-            continue
-        target = own[key]
-        if key.endswith("pos_embed") and value.shape != target.shape:
-            n_new = target.shape[1] - 1
-            grid = int(round(n_new ** 0.5))
-            value = interpolate_pos_embed(value, grid)
-            report.interpolated.append(key)
-        if key.split(".")[-1] in QUEUE_KEYS and value.shape != target.shape:
-            report.expected_missing[key] = "queue of another size: re-initialised (empty)"
-            report.missing.append(key)
-            continue
-        if value.shape != target.shape:
-            report.mismatched.append(key)
-            continue
-        fixed[key] = value
-        report.loaded.append(key)
-    for key in own:
-        if key not in state:
-            report.missing.append(key)
-            for prefix, why in (expected_missing or {}).items():
-                if key.startswith(prefix):
-                    report.expected_missing[key] = why
-                    break
-    # tied MLM decoder: shares the word embeddings
-    model.load_state_dict({**own, **fixed}, strict=True)
-    log.info("loaded %s: %d tensors", source, len(report.loaded))
-    return foreign.finish(report) if foreign is not None else report
-
-
-def load_pretrained(model: torch.nn.Module, path: str, expected_missing: Optional[dict[str, str]] = None,
-                    prefix: str = "", allow_mismatch: bool = False) -> tuple[LoadReport, dict]:
-    """Load one of our checkpoints (pre-training or a task's) into ``model`` (keys under ``prefix``);
-    returns the report and the checkpoint dict (for its tokenizer and config).
-
-    ALBEF and BLIP checkpoints are recognised by their key names and loaded through the explicit key
-    maps of ``models/convert.py`` (which raise on anything unexplained unless ``allow_mismatch``); the
-    returned dict then holds ``model`` (our names), ``layout`` and ``source_config`` (their config),
-    and no ``config`` / ``tokenizer`` (those always mean ours)."""
-    ckpt = load_checkpoint(path)
-    if any(k.startswith("visual_encoder.") for k in ckpt["model"]):  # ALBEF / BLIP names
-        from models.convert import detect_layout, load_foreign_state
-        layout = detect_layout(ckpt["model"])
-        report = load_foreign_state(model, ckpt["model"], source=str(path), allow_mismatch=allow_mismatch,
-                                    prefix=prefix or None, expected_missing=expected_missing)
-        own = model.state_dict()
-        state = {k[len(prefix):]: own[k] for k in report.loaded if k.startswith(prefix)}
-        return report, {"model": state, "layout": layout, "source_config": ckpt.get("config")}
-    state = {prefix + k: v for k, v in ckpt["model"].items()}
-    report = load_model_state(model, state, source=path, expected_missing=expected_missing)
-    return report, ckpt
-
-
 # ---------------------------------------------------------------------- the fine-tuning tasks
-MOMENTUM_REASON = "momentum encoder or queue (pre-training only)"
-
-
 def start_run(train: TrainConfig, data: Any, out: Optional[OutputDir] = None) -> D.DistInfo:
     """The start of a fine-tuning run: processes (``train.device``, ``train.dist_timeout_s``), logging, ``train.num_threads``,
     the output directory claimed (``out``, see :class:`engine.rundir.OutputDir`), and the synthetic
@@ -221,41 +143,6 @@ def with_vocab(cfg, tokenizer):
     """``cfg`` with ``model.text.vocab_size`` set to the tokenizer's size."""
     return dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
-
-
-# the base-model config keys that must equal the checkpoint's (image size, dropout, queue may differ)
-ARCH_KEYS = {"vision": ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "pre_norm", "act"),
-             "text": ("hidden_size", "num_text_layers", "num_fusion_layers", "num_heads", "intermediate_size",
-                      "max_position_embeddings", "type_vocab_size"),
-             "": ("embed_dim",)}
-
-
-def check_architecture(model_cfg: VLPConfig, ckpt_config: Optional[dict], path: str) -> None:
-    """A clear error when the config's model sizes differ from those the checkpoint was trained with."""
-    saved = (ckpt_config or {}).get("model")
-    if not isinstance(saved, dict):
-        return
-    diffs = []
-    for section, keys in ARCH_KEYS.items():
-        ours = getattr(model_cfg, section) if section else model_cfg
-        theirs = saved.get(section, {}) if section else saved
-        for key in keys:
-            if key in theirs and theirs[key] != getattr(ours, key):
-                name = f"model.{section + '.' if section else ''}{key}"
-                diffs.append(f"{name}: checkpoint {theirs[key]!r}, config {getattr(ours, key)!r}")
-    if diffs:
-        raise ConfigError(f"checkpoint {path} was trained with another architecture than the config: "
-                          + "; ".join(diffs) + ". Use the config matching the checkpoint or set the values with "
-                          "--set (the image size, dropout and queue size may differ)")
-
-
-def fit_model_config(cfg, tokenizer, ckpt: Optional[dict], path: Optional[str]):
-    """``cfg`` with the tokenizer's vocabulary size, checked against the architecture the checkpoint
-    ``ckpt`` (loaded from ``path``; None = from scratch) was trained with."""
-    cfg = with_vocab(cfg, tokenizer)
-    if ckpt is not None:
-        check_architecture(cfg.model, ckpt.get("config"), path)
-    return cfg
 
 
 def saved_run_config(cls: type, data: dict):
@@ -294,37 +181,11 @@ def require_positive(key: str, value: int) -> None:
         raise ValueError(f"{key} must be positive; got {value}")
 
 
-# ---------------------------------------------------------------------- weights and load reports
-def explain_momentum_keys(report: LoadReport, prefix: str = "") -> None:
-    """Mark the keys of a pre-training checkpoint's momentum encoders (``*_m.*``) and feature queues
-    among ``report.unexpected`` as expected (a task model has neither), with :data:`MOMENTUM_REASON`.
-    ``prefix`` is where the base model's keys start in the task model (``"base."``)."""
-    for key in report.unexpected:
-        first = key[len(prefix):].split(".")[0]
-        if first.endswith("_m") or key.split(".")[-1] in QUEUE_KEYS:
-            report.expected_unexpected[key] = MOMENTUM_REASON
-
-
-def raise_on_report(report: LoadReport, path: str, sections: str = "'model' section") -> None:
-    """Raise ``ConfigError`` for unexplained missing/unexpected/mismatched keys of ``report``, adding
-    that the config's ``sections`` must describe the model of the checkpoint ``path``."""
-    try:
-        report.raise_if_unexpected()
-    except ValueError as err:
-        raise ConfigError(f"{err}\nThe config's {sections} must describe the checkpoint's model "
-                          f"(see the config.yaml beside {path}).") from None
-
-
-def load_encoder_weights(model: torch.nn.Module, dist: D.DistInfo) -> list[LoadReport]:
-    """Initialise a ``VLPModel``'s encoders from the local weight files its config names
-    (``model.vision_weights``, ``model.text_weights``); prints each report (main process) and raises
-    on unexplained keys. Returns the reports (none when no file is named)."""
-    from models.vlp import load_pretrained_encoders
-    reports = load_pretrained_encoders(model)
-    for r in reports:
-        if dist.is_main:
-            print(r.summary(), flush=True)
-        r.raise_if_unexpected()
+# ---------------------------------------------------------------------- load reports
+def print_reports(dist: D.DistInfo, reports: list[LoadReport], what: str = "") -> list[LoadReport]:
+    """Print each report's summary (main process), after ``what`` when given; returns ``reports``."""
+    for r in reports if dist.is_main else ():
+        print(f"{what}: {r.summary()}" if what else r.summary(), flush=True)
     return reports
 
 
@@ -335,7 +196,7 @@ def load_selected_checkpoint(model: torch.nn.Module, out_dir: Path) -> tuple[Pat
     best = out_dir / "checkpoint_best.pth"
     chosen = best if best.is_file() else out_dir / "checkpoint_last.pth"
     ckpt = load_checkpoint(chosen)
-    model.load_state_dict(ckpt["model"], strict=True)
+    load_into(model, ckpt["model"], source=str(chosen))
     return chosen, ckpt, chosen == best
 
 
@@ -464,3 +325,66 @@ class SampledTrainTask:
         """Counters for log.jsonl (see ``engine.trainer.Task``): the bad-image counts, when checked."""
         check = self.train_data.bad_images
         return check.log_state() if check is not None else {}
+
+
+# ====================================================================== momentum state inside VLPModel
+# Checkpoints keep the training objective's state (momentum encoders, feature queues) apart from the model's
+# (models.loading.split_objective_state, LoadReport.objective). VLPModel(momentum=True) still holds that
+# state itself: this section loads it there, and goes when the training objective holds it.
+_ONLINE = {"visual_m": "visual", "text_m": "text", "vision_proj_m": "vision_proj", "text_proj_m": "text_proj"}
+
+
+def load_vlp(model: torch.nn.Module, checkpoint: Any = None, *, source: Optional[str] = None,
+             fresh_queues: bool = False, allow_mismatch: bool = False) -> list[LoadReport]:
+    """Load ``checkpoint`` (a path or a read checkpoint, ``models.loading.load_checkpoint_into``) or, without
+    one, the encoder weight files ``model.cfg`` names (``models.loading.load_encoder_weights``) into a
+    ``VLPModel``. A model with momentum encoders gets the checkpoint's objective part there: a momentum
+    encoder the checkpoint lacks is a copy of the loaded online one; the queues start empty when
+    ``fresh_queues``, absent or of another size. Returns the reports (one for a checkpoint)."""
+    if not getattr(model, "has_momentum", False) or checkpoint is None:
+        if checkpoint is not None:
+            return [load_checkpoint_into(model, checkpoint, source=source, allow_mismatch=allow_mismatch)]
+        reports = load_encoder_weights(model)
+        if reports and getattr(model, "has_momentum", False):
+            model.copy_params_to_momentum()
+        return reports
+    online, momentum = torch.nn.Module(), torch.nn.Module()  # views sharing the model's tensors
+    for name, child in model.named_children():
+        setattr(momentum if name in _ONLINE else online, name, child)
+    for name, p in model.named_parameters(recurse=False):
+        online.register_parameter(name, p)
+    for name, b in model.named_buffers(recurse=False):
+        momentum.register_buffer(name, b)
+    online.cfg = model.cfg
+    report = load_checkpoint_into(online, checkpoint, source=source, allow_mismatch=allow_mismatch)
+    own, loaded = momentum.state_dict(), online.state_dict()
+    state = Converted({k: v for k, v in report.objective.items() if "." in k}, report.layout)
+    state.interpolated = list(getattr(report.objective, "interpolated", []))
+    queues = {k: v for k, v in report.objective.items() if "." not in k}
+    image = queues.get("image_queue")
+    why = ("queues start empty" if fresh_queues else "no usable queue in this checkpoint: starts empty" if image is None
+           else f"queue of another size ({tuple(image.shape)} vs the model's {tuple(own['image_queue'].shape)}): "
+                "re-initialised (empty)" if image.shape != own["image_queue"].shape else None)
+    if why is None:
+        state.update(queues)
+    else:
+        state.dropped.update({k: why for k in queues})
+        state.expected_missing.update({k: why for k in own if "." not in k})
+    for k in ("image_queue_h", "text_queue_h"):
+        state.expected_missing.setdefault(k, "helper-feature queue (SRCL helper model): starts empty")
+        if k in state and k not in own:
+            state.dropped[k] = "helper-feature queue: this run has no helper model"
+            del state[k]
+    for mom, on in _ONLINE.items():
+        if not any(k.startswith(mom + ".") for k in state):
+            state.update({k: loaded[on + k[len(mom):]] for k in own if k.startswith(mom + ".")})
+            report.notes.append(f"no momentum copy {mom} in the checkpoint: copied from {on}")
+    part = load_into(momentum, state, source=report.source, allow_mismatch=allow_mismatch)
+    for k in report.objective:
+        report.expected_unexpected.pop(k, None)
+    report.unexpected = [k for k in report.unexpected if k not in report.objective] + part.unexpected
+    for name in ("loaded", "missing", "interpolated", "mismatched"):
+        getattr(report, name).extend(getattr(part, name))
+    report.expected_missing.update(part.expected_missing)
+    report.expected_unexpected.update(part.expected_unexpected)
+    return [report]

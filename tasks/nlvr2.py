@@ -39,13 +39,12 @@ from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import ConfigError, load_config, opt, save_config
 from engine.loader import SafeDataLoader
 from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
+from models.loading import LoadReport, load_checkpoint_into, load_encoder_weights
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
 from models.vlp import VLPConfig
-from models.weights import LoadReport
 from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
-                          explain_momentum_keys, load_encoder_weights, load_model_state, load_selected_checkpoint,
-                          make_tokenizer, raise_on_report, require_files, require_positive, start_run, to_device,
-                          fit_model_config, require_image_root, write_json)
+                          load_selected_checkpoint, make_tokenizer, print_reports, require_files, require_positive,
+                          start_run, to_device, with_vocab, require_image_root, write_json)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
 from tasks.resume import check_resume_config
@@ -103,15 +102,12 @@ def load_nlvr2_weights(model: NLVR2Model, ckpt: dict, source: str) -> LoadReport
       initialised as a copy of the pre-trained cross-attention, the merge layers (if any) and the
       classifier are new.
     """
-    state = ckpt["model"]
-    if is_nlvr2_state(state):
-        return load_model_state(model, state, source=source)
-    prefixed = {"base." + k: v for k, v in state.items()}
+    if is_nlvr2_state(ckpt["model"]):
+        return load_checkpoint_into(model, ckpt, source=source)
     expected = {"cross_right.": "right-image cross-attention: copied from the pre-trained cross-attention",
                 "merge.": "new merge layer (initialised to the average)",
                 "cls_head.": "new NLVR2 classifier"}
-    report = load_model_state(model, prefixed, source=source, expected_missing=expected)
-    explain_momentum_keys(report, "base.")
+    report = load_checkpoint_into(model, ckpt, source=source, prefix="base.", expected_missing=expected)
     model.init_right_from_left()
     return report
 
@@ -262,17 +258,14 @@ def _run(cfg: NLVR2Config, checkpoint: Optional[str], evaluate: bool, resume: Op
                                  cfg.train.seed, DATA_HINT)
     tokenizer = make_tokenizer(cfg.tokenizer, lambda: list(train_set.sentences), resume_ckpt or ckpt)
     del resume_ckpt
-    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
+    cfg = with_vocab(cfg, tokenizer)
 
     torch.manual_seed(cfg.train.seed)
     model = NLVR2Model(cfg.model, cfg.head)
     if ckpt is not None:
-        report = load_nlvr2_weights(model, ckpt, checkpoint)
-        if dist.is_main:
-            print(report.summary(), flush=True)
-        raise_on_report(report, checkpoint)
+        print_reports(dist, [load_nlvr2_weights(model, ckpt, checkpoint)])
     else:
-        if load_encoder_weights(model.base, dist):
+        if print_reports(dist, load_encoder_weights(model.base)):
             model.init_right_from_left()
         if dist.is_main and not resume:
             log.warning("no --checkpoint: fine-tuning a model that was not pre-trained on image-text pairs")

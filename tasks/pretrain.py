@@ -27,10 +27,11 @@ from engine.rundir import OutputDir
 from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, TrainState,
                             grouped, setup_logging)
 from models import losses as L
-from tasks.common import (QUEUE_KEYS, SHAPES_HELP, BadImageCheck, TokenizerConfig, ensure_synthetic, load_model_state,
-                          make_tokenizer, require_files, require_image_root, saved_run_config, to_device,
+from models.loading import load_checkpoint_into
+from tasks.common import (SHAPES_HELP, BadImageCheck, TokenizerConfig, ensure_synthetic, load_vlp, make_tokenizer,
+                          print_reports, require_files, require_image_root, saved_run_config, to_device,
                           validate_image_data)
-from models.vlp import PretrainLossConfig, VLPConfig, VLPModel, load_pretrained_encoders
+from models.vlp import PretrainLossConfig, VLPConfig, VLPModel
 from tasks.resume import check_resume_config
 from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics
 
@@ -245,8 +246,7 @@ def load_helper(path: str, tokenizer, device: torch.device) -> VLPModel:
         raise ValueError(f"helper checkpoint {path} uses a different tokenizer vocabulary than this run; "
                          "set tokenizer.path to the helper's tokenizer or train the helper with this one")
     helper = VLPModel(hcfg, momentum=False)
-    state = {k: v for k, v in ckpt["model"].items() if k in helper.state_dict()}
-    helper.load_state_dict(state, strict=True)
+    load_checkpoint_into(helper, ckpt, source=path)
     helper.requires_grad_(False).eval()
     return helper.to(device)
 
@@ -254,15 +254,9 @@ def load_helper(path: str, tokenizer, device: torch.device) -> VLPModel:
 def init_from_checkpoint(model: VLPModel, ckpt: dict, path: str):
     """Continued pre-training: copy the model weights of one of our checkpoints into ``model``;
     the queues start empty (their features belong to the other run), and the optimiser, schedule
-    and step count start afresh. Returns the load report; raises on any other missing, unexpected or
-    mismatched key."""
-    state = {k: v for k, v in ckpt["model"].items() if k.split(".")[-1] not in QUEUE_KEYS}
-    report = load_model_state(model, state, source=path,
-                              expected_missing={k: "queues start empty" for k in QUEUE_KEYS})
-    if report.unexplained_missing() or report.unexpected or report.mismatched:
-        raise ValueError(f"{path} does not fit this model (--init-from needs the same architecture):\n"
-                         + report.summary())
-    return report
+    and step count start afresh. Returns the load report; raises ``models.loading.LoadError`` on another
+    architecture (the checkpoint's saved config) or any unexplained key."""
+    return load_vlp(model, ckpt, source=path, fresh_queues=True)[0]
 
 
 def run(cfg: PretrainConfig, resume: Optional[str] = None, init_from: Optional[str] = None,
@@ -307,10 +301,7 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
         helper = load_helper(cfg.loss.contrastive.helper_checkpoint, tokenizer, dist.device)
     torch.manual_seed(cfg.train.seed)
     model = VLPModel(cfg.model, momentum=True, helper_dim=helper.cfg.embed_dim if helper else None)
-    for report in load_pretrained_encoders(model):
-        if dist.is_main:
-            print(report.summary(), flush=True)
-        report.raise_if_unexpected()
+    print_reports(dist, load_vlp(model))
     if init_ckpt is not None:
         report = init_from_checkpoint(model, init_ckpt, init_from)
         if dist.is_main:

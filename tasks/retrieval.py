@@ -40,10 +40,9 @@ from engine.config import ConfigError, load_config, opt, save_config
 from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models import losses as L
 from models.vlp import ContrastiveConfig, PretrainLossConfig, VLPConfig, VLPModel
-from models.weights import LoadReport
-from tasks.common import (QUEUE_KEYS, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer,
-                          load_encoder_weights, load_model_state, load_selected_checkpoint, make_tokenizer,
-                          fit_model_config, require_files, require_image_root, start_run)
+from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for, build_trainer, load_vlp,
+                          load_selected_checkpoint, make_tokenizer, print_reports, require_files, require_image_root,
+                          start_run, with_vocab)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
 from tasks.resume import check_resume_config
@@ -53,8 +52,8 @@ from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator, Retrie
 log = logging.getLogger("retrieval")
 
 Mode = Literal["finetune", "zero_shot", "evaluate"]
-MOMENTUM_PREFIXES = ("visual_m.", "text_m.", "vision_proj_m.", "text_proj_m.")
-# architecture fields that must agree between the config and a checkpoint (sizes that change shapes)
+
+
 @dataclass
 class RetrievalDataConfig:
     name: str = opt("shapes", "dataset name printed with the results (flickr30k, coco, shapes, ...)")
@@ -160,39 +159,6 @@ class Reporter:
 
 
 # ------------------------------------------------------------------------------------ building
-def load_into(model: VLPModel, ckpt: dict, path: str, finetune: bool) -> LoadReport:
-    """Load a checkpoint (ours, pre-training or retrieval; or ALBEF/BLIP names, converted by
-    ``load_model_state``) with an explicit report.
-
-    Evaluation builds no momentum copy or queues, so those keys are ignored (with that reason).
-    Fine-tuning keeps the momentum copy (or initialises it from the online model when the checkpoint
-    has none) and starts with empty queues: queued pre-training features carry pre-training image
-    ids, which would collide with this task's ``image_id`` numbering."""
-    report = load_model_state(model, dict(ckpt["model"]), source=path,
-                              expected_missing={p: "momentum copy: initialised from the online model" for p in MOMENTUM_PREFIXES})
-    for k in report.unexpected:
-        last = k.split(".")[-1]
-        if last in ("image_queue_h", "text_queue_h"):
-            report.expected_unexpected[k] = "helper-feature queue: no helper model at fine-tuning"
-        elif not finetune and (k.startswith(MOMENTUM_PREFIXES) or last in QUEUE_KEYS):
-            report.expected_unexpected[k] = "momentum copy / queue: not used for evaluation"
-    if finetune:
-        if any(k.startswith(MOMENTUM_PREFIXES) for k in report.missing):
-            model.copy_params_to_momentum()
-        reset_queues(model)
-    return report
-
-
-@torch.no_grad()
-def reset_queues(model: VLPModel) -> None:
-    """Empty the feature queues (index -1 = invalid, never used as a negative)."""
-    if model.has_momentum:
-        model.image_queue.zero_()
-        model.text_queue.zero_()
-        model.idx_queue.fill_(-1)
-        model.queue_ptr.zero_()
-
-
 def freeze_mlm_only(model: VLPModel) -> None:
     """The MLM transform and bias get no gradient at fine-tuning (MLM is off); the decoder weight is
     the word embeddings and stays trainable."""
@@ -252,22 +218,19 @@ def _run(cfg: RetrievalConfig, mode: Mode, checkpoint: Optional[str], resume: Op
         raise ConfigError(f"checkpoint {checkpoint} holds no tokenizer: set tokenizer.path to its vocabulary")
     tokenizer = make_tokenizer(cfg.tokenizer, train_set.all_captions if train_set else list, tok_source)
     del tok_source, resume_ckpt
-    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
+    cfg = with_vocab(cfg, tokenizer)
 
     torch.manual_seed(cfg.train.seed)
     model = VLPModel(cfg.model, momentum=finetune)
-    if ckpt is not None:
-        report = load_into(model, ckpt, checkpoint, finetune)
-        if dist.is_main:
-            print(f"checkpoint {checkpoint}: {report.summary()}", flush=True)
-        report.raise_if_unexpected()
+    if ckpt is not None:  # fine-tuning starts with empty queues: pre-training image ids would collide with ours
+        print_reports(dist, load_vlp(model, ckpt, source=checkpoint, fresh_queues=True), f"checkpoint {checkpoint}")
         del ckpt
     else:
         if finetune and not resume and dist.is_main:
             log.warning("no --checkpoint: fine-tuning from scratch (random initialisation%s); retrieval "
                         "results will be far below a pre-trained model's",
                         " except the weight files named in model.*_weights" if (cfg.model.vision_weights or cfg.model.text_weights) else "")
-        load_encoder_weights(model, dist)
+        print_reports(dist, load_vlp(model))
     freeze_mlm_only(model)
     model.to(dist.device)
     torch.manual_seed(cfg.train.seed + dist.rank)

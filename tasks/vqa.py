@@ -45,11 +45,11 @@ from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig, TrainState
 from models.decoder import DecoderConfig, GenerationConfig, decode_texts
 from models.vqa import VQAModel, pad_vocab_rows
 from models.vlp import VLPConfig
-from tasks.caption import DECODER_SECTIONS, token_ids
+from models.loading import load_checkpoint_into, load_encoder_weights
+from tasks.caption import token_ids
 from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, TokenizerConfig, autocast_for,
-                          build_trainer, explain_momentum_keys, load_encoder_weights, load_model_state,
-                          load_selected_checkpoint, make_tokenizer, raise_on_report, require_files,
-                          fit_model_config, require_fraction, require_image_root, require_positive, start_run, to_device, validate_image_data,
+                          build_trainer, load_selected_checkpoint, make_tokenizer, print_reports, require_files,
+                          with_vocab, require_fraction, require_image_root, require_positive, start_run, to_device, validate_image_data,
                           write_json)
 from engine.rundir import OutputDir
 from tasks.common import SHAPES_HELP
@@ -234,13 +234,12 @@ def load_weights(model: VQAModel, ckpt: dict, source: str) -> list:
     state = dict(ckpt["model"])
     extended = pad_vocab_rows(state, model.cfg.text.vocab_size)
     if is_vqa_state(state):
-        report = load_model_state(model, state, source=source)
-        reports = [report]
+        reports = [load_checkpoint_into(model, {**ckpt, "model": state}, source=source)]
     else:
-        report = load_model_state(model, {"base." + k: v for k, v in state.items()}, source=source,
-                                  expected_missing={"decoder.": "answer decoder: initialised from the base model"})
-        explain_momentum_keys(report, "base.")
-        reports = [report, model.init_decoder_from_base()]
+        reports = [load_checkpoint_into(model, {**ckpt, "model": state}, source=source, prefix="base.",
+                                        expected_missing={"decoder.": "answer decoder: initialised from the base model"}),
+                   model.init_decoder_from_base()]
+        reports[1].source = f"the answer decoder initialised from {source}"
     if extended:
         reports[0].interpolated.extend(k for k in extended if k in reports[0].loaded or "base." + k in reports[0].loaded)
     return reports
@@ -251,13 +250,10 @@ def build_model(cfg: VQAConfig, ckpt: Optional[dict], path: Optional[str], dist:
     """A VQA model from a fine-tuned VQA checkpoint, a pre-training checkpoint, or from scratch."""
     model = VQAModel(cfg.model, cfg.decoder)
     if ckpt is not None:
-        reports = load_weights(model, ckpt, str(path))
-        for r in reports:
-            if dist.is_main:
-                print(f"{path}: {r.summary()}", flush=True)
-            raise_on_report(r, str(path), DECODER_SECTIONS)
+        for r in print_reports(dist, load_weights(model, ckpt, str(path)), str(path)):
+            r.raise_if_unexpected()
         return model
-    load_encoder_weights(model.base, dist)
+    print_reports(dist, load_encoder_weights(model.base))
     r = model.init_decoder_from_base()
     if dist.is_main:
         print(f"decoder initialised from the base model ({cfg.decoder.init_from}): {r.summary()}", flush=True)
@@ -370,7 +366,7 @@ def _run(cfg: VQAConfig, checkpoint: Optional[str], evaluate: bool, resume: Opti
     if unk and dist.is_main:
         log.warning("%d answers of %s contain [UNK] tokens (first: %s); set data.extend_vocab=true",
                     len(unk), d.answer_list, unk[:5])
-    cfg = fit_model_config(cfg, tokenizer, ckpt, checkpoint)
+    cfg = with_vocab(cfg, tokenizer)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg, ckpt, checkpoint, dist, warn_scratch=not resume)
     del ckpt

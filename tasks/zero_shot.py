@@ -45,7 +45,7 @@ def load_vlp_checkpoint(path: str, device: str | torch.device = "cpu", momentum:
     encoders and queues when ``momentum`` and the checkpoint has them) and ``cfg`` the checkpoint's
     ``PretrainConfig``. Raises ``ValueError`` naming the file when it is not a pre-training checkpoint.
     """
-    from tasks.common import saved_run_config
+    from tasks.common import load_vlp, saved_run_config
     from tasks.pretrain import PretrainConfig
 
     ckpt = load_checkpoint(path)
@@ -53,12 +53,11 @@ def load_vlp_checkpoint(path: str, device: str | torch.device = "cpu", momentum:
     if missing:
         raise ValueError(f"{path} is not a pre-training checkpoint of this project (no {missing} entries)")
     cfg = saved_run_config(PretrainConfig, ckpt["config"])
-    state = ckpt["model"]
+    state = {**ckpt["model"], **ckpt.get("objective", {})}
     has_momentum = momentum and any(k.startswith("visual_m.") for k in state)
     helper_dim = int(state["image_queue_h"].shape[0]) if has_momentum and "image_queue_h" in state else None
     model = VLPModel(cfg.model, momentum=has_momentum, helper_dim=helper_dim)
-    own = model.state_dict()
-    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    load_vlp(model, ckpt, source=path)
     return model.to(device).eval(), tokenizer_from_state(ckpt["tokenizer"]), cfg
 
 

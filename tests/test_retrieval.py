@@ -18,7 +18,7 @@ from models.text import TextConfig
 from models.vision import VisionConfig
 from models.vlp import VLPConfig, VLPModel
 from tasks import retrieval_eval
-from tasks.common import check_architecture
+from models.loading import load_checkpoint_into
 from tasks.retrieval import RetrievalConfig
 from tasks.retrieval_eval import (RetrievalEvalConfig, RetrievalEvaluator, final_ranks, itc_candidates, query_ranks,
                                   ranks_from_score_matrix, recall_metrics, rerank)
@@ -344,8 +344,9 @@ def test_configs_load_with_the_paper_settings():
 
 def test_architecture_mismatch_is_a_clear_error():
     cfg = load_config(RetrievalConfig, ROOT / "configs/demo/retrieval.yaml")
+    model = VLPModel(cfg.model, momentum=False)
     saved = {"model": {"vision": {"width": 256, "img_size": 32}, "text": {"hidden_size": 128}, "embed_dim": 64}}
-    with pytest.raises(ConfigError, match=r"model.vision.width: checkpoint 256, config 128"):
-        check_architecture(cfg.model, saved, "ck.pth")
+    with pytest.raises(ConfigError, match=r"ck.pth .*model.vision.width: checkpoint 256, config 128"):
+        load_checkpoint_into(model, {"model": model.state_dict(), "config": saved}, source="ck.pth")
     saved["model"]["vision"]["width"] = 128  # image size may differ
-    check_architecture(cfg.model, saved, "ck.pth")
+    load_checkpoint_into(model, {"model": model.state_dict(), "config": saved}, source="ck.pth")

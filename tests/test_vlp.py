@@ -158,7 +158,7 @@ def test_pretrained_encoders_load_into_online_and_momentum(tmp_path):
     import timm
     from transformers import BertConfig, BertForPreTraining
 
-    from models.vlp import load_pretrained_encoders
+    from tasks.common import load_vlp
 
     torch.manual_seed(1)
     bert = BertForPreTraining(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -170,7 +170,7 @@ def test_pretrained_encoders_load_into_online_and_momentum(tmp_path):
     cfg = dataclasses.replace(tiny_cfg(), text_weights=str(tmp_path / "bert"),
                               vision_weights=str(tmp_path / "deit.pth"), vision_weights_format="deit")
     model = VLPModel(cfg)
-    reports = load_pretrained_encoders(model)
+    reports = load_vlp(model)
     assert len(reports) == 2
     for r in reports:
         r.raise_if_unexpected()
