@@ -7,7 +7,8 @@
     python run_finetune.py --task vqa --checkpoint CKPT --evaluate                   # evaluation only
     torchrun --nproc_per_node=8 run_finetune.py --task vqa --checkpoint CKPT
 
-Tasks ending in ``_shapes`` run on the synthetic data (configs/demo/), generated on first use.
+Tasks ending in ``_shapes`` run on the synthetic data (configs/demo/): a config's ``x-synthetic``
+section generates the shapes world into its folder first when it is not there (shapesworld.preset).
 Without --config a task uses its default config (listed by --help).
 """
 from __future__ import annotations
@@ -65,7 +66,11 @@ def main(argv=None) -> int:
     from engine.distributed import cleanup
     from engine.trainer import NonFiniteLossError
     from engine.loader import DataLoaderWorkerError, report_worker_error, shutdown_all
+    from shapesworld.preset import prepare
+    from tools.config_docs import find_config_class
     try:
+        if not args.predict:  # the synthetic world the config's x-synthetic section asks for
+            prepare(args.config, args.set, schema=find_config_class(module)[0])
         return int(module.main(args) or 0)
     except DataLoaderWorkerError as err:  # e.g. an image that cannot be read: one line naming it
         return report_worker_error(err)

@@ -46,7 +46,9 @@ def main(argv=None) -> int:
         return 2
     from engine.checkpoint import CheckpointWriteError, disk_full_message
     from engine.loader import DataLoaderWorkerError, report_worker_error, shutdown_all
+    from shapesworld.preset import prepare
     try:
+        prepare(args.config, args.set)  # the synthetic world the config's x-synthetic section asks for
         run(cfg, resume=args.resume, init_from=args.init_from, overwrite=args.overwrite)
     except DataLoaderWorkerError as err:  # e.g. images that cannot be read: one line naming them
         return report_worker_error(err)

@@ -55,7 +55,7 @@ DEMO_CONFIG = ROOT / "configs/demo/pretrain.yaml"
 STUDY_OVERRIDES = {
     "loss.itm": 0.0, "loss.mlm": 0.0,              # ITC only: the contrastive loss is the variable
     "model.text.hidden_dropout": 0.0, "model.text.attention_dropout": 0.0,
-    "data.num_workers": 0, "data.shapes": "null",
+    "data.num_workers": 0, "x-synthetic": "null",
     "train.batch_size": 32, "train.epochs": 100000, "train.log_every": 10, "train.save_every": 100000,
     "train.keep_epoch_checkpoints": "false", "train.progress": "false",
     "diagnostics.every": 10,
@@ -143,7 +143,8 @@ def parse_variant(text: str) -> tuple[str, dict]:
 # ------------------------------------------------------------------------------- stages 1-2
 def make_worlds(work: Path, probs: list[float], quick: bool, seed: int) -> dict[str, Path]:
     """One shapes world per caption probability (+ 0.0 for the base), same scenes and images."""
-    from datasets.shapes import ShapesConfig, ensure_shapes
+    from shapesworld.config import ShapesConfig
+    from shapesworld.write import ensure_shapes
     worlds = {}
     for p in sorted(set(probs) | {0.0}):
         extra = QUICK_WORLD if quick else {}

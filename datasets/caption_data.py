@@ -33,7 +33,7 @@ PathLike = str | os.PathLike
 
 CAPTION_HINT = ("COCO captioning uses the Karpathy-split JSON lists that BLIP distributes "
                 "(coco_karpathy_{train,val,test}.json, and coco_karpathy_{val,test}_gt.json for scoring); "
-                "the images are COCO 2014 train/val. See README 'Datasets'.")
+                "the images are COCO 2014 train/val. See docs/datasets.md.")
 
 _TRAILING_NUMBER = re.compile(r"(\d+)$")
 

@@ -31,7 +31,7 @@ PathLike = str | os.PathLike
 
 RETRIEVAL_HINT = ("Flickr30K and COCO retrieval annotations are the Karpathy-split JSON lists used by ALBEF "
                   "and BLIP (train: [{image, caption, image_id}], val/test: [{image, caption: [...]}]); "
-                  "see README 'Datasets'.")
+                  "see docs/datasets.md.")
 
 
 def _image_file(image_root: PathLike, rel: str) -> str:

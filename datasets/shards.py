@@ -16,7 +16,11 @@ Format (what :func:`write_shards` writes and :class:`ShardPretrainDataset` reads
 
 Shards from other tools work too: a caption in ``<key>.txt`` (one caption) or ``<key>.json``
 (``"caption"`` a string or a list); without ``image_idx`` every sample counts as its own image.
-Without an ``index.json`` beside a shard its samples are counted by scanning the tar once.
+img2dataset's layout (``00000.tar`` with ``{key}.jpg``/``.txt``/``.json``, and ``00000.parquet`` and
+``00000_stats.json`` beside it) reads as it is: the count comes from the stats file's
+``successes``. Without an ``index.json`` or stats file beside a shard its samples are counted by
+scanning the tar once. Shards may live on a web server or an object store (``data.shards`` URLs:
+``https://``, ``s3://``, ``gs://``, ...; ``datasets/shard_io.py``).
 
 Reading one epoch (see :class:`ShardPretrainDataset`): the shard order is permuted from
 ``(seed, epoch)``; the concatenated sample sequence is cut to the epoch length (a multiple of the
@@ -53,7 +57,10 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .formats import ImageLoadError, derive_seed, load_image, placeholder_image, read_annotations, sample_seed
+from . import shard_io
+from .shard_io import is_url
+from .formats import (DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, derive_seed, load_image, placeholder_image,
+                      read_annotations, sample_seed)
 from .text import pre_caption
 from .transforms import apply_seeded
 
@@ -172,51 +179,72 @@ def _brace_expand(pattern: str) -> list[str]:
     return [pattern]
 
 
+def _glob(pattern: str) -> list[str]:
+    if not is_url(pattern):
+        return sorted(glob.glob(pattern))
+    if pattern.startswith(("http://", "https://")):
+        raise ValueError(f"shard pattern {pattern!r}: a web server cannot be listed; name the shards with a brace "
+                         "range (shard-{000000..000099}.tar) or their index.json")
+    fs, inner = shard_io._fsspec(pattern)
+    scheme = pattern.partition("://")[0]
+    return sorted(f"{scheme}://{p}" for p in fs.glob(inner))
+
+
 def expand_shard_patterns(patterns: str | Sequence[str]) -> list[str]:
     """Shard file list from patterns: brace ranges (``data/shards/shard-{000000..000099}.tar``),
     ``{a,b}`` lists, globs (``data/shards/*.tar``), an ``index.json`` (its shards), or a directory
-    holding one. Order is kept, duplicates are removed. A named file that does not exist, or a
-    pattern that matches nothing, raises ``FileNotFoundError`` naming it."""
+    holding one; local paths or URLs (``http(s)://``, ``s3://``, ``gs://``, any fsspec protocol: see
+    ``datasets/shard_io.py``). Order is kept, duplicates are removed. A named local file that does not
+    exist, or a pattern that matches nothing, raises ``FileNotFoundError`` naming it (a remote shard is
+    found missing when it is first read, with the same error)."""
     patterns = [patterns] if isinstance(patterns, (str, os.PathLike)) else list(patterns)
     if not patterns:
         raise ValueError("no shards given (data.shards is empty)")
     out: list[str] = []
     for pattern in map(os.fspath, patterns):
-        if os.path.isdir(pattern):
+        if not is_url(pattern) and os.path.isdir(pattern):
             pattern = os.path.join(pattern, INDEX_NAME)
         if pattern.endswith(".json"):
             index = _read_index(pattern)
             if index is None:
                 raise FileNotFoundError(f"shard index not found: {pattern!r} (write shards with python -m datasets.shards)")
-            out += [os.path.join(os.path.dirname(pattern), s["name"]) for s in index["shards"]]
+            out += [shard_io.join(shard_io.dirname(pattern), s["name"]) for s in index["shards"]]
             continue
         for name in _brace_expand(pattern):
             if any(c in name for c in "*?["):
-                found = sorted(glob.glob(name))
+                found = _glob(name)
                 if not found:
                     raise FileNotFoundError(f"no shard matches {name!r}")
                 out += found
-            elif not os.path.isfile(name):
+            elif not is_url(name) and not os.path.isfile(name):
                 raise FileNotFoundError(f"shard not found: {name!r} (from pattern {pattern!r})")
             else:
                 out.append(name)
-    return list(dict.fromkeys(os.path.normpath(p) for p in out))
+    return list(dict.fromkeys(shard_io.normalize(p) for p in out))
 
 
 def _read_index(path: str) -> Optional[dict]:
-    if not os.path.isfile(path):
+    try:
+        index = shard_io.read_json(path)
+    except ValueError as e:
+        raise ValueError(f"shard index {e}") from None
+    if index is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        try:
-            index = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"shard index {path!r} is not valid JSON: {e}") from e
     if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
         raise ValueError(f"shard index {path!r} has no 'shards' list (is it an index written by datasets.shards?)")
     for i, s in enumerate(index["shards"]):
         if not isinstance(s, dict) or not isinstance(s.get("name"), str) or not isinstance(s.get("num_samples"), int):
             raise ValueError(f"shard index {path!r} entry {i}: needs 'name' (str) and 'num_samples' (int)")
     return index
+
+
+def _stats_count(path: str) -> Optional[int]:
+    """The sample count img2dataset writes beside its shard ``NAME.tar``: ``NAME_stats.json``'s
+    ``successes`` (None when there is no such file)."""
+    stem = path[:-len(".tar")] if path.endswith(".tar") else None
+    stats = shard_io.read_json(stem + "_stats.json") if stem else None
+    count = stats.get("successes") if isinstance(stats, dict) else None
+    return count if isinstance(count, int) else None
 
 
 @dataclass(frozen=True)
@@ -242,7 +270,12 @@ def iter_tar_samples(path: str, want_images: bool = True,
     damaged tar stops with a ``tarfile.TarError`` / ``OSError`` after the samples before the damage."""
     key, parts = None, {}
     ordinal = -1
-    with tarfile.open(path, "r:") as tar:
+    if is_url(path):  # a forward stream: members are read (or passed over) in order
+        stream = shard_io.open_stream(path)
+        tar_cm = tarfile.open(fileobj=stream, mode="r|")
+    else:
+        stream, tar_cm = None, tarfile.open(path, "r:")
+    with tar_cm as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -260,20 +293,25 @@ def iter_tar_samples(path: str, want_images: bool = True,
                 parts[ext] = b""
     if key is not None:
         yield key, parts
+    if stream is not None:
+        stream.close()
 
 
 def read_shard_infos(paths: Sequence[str]) -> list[ShardInfo]:
-    """Sample counts of ``paths`` from the ``index.json`` beside each shard (or by one scan of the tar)."""
+    """Sample counts of ``paths`` from the ``index.json`` beside each shard, else img2dataset's
+    ``NAME_stats.json`` beside ``NAME.tar``, else by one scan of the tar."""
     infos: list[ShardInfo] = []
     indexes: dict[str, Optional[dict[str, int]]] = {}
     first = 0
     for path in paths:
-        d = os.path.dirname(path)
+        d = shard_io.dirname(path)
         if d not in indexes:
-            index = _read_index(os.path.join(d, INDEX_NAME))
+            index = _read_index(shard_io.join(d, INDEX_NAME))
             indexes[d] = None if index is None else {s["name"]: s["num_samples"] for s in index["shards"]}
         counts = indexes[d]
-        n = counts.get(os.path.basename(path)) if counts is not None else None
+        n = counts.get(shard_io.basename(path)) if counts is not None else None
+        if n is None:
+            n = _stats_count(path)
         if n is None:
             logger.warning("shard %s is not listed in an %s beside it: counting its samples by scanning it", path, INDEX_NAME)
             n = sum(1 for _ in iter_tar_samples(path, want_images=False))
@@ -340,9 +378,11 @@ def plan_epoch(infos: Sequence[ShardInfo], epoch: int, seed: int, num_samples: i
 
 
 # ----------------------------------------------------------------------------- reader
-def _decode_image(data: bytes, name: str) -> Image.Image:
-    """Fully decode image bytes as RGB (as ``load_image`` does for files)."""
-    return load_image(io.BytesIO(data), name=name)
+def _decode_image(data: bytes, name: str, max_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                  min_side: Optional[int] = None) -> Image.Image:
+    """Fully decode image bytes as RGB, with ``load_image``'s bound (``max_pixels``) and reduced JPEG
+    decode (``min_side``), as for files."""
+    return load_image(io.BytesIO(data), max_pixels=max_pixels, min_side=min_side, name=name)
 
 
 class ShardPretrainDataset(IterableDataset):
@@ -356,6 +396,9 @@ class ShardPretrainDataset(IterableDataset):
     (``global_batch // (world * grad_accum)``): every process yields exactly
     ``steps_per_epoch() * grad_accum`` micro-batches per epoch, whatever the shard sizes.
 
+    ``max_image_pixels`` and ``decode_min_side`` bound and reduce the decode as for the JSON reader
+    (:func:`~datasets.formats.load_image`): a JPEG much larger than the crop decodes at 1/2 to 1/8.
+
     A sample whose image is missing, cannot be decoded, or whose captions are all empty after
     cleaning is skipped and replaced by the worker's previous good sample (or the next one, at the
     start), which carries ``n_bad = 1`` and ``bad_images = [(sample name, reason)]``, as the JSON
@@ -366,7 +409,8 @@ class ShardPretrainDataset(IterableDataset):
 
     def __init__(self, shards: str | Sequence[str], transform: Callable, max_words: int = 30,
                  clean_style: str = "albef", seed: int = 0, shuffle_buffer: int = 1000,
-                 num_samples: Optional[int] = None) -> None:
+                 num_samples: Optional[int] = None, max_image_pixels: Optional[int] = DEFAULT_MAX_IMAGE_PIXELS,
+                 decode_min_side: Optional[int] = None) -> None:
         self.paths = expand_shard_patterns(shards)
         self.infos = read_shard_infos(self.paths)
         self.total = self.infos[-1].first + self.infos[-1].num_samples
@@ -376,6 +420,7 @@ class ShardPretrainDataset(IterableDataset):
                              f"(the shards hold {self.total} samples)")
         self.transform, self.max_words, self.clean_style, self.seed = transform, max_words, clean_style, seed
         self.shuffle_buffer = shuffle_buffer
+        self.max_image_pixels, self.decode_min_side = max_image_pixels, decode_min_side
         self.global_batch, self.grad_accum, self.rank, self.world = 0, 1, 0, 1
         self.epoch, self.start_step = 0, 0
         self._firsts = [i.first for i in self.infos]
@@ -455,7 +500,7 @@ class ShardPretrainDataset(IterableDataset):
         ext = next((e for e in IMAGE_EXTENSIONS if e in parts), None)
         if ext is None:
             raise ImageLoadError(name, "no image member")
-        image = _decode_image(parts[ext], f"{name}.{ext}")
+        image = _decode_image(parts[ext], f"{name}.{ext}", self.max_image_pixels, self.decode_min_side)
         seed = sample_seed(self.seed, self.epoch, index)
         caption = captions[random.Random(derive_seed(seed, "caption")).randrange(len(captions))]
         image_idx = meta.get("image_idx", index)
@@ -486,6 +531,8 @@ class ShardPretrainDataset(IterableDataset):
                         yield idx, f"{info.path}:{key}", parts
                     if idx >= last:
                         break
+            except FileNotFoundError:
+                raise  # a missing shard is a configuration error, not damage
             except (tarfile.TarError, OSError, EOFError) as e:
                 logger.warning("shard %s is damaged after %d readable sample(s): %s", info.path, len(got), e)
             for idx in local_needed:

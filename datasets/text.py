@@ -21,7 +21,7 @@ import heapq
 import os
 import re
 from collections import Counter, defaultdict
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 from tokenizers import normalizers, pre_tokenizers
@@ -39,27 +39,30 @@ _BLIP_SPACE = re.compile(r"([.!\"()*#:;~])")
 _MULTI_SPACE = re.compile(r"\s{2,}")
 
 
-def _truncate_words(text: str, max_words: int) -> str:
+def _truncate_words(text: str, max_words: Optional[int]) -> str:
     text = _MULTI_SPACE.sub(" ", text).rstrip("\n").strip(" ")
+    if max_words is None:
+        return text
     words = text.split(" ")
     return " ".join(words[:max_words]) if len(words) > max_words else text
 
 
-def _clean_albef(caption: str, max_words: int) -> str:
+def _clean_albef(caption: str, max_words: Optional[int]) -> str:
     caption = _ALBEF_DELETE.sub("", caption.lower())
     caption = caption.replace("-", " ").replace("/", " ").replace("<person>", "person")
     return _truncate_words(caption, max_words)
 
 
-def _clean_blip(caption: str, max_words: int) -> str:
+def _clean_blip(caption: str, max_words: Optional[int]) -> str:
     return _truncate_words(_BLIP_SPACE.sub(" ", caption.lower()), max_words)
 
 
 CLEAN_STYLES = {"albef": _clean_albef, "blip": _clean_blip}
 
 
-def pre_caption(caption: str, max_words: int = 30, style: str = "albef") -> str:
-    """Clean a caption exactly as ALBEF (``style="albef"``, the default) or BLIP (``"blip"``) does."""
+def pre_caption(caption: str, max_words: Optional[int] = 30, style: str = "albef") -> str:
+    """Clean a caption exactly as ALBEF (``style="albef"``, the default) or BLIP (``"blip"``) does
+    (``max_words=None``: no word limit)."""
     try:
         clean = CLEAN_STYLES[style]
     except KeyError:

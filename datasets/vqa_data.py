@@ -35,7 +35,7 @@ PathLike = str | os.PathLike
 
 VQA_HINT = ("VQA v2 annotations in the ALBEF format (vqa_train.json, vqa_val.json, vqa_test.json, vg_qa.json, "
             "answer_list.json) come with ALBEF's released data files; images are COCO 2014 (and Visual Genome). "
-            "See README 'Datasets'.")
+            "See docs/datasets.md.")
 
 
 def read_vqa(paths: PathLike | Sequence[PathLike], require_answers: bool, hint: str = VQA_HINT) -> list[dict]:

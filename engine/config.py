@@ -215,10 +215,12 @@ def read_yaml(path: str | os.PathLike) -> dict:
 
 
 def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Schema defaults <- YAML file <- overrides, validated strictly."""
+    """Schema defaults <- YAML file <- overrides, validated strictly. Top-level keys that begin with
+    ``x-`` are not part of the schema and are skipped: they hold settings for the programs that read
+    the file before the run starts (the entry points)."""
     data = read_yaml(path) if path else {}
     data = apply_overrides(data, overrides or [])
-    return from_dict(cls, data)
+    return from_dict(cls, {k: v for k, v in data.items() if not str(k).startswith("x-")})
 
 
 def dump_yaml(obj: Any) -> str:

@@ -35,7 +35,6 @@ from datasets.caption_data import (CAPTION_HINT, CaptionSplit, CaptionTrainColla
                                    read_caption_split)
 from datasets.formats import PretrainDataset
 from datasets.retrieval_data import ImageListDataset
-from datasets.shapes import ShapesConfig
 from datasets.text import tokenizer_state
 from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS
 from datasets.transforms import TransformConfig, build_transform, decode_min_side
@@ -54,7 +53,6 @@ from tasks.common import (BadImageCheck, SampledTrainData, SampledTrainTask, Tok
                           with_vocab, require_fraction, require_image_root, require_positive, start_run, validate_image_data,
                           write_json)
 from engine.rundir import OutputDir
-from tasks.common import SHAPES_HELP
 from tasks.resume import check_resume_config
 
 log = logging.getLogger("caption")
@@ -83,7 +81,6 @@ class CaptionDataConfig:
     max_bad_fraction: float = opt(0.01, "stop when more than this fraction of the training images tried are distinct images that fail to load (an unreadable image is replaced by a random other record and counted once; logged as data/bad_images)")
     bad_check_after: int = opt(500, "training images tried before the bad-image fraction is checked (bad images beyond max_bad_fraction of the whole training set stop the run at once)")
     max_image_pixels: Optional[int] = opt(DEFAULT_MAX_IMAGE_PIXELS, "an image that would decode to more pixels is skipped and counted as bad (a JPEG much larger than the training crop is first decoded reduced, 1/2 to 1/8, which counts); default: PIL's decompression-bomb warning limit; PIL itself refuses twice as many; null = no bound of ours")
-    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         require_positive("data.eval_batch_size", self.eval_batch_size)
@@ -352,7 +349,7 @@ def _run(cfg: CaptionConfig, checkpoint: Optional[str], evaluate: bool, resume: 
     if evaluate and not checkpoint:
         raise ConfigError("--evaluate needs --checkpoint (a fine-tuned caption checkpoint)")
     d = cfg.data
-    dist = start_run(cfg.train, d, out)
+    dist = start_run(cfg.train, out)
     resume_ckpt = load_checkpoint(find_resume(resume)) if resume and not evaluate else None
     if resume_ckpt is not None:  # before anything is written
         check_resume_config(cfg, resume_ckpt, resume, "caption", dist)

@@ -1,8 +1,8 @@
-"""Pieces every task shares: tokenizer set-up, synthetic data on first use and moving batches to the
-device; for the fine-tuning tasks (caption, VQA, NLVR2, retrieval) also the start of a run, the training
-batches of a map-style dataset (with the bad-image check), the trainer, the load reports and the
-selected checkpoint at the end. Weights load through ``models/loading.py``; the section at the end
-loads a checkpoint into a ``VLPModel`` that holds its own momentum encoders and queues."""
+"""Pieces every task shares: tokenizer set-up and moving batches to the device; for the fine-tuning
+tasks (caption, VQA, NLVR2, retrieval) also the start of a run, the training batches of a map-style
+dataset (with the bad-image check), the trainer, the load reports and the selected checkpoint at the
+end. Weights load through ``models/loading.py``; the section at the end loads a checkpoint into a
+``VLPModel`` that holds its own momentum encoders and queues."""
 from __future__ import annotations
 
 import contextlib
@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Optional
@@ -19,11 +18,10 @@ import torch
 from torch.utils.data import Dataset
 
 from datasets.formats import TooManyBadImagesError
-from datasets.shapes import ShapesConfig, ensure_shapes
 from datasets.text import load_tokenizer, tokenizer_from_state, tokenizer_state, train_wordpiece_tokenizer
 from engine import distributed as D
 from engine.checkpoint import atomic_write, load_checkpoint
-from engine.config import ConfigError, opt
+from engine.config import opt
 from engine.loader import SafeDataLoader
 from engine.rundir import OutputDir
 from engine.trainer import EpochBatchSampler, Trainer, TrainConfig, grouped, setup_logging
@@ -34,11 +32,6 @@ log = logging.getLogger("tasks")
 SYNTHETIC_HINT = ("To try the project without downloading data, run the synthetic demo: "
                   "python run_pretrain.py --config configs/demo/pretrain.yaml")
 
-SHAPES_HELP = ("generate the synthetic shapes world on first use ({} = the default world; keys: root = its folder, "
-               "default data/shapes, and the generator's options, python -m datasets.shapes --help); only into root, "
-               "only when a data path lies in root, never over a file the generator did not write")
-
-
 @dataclass
 class TokenizerConfig:
     path: Optional[str] = opt(None, "local directory with vocab.txt (e.g. bert-base-uncased); null = train a WordPiece vocabulary on the training captions (fine-tuning takes the checkpoint's tokenizer)")
@@ -48,48 +41,6 @@ class TokenizerConfig:
 
 def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def data_paths(data: Any) -> list[str]:
-    """The files and folders a data config section names: its ``*_root``, ``*_file``, ``*_files``
-    and ``answer_list`` fields."""
-    out: list[str] = []
-    for f in dataclasses.fields(data):
-        if f.name.endswith(("_root", "_file", "_files")) or f.name == "answer_list":
-            value = getattr(data, f.name)
-            out += [value] if isinstance(value, str) else [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
-    return out
-
-
-def _inside(path: str, folder: Path) -> bool:
-    p = Path(path).resolve()
-    return p == folder or folder in p.parents
-
-
-def ensure_synthetic(paths: list[str], shapes: Optional[ShapesConfig], dist: D.DistInfo) -> None:
-    """With ``data.shapes`` set: generate the shapes world into its own folder ``shapes.root`` on
-    first use (main process; the others wait), when one of the run's data ``paths`` lies in that
-    folder; a run whose data paths point elsewhere uses its own data. The generator never writes over
-    a file it did not write: ``ConfigError`` names it (on every process)."""
-    if shapes is None:
-        return
-    if not any(_inside(p, Path(shapes.root).resolve()) for p in paths):
-        if dist.is_main:
-            log.info("data.shapes is set, but no data path lies in data.shapes.root=%s: the synthetic world is "
-                     "not generated", shapes.root)
-        return
-    error = None
-    if dist.is_main:
-        t0 = time.time()
-        try:
-            _, created = ensure_shapes(shapes.root, shapes)
-            if created:
-                print(f"created the synthetic shapes data in {shapes.root} ({time.time() - t0:.1f} s)", flush=True)
-        except FileExistsError as err:
-            error = f"{err} (data.shapes.root={shapes.root})"
-    error = D.broadcast_object(error)
-    if error is not None:
-        raise ConfigError(error)
 
 
 def require_files(paths: list[str], what: str, how_to_get: str) -> None:
@@ -124,18 +75,15 @@ def make_tokenizer(cfg: TokenizerConfig, texts: Callable[[], list[str]], checkpo
 
 
 # ---------------------------------------------------------------------- the fine-tuning tasks
-def start_run(train: TrainConfig, data: Any, out: Optional[OutputDir] = None) -> D.DistInfo:
+def start_run(train: TrainConfig, out: Optional[OutputDir] = None) -> D.DistInfo:
     """The start of a fine-tuning run: processes (``train.device``, ``train.dist_timeout_s``), logging, ``train.num_threads``,
-    the output directory claimed (``out``, see :class:`engine.rundir.OutputDir`), and the synthetic
-    shapes world on first use (when the ``data`` section's ``shapes`` is set and a data path lies in
-    its folder)."""
+    and the output directory claimed (``out``, see :class:`engine.rundir.OutputDir`)."""
     dist = D.init_distributed(train.device, timeout_s=train.dist_timeout_s)
     setup_logging(dist.is_main)
     if train.num_threads > 0:
         torch.set_num_threads(train.num_threads)
     if out is not None:
         out.open(dist)
-    ensure_synthetic(data_paths(data), data.shapes, dist)
     return dist
 
 

@@ -31,7 +31,6 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset, int_to_label
-from datasets.shapes import ShapesConfig
 from datasets.text import tokenizer_state
 from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
@@ -46,7 +45,6 @@ from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, a
                           load_selected_checkpoint, make_tokenizer, print_reports, require_files, require_positive,
                           start_run, to_device, with_vocab, require_image_root, write_json)
 from engine.rundir import OutputDir
-from tasks.common import SHAPES_HELP
 from tasks.resume import check_resume_config
 
 log = logging.getLogger("nlvr2")
@@ -70,7 +68,6 @@ class NLVR2DataConfig:
     transform: TransformConfig = opt(TransformConfig, "training image augmentation (each image of a pair augmented independently)")
     num_workers: int = opt(4, "data-loading worker processes per process")
     eval_batch_size: int = opt(64, "examples per evaluation batch (per process)")
-    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         require_positive("data.eval_batch_size", self.eval_batch_size)
@@ -238,7 +235,7 @@ def run(cfg: NLVR2Config, checkpoint: Optional[str] = None, evaluate: bool = Fal
 
 def _run(cfg: NLVR2Config, checkpoint: Optional[str], evaluate: bool, resume: Optional[str], out: OutputDir) -> dict:
     d = cfg.data
-    dist = start_run(cfg.train, d, out)
+    dist = start_run(cfg.train, out)
     resume_ckpt = load_checkpoint(find_resume(resume)) if resume and not evaluate else None
     if resume_ckpt is not None:  # before anything is written
         check_resume_config(cfg, resume_ckpt, resume, "nlvr2", dist)

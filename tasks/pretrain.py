@@ -16,7 +16,6 @@ import torch
 
 from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS, PretrainCollator, PretrainDataset
 from datasets.shards import ShardPretrainDataset
-from datasets.shapes import ShapesConfig, ShapesWorld
 from datasets.text import tokenizer_state
 from datasets.transforms import TransformConfig, build_transform, decode_min_side
 from engine import distributed as D
@@ -28,8 +27,9 @@ from engine.trainer import (EpochBatchSampler, OptimConfig, ScheduleConfig, Trai
                             grouped, setup_logging)
 from models import losses as L
 from models.loading import load_checkpoint_into
-from tasks.common import (SHAPES_HELP, BadImageCheck, TokenizerConfig, ensure_synthetic, load_vlp, make_tokenizer,
-                          print_reports, require_files, require_image_root, saved_run_config, to_device,
+from shapesworld.truth import ShapesWorld
+from tasks.common import (BadImageCheck, TokenizerConfig, load_vlp, make_tokenizer, print_reports, require_files,
+                          require_image_root, saved_run_config, to_device,
                           validate_image_data)
 from models.vlp import PretrainLossConfig, VLPConfig, VLPModel
 from tasks.resume import check_resume_config
@@ -41,7 +41,7 @@ log = logging.getLogger("pretrain")
 class PretrainDataConfig:
     format: Literal["json", "shards"] = opt("json", "json: annotation JSONs (train_files) + image files; shards: WebDataset-style tar shards (shards), streamed")
     train_files: list[str] = opt(["data/shapes/pretrain.json"], "annotation JSONs [{image, caption}], concatenated")
-    shards: list[str] = opt([], "with format=shards: tar shards as brace patterns (data/shards/shard-{000000..000099}.tar), globs, or the index.json that python -m datasets.shards writes")
+    shards: list[str] = opt([], "with format=shards: tar shards as brace patterns (data/shards/shard-{000000..000099}.tar), globs, or the index.json that python -m datasets.shards writes; local paths or URLs (https://, s3://, gs://, any fsspec protocol; docs/datasets.md)")
     shards_num_samples: Optional[int] = opt(None, "with format=shards: samples per epoch (default: all samples the shards' index.json lists)")
     shards_shuffle_buffer: int = opt(1000, "with format=shards: samples in each loader worker's shuffle buffer (1 = shard order)")
     image_root: str = opt("data/shapes", "directory the 'image' paths are relative to")
@@ -52,7 +52,6 @@ class PretrainDataConfig:
     max_bad_fraction: float = opt(0.01, "stop when more than this fraction of the images tried are distinct images that fail to load (an unreadable image is replaced by a random other record and counted once; the count is logged as data/bad_images)")
     bad_check_after: int = opt(500, "images tried before the bad-image fraction is checked (bad images beyond max_bad_fraction of the whole training set stop the run at once)")
     max_image_pixels: Optional[int] = opt(DEFAULT_MAX_IMAGE_PIXELS, "an image that would decode to more pixels is skipped and counted as bad (a JPEG much larger than the training crop is first decoded reduced, 1/2 to 1/8, which counts); default: PIL's decompression-bomb warning limit; PIL itself refuses twice as many; null = no bound of ours")
-    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
     def validate(self) -> None:
         validate_image_data(self)
@@ -218,13 +217,11 @@ def _queue_ptr(model) -> Optional[int]:
 
 # ---------------------------------------------------------------------- building a run
 def prepare_data(cfg: PretrainConfig, dist: D.DistInfo) -> Optional[ShapesWorld]:
-    """Create the synthetic data on first use, check that the files exist; the shapes world
-    (for diagnostics) when the data is synthetic."""
+    """Check that the files exist; the shapes world (for diagnostics) when the data is synthetic."""
     d = cfg.data
-    ensure_synthetic([d.image_root, *d.train_files] if d.format == "json" else list(d.shards), d.shapes, dist)
     if d.format == "json":
         require_files(d.train_files, "pre-training annotation",
-                      "Real data (CC3M, SBU, COCO, VG) comes as ALBEF-format JSON lists; see README 'Datasets'.")
+                      "Real data (CC3M, SBU, COCO, VG) comes as ALBEF-format JSON lists; see docs/datasets.md.")
     if not cfg.diagnostics.every:
         return None
     if d.format == "shards":
@@ -284,7 +281,8 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
     transform = build_transform(cfg.model.vision.img_size, True, d.transform)
     if d.format == "shards":
         dataset = ShardPretrainDataset(d.shards, transform, d.max_words, d.clean_style, cfg.train.seed,
-                                       d.shards_shuffle_buffer, d.shards_num_samples)
+                                       d.shards_shuffle_buffer, d.shards_num_samples, d.max_image_pixels,
+                                       decode_min_side(cfg.model.vision.img_size, True, d.transform))
     else:
         dataset = PretrainDataset(d.train_files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed,
                                   d.max_bad_fraction, max_image_pixels=d.max_image_pixels,

@@ -31,7 +31,6 @@ from typing import Literal, Optional
 import torch
 
 from datasets.retrieval_data import RETRIEVAL_HINT, RetrievalTrainCollator, RetrievalTrainDataset, read_eval_split
-from datasets.shapes import ShapesConfig
 from datasets.text import tokenizer_state
 from datasets.transforms import TransformConfig, build_transform
 from engine import distributed as D
@@ -44,7 +43,6 @@ from tasks.common import (SampledTrainData, SampledTrainTask, TokenizerConfig, a
                           load_selected_checkpoint, make_tokenizer, print_reports, require_files, require_image_root,
                           start_run, with_vocab)
 from engine.rundir import OutputDir
-from tasks.common import SHAPES_HELP
 from tasks.resume import check_resume_config
 from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator, RetrievalResult, format_table, \
     memory_estimate, ranked_json
@@ -66,7 +64,6 @@ class RetrievalDataConfig:
     transform: TransformConfig = opt(TransformConfig, "training augmentation (evaluation uses its mean/std/interpolation only)")
     num_workers: int = opt(2, "data-loading worker processes per process")
     check_images: bool = opt(True, "check at start that every image file exists (errors name the record)")
-    shapes: Optional[ShapesConfig] = opt(None, SHAPES_HELP)
 
 
 @dataclass
@@ -192,7 +189,7 @@ def _run(cfg: RetrievalConfig, mode: Mode, checkpoint: Optional[str], resume: Op
     if not finetune and not checkpoint:
         raise ConfigError(f"--{mode.replace('_', '-')} evaluates a checkpoint: pass --checkpoint")
     d = cfg.data
-    dist = start_run(cfg.train, d, out)
+    dist = start_run(cfg.train, out)
     resume_ckpt = load_checkpoint(find_resume(resume)) if resume and finetune else None
     if resume_ckpt is not None:  # before anything is written
         check_resume_config(cfg, resume_ckpt, resume, "retrieval", dist)

@@ -159,7 +159,7 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     ``false_negative_rate``, ``helper_sim_auc`` (with a helper), and ``n_pairs``, ``n_batches``,
     ``delta``, ``alpha``, ``similarity_source``, ``split``, ``checkpoint``, ``helper``.
     """
-    from datasets.shapes import ShapesWorld
+    from shapesworld.truth import ShapesWorld
     from tasks.zero_shot import itc_features, load_vlp_checkpoint
 
     model, tokenizer, cfg = load_vlp_checkpoint(checkpoint_path, device, momentum=True)

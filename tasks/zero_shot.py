@@ -198,7 +198,7 @@ def zero_shot_retrieval(model: VLPModel, tokenizer, data_root: str, split: str =
     is a shapes world (``world`` given, or ``<data_root>/scenes.json`` exists); "semantic" holds
     ``txt_map`` / ``img_map`` besides the recalls, "semantic_chance" the recalls of a random ranking.
     """
-    from datasets.shapes import ShapesWorld
+    from shapesworld.truth import ShapesWorld
 
     images, captions, owner = read_retrieval_split(data_root, split, ann_file, max_words, clean_style)
     img_feat, txt_feat = itc_features(model, tokenizer, [os.path.join(data_root, p) for p in images], captions,

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.shapes import ShapesConfig, ensure_shapes
+from shapesworld.config import ShapesConfig
+from shapesworld.write import ensure_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs/demo/pretrain.yaml"
@@ -52,7 +53,7 @@ def tiny_overrides(data_root: Path, out_dir: Path, **extra) -> list[str]:
         "model.embed_dim": 16, "model.queue_size": 32, "loss.contrastive.queue_start_step": 0,
         "tokenizer.vocab_size": 120,
         "data.train_files": f"[{data_root / 'pretrain.json'}]", "data.image_root": str(data_root),
-        "data.shapes": "null", "data.num_workers": 0,
+        "x-synthetic": "null", "data.num_workers": 0,
         "train.output_dir": str(out_dir), "train.batch_size": 8, "train.epochs": 2,
         "train.log_every": 1, "train.save_every": 1000, "train.progress": "false",
         "schedule.warmup_steps": 2, "diagnostics.every": 0,

@@ -129,7 +129,7 @@ def tiny_caption_overrides(world: Path, out: Path, **extra) -> list[str]:
         "data.train_files": f"[{world / 'caption_train.json'}]", "data.image_root": str(world),
         "data.val_file": str(world / "caption_val.json"), "data.test_file": str(world / "caption_test.json"),
         "data.val_gt_file": str(world / "caption_val_gt.json"), "data.test_gt_file": str(world / "caption_test_gt.json"),
-        "data.shapes": "null", "data.num_workers": 0, "data.eval_batch_size": 5,
+        "x-synthetic": "null", "data.num_workers": 0, "data.eval_batch_size": 5,
         "eval.test_metrics": "[bleu, rouge, cider, spice]",
         "generation.max_length": 8, "generation.min_length": 2,
         "train.output_dir": str(out), "train.batch_size": 16, "train.epochs": 1, "train.max_steps": 3,

@@ -19,10 +19,13 @@ import torch
 
 import run_finetune
 import run_pretrain
-from datasets.shapes import ShapesConfig, ensure_shapes
 from engine import checkpoint as C
 from engine.config import load_config
 from engine.trainer import Trainer, lr_lambda
+from shapesworld.__main__ import main as shapes_cli
+from shapesworld.config import ShapesConfig
+from shapesworld.preset import prepare
+from shapesworld.write import ensure_shapes
 from tasks.pretrain import PretrainConfig, run as pretrain
 from tests.pretrain_helpers import DEMO, ROOT, TINY_SHAPES, make_world, read_log, tiny_overrides
 from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
@@ -68,9 +71,10 @@ def test_demo_config_pointed_at_your_data_uses_it_and_writes_nothing_there(world
     (user / "test.json").write_text("[]")
     before = snapshot(user)
     monkeypatch.chdir(tmp_path)  # the demo's data/shapes would be tmp_path/data/shapes
-    o = [x for x in overrides(world, tmp_path / "out") if not x.startswith(("data.shapes=", "data.train_files=",
+    o = [x for x in overrides(world, tmp_path / "out") if not x.startswith(("x-synthetic=", "data.train_files=",
                                                                             "data.image_root="))]
     o += [f"data.train_files=[{user / 'pretrain.json'}]", f"data.image_root={user}"]
+    assert prepare(DEMO, o) is None  # the demo's x-synthetic section, but the run's data lies elsewhere
     state = pretrain(load_config(PretrainConfig, DEMO, o))
     assert state.global_step == 2
     assert "pre-training: 19 pairs" in capsys.readouterr().out  # the user's records, not the shapes world
@@ -78,20 +82,22 @@ def test_demo_config_pointed_at_your_data_uses_it_and_writes_nothing_there(world
     assert not (tmp_path / "data").exists()  # no data path lies in data/shapes: nothing generated
 
 
-def test_demo_paths_still_generate_the_world_in_its_own_folder(tmp_path, monkeypatch):
+def test_demo_paths_still_generate_the_world_in_its_own_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tiny = ",".join(f"{k}: {v}" for k, v in {"seed": 3, "image_size": 32, "num_train_images": 16, "num_val_images": 2,
                                               "num_test_images": 2, "captions_per_image": 1, "vqa_questions_per_image": 1,
                                               "nlvr2_pairs": [2, 1, 1]}.items())
-    o = [x for x in overrides(tmp_path, tmp_path / "out") if not x.startswith(("data.shapes=", "data.train_files=",
+    o = [x for x in overrides(tmp_path, tmp_path / "out") if not x.startswith(("x-synthetic=", "data.train_files=",
                                                                                "data.image_root="))]
-    pretrain(load_config(PretrainConfig, DEMO, o + ["data.shapes={" + tiny + "}"]))
+    assert cli("--set", *o, "x-synthetic={" + tiny + "}") == 0  # one command: the world, then the run
     assert (tmp_path / "data/shapes/pretrain.json").is_file() and (tmp_path / "data/shapes/.shapes_written.json").is_file()
     # a file of yours in that folder is never written over: one line, exit 2, the file unchanged
     (tmp_path / "data/shapes/caption_val.json").write_text("my edits")
-    rc = cli("--set", *o, "data.shapes={" + tiny.replace("seed: 3", "seed: 4") + "}",
+    capsys.readouterr()
+    rc = cli("--set", *o, "x-synthetic={" + tiny.replace("seed: 3", "seed: 4") + "}",
              f"train.output_dir={tmp_path / 'out2'}")
     assert rc == 2
+    assert "caption_val.json" in error_line(capsys.readouterr().err)
     assert (tmp_path / "data/shapes/caption_val.json").read_text() == "my edits"
 
 
@@ -120,8 +126,7 @@ def test_generator_never_writes_over_or_deletes_files_it_did_not_write(tmp_path,
     assert not (folder / "images/train/000045.png").exists()  # its own stale images do go
     # the command line: one line, exit 2
     (folder / "scenes.json").write_text("{}")
-    from datasets import shapes as S
-    assert S.main(["--out", str(folder), "--seed", "9", "--num-train-images", "4", "--workers", "1"]) == 2
+    assert shapes_cli(["--out", str(folder), "--seed", "9", "--num-train-images", "4", "--workers", "1"]) == 2
     assert "scenes.json" in capsys.readouterr().err
 
 
@@ -145,7 +150,7 @@ def test_new_run_refuses_a_folder_holding_a_checkpoint_overwrite_replaces_it(wor
                                                                 "model.queue_size"))]
     rc = run_finetune.main(["--task", "retrieval_shapes", "--checkpoint", str(out / "checkpoint_last.pth"), "--zero-shot",
                             "--set", *model, f"data.test_file={world / 'retrieval_test.json'}", f"data.image_root={world}",
-                            "data.shapes=null", "data.num_workers=0", f"train.output_dir={out}", "train.progress=false",
+                            "x-synthetic=null", "data.num_workers=0", f"train.output_dir={out}", "train.progress=false",
                             "eval.k_test=4", "eval.progress=false"])
     assert rc == 0
     assert (out / "checkpoint_last.pth").read_bytes() == ckpt and list(out.glob("results_zero_shot_test*.json"))
@@ -227,7 +232,7 @@ def test_fine_tuning_resume_with_a_changed_batch_is_refused_and_a_new_run_too(wo
     model = [x for x in overrides(world, out) if x.startswith(("model.vision.", "model.text.", "model.embed_dim",
                                                                 "model.queue_size"))]
     sets = model + [f"data.train_files=[{world / 'retrieval_train.json'}]", f"data.val_file={world / 'retrieval_val.json'}",
-                    f"data.test_file={world / 'retrieval_test.json'}", f"data.image_root={world}", "data.shapes=null",
+                    f"data.test_file={world / 'retrieval_test.json'}", f"data.image_root={world}", "x-synthetic=null",
                     "data.num_workers=0", f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=1",
                     "train.progress=false", "train.num_threads=1", "eval.k_test=4", "eval.progress=false"]
     assert run_finetune.main(["--task", "retrieval_shapes", "--set", *sets]) == 0

@@ -99,7 +99,7 @@ def test_pretrain_stopped_by_unreadable_images_while_workers_run_exits(world, tm
 
 def finetune_args(task: str, world: Path, out: Path, **extra) -> list[str]:
     model = [o for o in tiny_overrides(world, out) if o.startswith(MODEL_KEYS)]
-    o = {"data.image_root": str(world), "data.shapes": "null", "data.num_workers": 1,
+    o = {"data.image_root": str(world), "x-synthetic": "null", "data.num_workers": 1,
          "train.output_dir": str(out), "train.epochs": 1, "train.max_steps": 1, "train.progress": "false",
          "train.num_threads": 1, "schedule.warmup_steps": 1, "tokenizer.vocab_size": 120, **extra}
     return ["--task", task, "--set", *model, *[f"{k}={v}" for k, v in o.items()]]

@@ -90,7 +90,7 @@ def test_finetuning_data_sections_are_checked(task):
 
 def test_cli_bad_config_value_exits_2(tmp_path):
     res = _cli("run_pretrain.py", "--config", str(DEMO), "--set", "train.save_every=0",
-               f"train.output_dir={tmp_path / 'out'}", "data.shapes=null")
+               f"train.output_dir={tmp_path / 'out'}", "x-synthetic=null")
     _one_line_error(res, 2, "train.save_every")
 
 
@@ -195,7 +195,7 @@ def test_cli_vqa_truncated_annotations_exit_2(world, tmp_path):
     path, _, _ = _bad_annotation("truncated", _records(world, "vqa_train.json"), tmp_path / "vqa_bad.json", "question")
     sets = {"data.train_files": f"[{path}]", "data.val_file": world / "vqa_val.json",
             "data.test_file": world / "vqa_test.json", "data.test_gt_file": world / "vqa_test_gt.json",
-            "data.answer_list": world / "answer_list.json", "data.image_root": world, "data.shapes": "null",
+            "data.answer_list": world / "answer_list.json", "data.image_root": world, "x-synthetic": "null",
             "data.num_workers": 0, "train.output_dir": tmp_path / "out"}
     res = _cli("run_finetune.py", "--task", "vqa_shapes", "--set", *[f"{k}={v}" for k, v in sets.items()])
     _one_line_error(res, 2, str(path), "record 3", "not valid JSON")

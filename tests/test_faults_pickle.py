@@ -179,7 +179,7 @@ def task_overrides(task: str, world: Path, out: Path) -> list[str]:
                     "data.test_file": w / "caption_test.json", "data.val_gt_file": w / "caption_val_gt.json",
                     "data.test_gt_file": w / "caption_test_gt.json"},
     }[task]
-    common = {"data.image_root": w, "data.shapes": "null", "data.num_workers": 0, "train.output_dir": out,
+    common = {"data.image_root": w, "x-synthetic": "null", "data.num_workers": 0, "train.output_dir": out,
               "train.batch_size": 8, "train.max_steps": 2, "train.progress": "false", "train.num_threads": 1}
     return MODEL + [f"{k}={v}" for k, v in {**data, **common}.items()]
 

@@ -46,7 +46,7 @@ def nlvr2_overrides(world: Path, out: Path, **extra) -> list[str]:
     o = {
         "data.train_files": f"[{world / 'nlvr2_train.json'}]", "data.dev_files": f"[{world / 'nlvr2_dev.json'}]",
         "data.test_files": f"[{world / 'nlvr2_test.json'}]", "data.image_root": str(world),
-        "data.shapes": "null", "data.num_workers": 0, "data.eval_batch_size": 3,
+        "x-synthetic": "null", "data.num_workers": 0, "data.eval_batch_size": 3,
         "train.output_dir": str(out), "train.batch_size": 4, "train.epochs": 2, "train.log_every": 1,
         "train.progress": "false", "schedule.warmup_steps": 1,
     }

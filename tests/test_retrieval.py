@@ -13,7 +13,7 @@ from datasets.formats import load_image
 from datasets.retrieval_data import RetrievalTrainDataset, read_eval_split, tokenize_texts
 from datasets.text import train_wordpiece_tokenizer
 from datasets.transforms import build_transform
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, load_config, read_yaml
 from models.text import TextConfig
 from models.vision import VisionConfig
 from models.vlp import VLPConfig, VLPModel
@@ -335,7 +335,7 @@ def test_configs_load_with_the_paper_settings():
         text = dataclasses.replace(m.text, hidden_dropout=0.0, attention_dropout=0.0)
         return dataclasses.replace(m, text=text, momentum=0.0)
     assert arch(demo.model) == arch(pre.model)
-    assert demo.data.shapes is not None
+    assert read_yaml(ROOT / "configs/demo/retrieval.yaml")["x-synthetic"]["root"] == demo.data.image_root  # asks for the world
     with pytest.raises(ConfigError, match="helper"):
         load_config(RetrievalConfig, None, ["loss.contrastive.helper_checkpoint=x.pth"])
     with pytest.raises(ConfigError, match="score_rule"):

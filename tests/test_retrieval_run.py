@@ -36,7 +36,7 @@ def rt_overrides(world: Path, out: Path, **extra) -> list[str]:
     o = {
         "data.train_files": f"[{world / 'retrieval_train.json'}]", "data.val_file": str(world / "retrieval_val.json"),
         "data.test_file": str(world / "retrieval_test.json"), "data.image_root": str(world),
-        "data.shapes": "null", "data.num_workers": 0,
+        "x-synthetic": "null", "data.num_workers": 0,
         "train.output_dir": str(out), "train.batch_size": 8, "train.epochs": 2, "train.max_steps": 3,
         "train.log_every": 1, "train.progress": "false", "train.num_threads": 1, "schedule.warmup_steps": 1,
         "eval.k_test": 4, "eval.batch_size": 3, "eval.itm_batch_size": 5, "eval.progress": "false",

@@ -249,3 +249,41 @@ def test_pretraining_from_shards_runs_and_resumes_exactly(world, shards, tmp_pat
     assert sorted(b) == list(range(1, 8))
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-6, abs=1e-7), step
+
+
+def _jpeg_shard(tmp_path, size: int) -> Path:
+    import numpy as np
+    from PIL import Image
+    root = tmp_path / "images"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / f"{i}.jpg", quality=90)
+        records.append({"image": f"{i}.jpg", "caption": f"a photo number {i}"})
+    write_shards(records, root, tmp_path / "shards", samples_per_shard=4)
+    return tmp_path / "shards"
+
+
+def test_large_jpeg_decodes_reduced_and_is_bounded(tmp_path):
+    """The shard reader decodes as the JSON reader does: a JPEG four times the crop decodes at 1/4
+    (``decode_min_side``), and ``max_image_pixels`` refuses (skips and counts) what is still too big."""
+    path = _jpeg_shard(tmp_path, 512)
+    seen = []
+
+    def size_of(img):
+        seen.append(img.size)
+        return torch.zeros(3, 8, 8)
+
+    ds = ShardPretrainDataset([str(path / "*.tar")], size_of, seed=0, decode_min_side=128)
+    ds.configure(4, 1, 0, 1)
+    assert len(list(ds)) == 4 and set(seen) == {(128, 128)}
+    seen.clear()
+    full = ShardPretrainDataset([str(path / "*.tar")], size_of, seed=0)
+    full.configure(4, 1, 0, 1)
+    assert len(list(full)) == 4 and set(seen) == {(512, 512)}
+    bounded = ShardPretrainDataset([str(path / "*.tar")], size_of, seed=0, decode_min_side=128,
+                                   max_image_pixels=100 * 100)
+    bounded.configure(4, 1, 0, 1)
+    samples = list(bounded)
+    assert all(s["failed"] for s in samples) and "max_image_pixels" in samples[0]["bad_images"][0][1]

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from datasets.shapes import ShapesWorld, claim_is_true, parse_caption
 from engine.checkpoint import load_checkpoint
 from engine.config import load_config
 from models import losses as L
 from models.vlp import VLPModel
+from shapesworld.grammar import parse_caption
+from shapesworld.truth import ShapesWorld, claim_is_true
 from tasks import pretrain as P
 from tasks.srcl_diagnostics import QueueTexts, batch_diagnostics, diagnose_checkpoint, main as diag_main
 from tasks.zero_shot import chance_recall, load_vlp_checkpoint, retrieval_metrics, zero_shot_retrieval

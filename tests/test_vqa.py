@@ -164,7 +164,7 @@ def tiny_vqa_overrides(world: Path, out: Path, **extra) -> list[str]:
         "data.train_files": f"[{world / 'vqa_train.json'}]", "data.image_root": str(world),
         "data.val_file": str(world / "vqa_val.json"), "data.test_file": str(world / "vqa_test.json"),
         "data.test_gt_file": str(world / "vqa_test_gt.json"), "data.answer_list": str(world / "answer_list.json"),
-        "data.shapes": "null", "data.num_workers": 0, "data.eval_batch_size": 5,
+        "x-synthetic": "null", "data.num_workers": 0, "data.eval_batch_size": 5,
         "train.output_dir": str(out), "train.batch_size": 16, "train.epochs": 1, "train.max_steps": 3,
         "train.log_every": 1, "train.progress": "false", "schedule.warmup_steps": 1,
     }

@@ -3,7 +3,7 @@
     python -m tools.check_dataset --ann data/cc3m_train.json data/sbu.json --image-root /data/images \\
         --format pretrain --out data/pretrain_clean.json --report data/pretrain_report.json
 
-For each record of the ALBEF/BLIP-format annotation files (see README "Datasets") it checks that every
+For each record of the ALBEF/BLIP-format annotation files (docs/datasets.md) it checks that every
 image exists and fully decodes (truncated and corrupt files are found by a complete decode, as the
 training loader does), finds files with identical content under different paths and repeated records,
 and cleans the text the way training will (ALBEF ``pre_caption`` / ``pre_question``) to find texts that
@@ -323,7 +323,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ann", nargs="+", required=True, metavar="FILE", help="annotation JSON files (concatenated)")
     p.add_argument("--image-root", required=True, help="directory the 'image' paths are relative to")
-    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="annotation format (README 'Datasets')")
+    p.add_argument("--format", required=True, choices=sorted(FORMATS), help="annotation format (docs/datasets.md)")
     p.add_argument("--out", required=True, help="cleaned JSON to write (never one of the inputs)")
     p.add_argument("--report", default=None, help="also write a JSON report with every finding")
     p.add_argument("--replace-prefix", nargs=2, action="append", metavar=("OLD", "NEW"), default=None,

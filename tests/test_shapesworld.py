@@ -1,19 +1,41 @@
-"""Tests for the synthetic shapes world (datasets/shapes.py): files, formats, oracle, rendering."""
+"""Tests for the synthetic shapes world (shapesworld/): files, formats, oracle, rendering, the CLI."""
+import dataclasses
+import hashlib
+import importlib
 import json
+import multiprocessing as mp
 import os
 import re
+import subprocess
+import sys
 import time
+import typing
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 import datasets
-from datasets import shapes as S
-from datasets.shapes import (COLORS, Claim, ObjectSpec, ShapesConfig, ShapesWorld, albef_clean,
-                             answer_question, claim_is_true, ensure_shapes, generate_shapes,
-                             make_captions, parse_caption, parse_statement, sample_scene)
+import run_finetune
+import shapesworld
+from datasets.text import pre_caption
+from engine.config import ConfigError, load_config, read_yaml
+from run_finetune import TASKS
+from shapesworld import record, write
+from shapesworld.__main__ import main as shapes_cli
+from shapesworld.annotate import ANSWER_TYPES, CAPTION_KINDS, make_captions
+from shapesworld.config import GENERATOR, ShapesConfig
+from shapesworld.grammar import Claim, ObjectSpec, clean, parse_caption
+from shapesworld.preset import prepare, strings_in
+from shapesworld.scene import COLORS, COLS, ROWS, sample_scene
+from shapesworld.statements import parse_statement
+from shapesworld.truth import ShapesWorld, answer_question, claim_is_true
+from shapesworld.write import ensure_shapes, generate_shapes
+from tasks.pretrain import PretrainConfig
+from tests.pretrain_helpers import tiny_overrides
+from tools.config_docs import discover, find_config_class
 
 TINY = dict(num_train_images=40, num_val_images=10, num_test_images=10, nlvr2_pairs=(40, 10, 10),
             vqa_questions_per_image=2)
@@ -82,7 +104,7 @@ def test_same_seed_gives_byte_identical_files_and_other_seed_differs(tmp_path):
 # ------------------------------------------------------------------------- files and formats
 def test_every_file_exists_with_exact_record_keys(world_dir):
     man = load(world_dir, "manifest.json")
-    for name in S.ANNOTATION_FILES + ("manifest.json",):
+    for name in record.ANNOTATION_FILES + ("manifest.json",):
         assert os.path.exists(os.path.join(world_dir, name)), name
     for name, keys in RECORD_KEYS.items():
         recs = load(world_dir, name)
@@ -108,7 +130,7 @@ def test_every_file_exists_with_exact_record_keys(world_dir):
         assert len(recs) == 10 and all(len(r["caption"]) == cpi for r in recs)
         assert all(r["image"].startswith(f"images/{split}/") for r in recs)
     for r in load(world_dir, "vqa_train.json"):
-        assert r["dataset"] == "vqa" and r["answer_type"] in S.ANSWER_TYPES
+        assert r["dataset"] == "vqa" and r["answer_type"] in ANSWER_TYPES
         assert len(r["answer"]) == 10 and isinstance(r["question_id"], int)
     for name in ("nlvr2_train.json", "nlvr2_dev.json", "nlvr2_test.json"):
         assert all(r["label"] in ("True", "False") and len(r["images"]) == 2
@@ -146,7 +168,7 @@ def test_every_written_caption_is_true_of_its_image_and_parses_after_cleaning(wo
             for c in r["caption"]]:
         cap = rec["caption"]
         assert world.is_true(cap, rec["image"]), cap
-        cleaned = albef_clean(cap)
+        cleaned = pre_caption(cap, style="albef")  # the words the models see
         assert cleaned == cleaned.lower() and not re.search(r"[,.'!?\"():;]", cleaned)
         assert parse_caption(cleaned) == parse_caption(cap)
         n += 1
@@ -162,10 +184,10 @@ def test_generated_claims_round_trip_through_text():
         for cap in make_captions(scene, cfg, rng):
             kinds[cap.kind] += 1
             assert parse_caption(cap.text) == cap.claim, cap
-            assert parse_caption(albef_clean(cap.text)) == cap.claim, cap
-            assert parse_caption(albef_clean(cap.text).upper() + "!") == cap.claim
+            assert parse_caption(pre_caption(cap.text, style="albef")) == cap.claim, cap
+            assert parse_caption(pre_caption(cap.text, style="albef").upper() + "!") == cap.claim
             assert claim_is_true(cap.claim, scene), cap
-    assert set(kinds) == set(S.CAPTION_KINDS)
+    assert set(kinds) == set(CAPTION_KINDS)
 
 
 def test_parse_caption_rejects_foreign_text_naming_it():
@@ -278,8 +300,8 @@ def test_rendering_matches_the_scene(world_dir):
         for o in sc["objects"]:
             assert tuple(arr[o["y"], o["x"]]) == COLORS[o["color"]], (path, o)
             cell = 96 / 3
-            assert int(o["x"] // cell) == S.COLS.index(o["col"])
-            assert int(o["y"] // cell) == S.ROWS.index(o["row"])
+            assert int(o["x"] // cell) == COLS.index(o["col"])
+            assert int(o["y"] // cell) == ROWS.index(o["row"])
         if sc["background"] == "plain":
             plain += 1
             assert tuple(arr[0, 0]) == tuple(sc["background_color"])
@@ -308,7 +330,7 @@ def test_vqa_answers_agree_with_the_oracle(world, world_dir):
     assert [r["question_id"] for r in test] == [r["question_id"] for r in
                                                 load(world_dir, "vqa_test_gt.json")]
     assert len(qids) == len(set(qids))
-    assert set(types) == set(S.ANSWER_TYPES)
+    assert set(types) == set(ANSWER_TYPES)
     noisy = sum(len(set(r["answer"])) > 1 for r in load(world_dir, "vqa_train.json"))
     assert noisy > 0  # annotator noise is there
     scene = {"image_id": 0, "split": "train", "background": "plain", "background_color": [0, 0, 0],
@@ -381,7 +403,7 @@ def test_interrupted_generation_is_detected(tmp_path, monkeypatch):
     cfg = ShapesConfig(num_train_images=6, num_val_images=3, num_test_images=3,
                        nlvr2_pairs=(4, 2, 2))
     ensure_shapes(tmp_path, cfg)
-    real, calls = S._render_job, []
+    real, calls = write.render_job, []
 
     def crashing(job):
         calls.append(job)
@@ -389,14 +411,14 @@ def test_interrupted_generation_is_detected(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real(job)
 
-    monkeypatch.setattr(S, "_render_job", crashing)
+    monkeypatch.setattr(write, "render_job", crashing)
     with pytest.raises(KeyboardInterrupt):
         ensure_shapes(tmp_path, cfg, force=True)
-    monkeypatch.setattr(S, "_render_job", real)
+    monkeypatch.setattr(write, "render_job", real)
     assert not os.path.exists(tmp_path / "manifest.json")
-    assert S.is_complete(tmp_path, cfg) is None
+    assert record.is_complete(tmp_path, cfg) is None
     man, created = ensure_shapes(tmp_path, cfg)
-    assert created and S.is_complete(tmp_path, cfg) == man
+    assert created and record.is_complete(tmp_path, cfg) == man
 
 
 def test_cli_writes_and_then_reports_up_to_date(tmp_path, capsys):
@@ -404,15 +426,15 @@ def test_cli_writes_and_then_reports_up_to_date(tmp_path, capsys):
     args = ["--out", out, "--seed", "3", "--num-train-images", "8", "--num-val-images", "2",
             "--num-test-images", "2", "--nlvr2-pairs", "4", "2", "2", "--partial-caption-prob",
             "0.7", "--no-use-positions", "--workers", "1"]
-    assert S.main(args) == 0
+    assert shapes_cli(args) == 0
     text = capsys.readouterr().out
     assert "wrote the shapes world" in text and "pretrain.json" in text and " s " in text
     man = load(out, "manifest.json")
     assert man["config"]["seed"] == 3 and man["config"]["partial_caption_prob"] == 0.7
     assert man["config"]["use_positions"] is False and man["config"]["nlvr2_pairs"] == [4, 2, 2]
-    assert S.main(args) == 0
+    assert shapes_cli(args) == 0
     assert "up to date" in capsys.readouterr().out
-    assert S.main(["--out", out, "--max-objects", "12"]) == 2
+    assert shapes_cli(["--out", out, "--max-objects", "12"]) == 2
 
 
 def test_use_positions_false_removes_position_words(tmp_path):
@@ -444,4 +466,217 @@ def test_config_validation():
 def test_datasets_package_is_ours_not_hugging_face():
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert os.path.dirname(os.path.abspath(datasets.__file__)) == os.path.join(here, "datasets")
-    assert os.path.abspath(S.__file__).startswith(os.path.join(here, "datasets"))
+    assert os.path.dirname(os.path.abspath(shapesworld.__file__)) == os.path.join(here, "shapesworld")
+
+
+# -------------------------------------------------------------------------------- pinned output
+# Two tiny worlds and the SHA-256 of every annotation file they consist of (and of the PNG world's
+# pixels, which do not depend on the zlib version): a change to any generated byte fails here.
+PINNED = {
+    "png": (dict(seed=5, image_size=32, num_train_images=12, num_val_images=4, num_test_images=4,
+                 captions_per_image=3, vqa_questions_per_image=2, nlvr2_pairs=(6, 2, 2)), {
+        "answer_list.json": "2cd6a8db7ade20dcd13d2836b749777fbca510989808ac08d51f70953c712af7",
+        "caption_test.json": "5fcce753b6b4abde9b3414b41e46db7da73e42b1e57af2906e25502f24aad1a0",
+        "caption_test_gt.json": "293c5574ba25344863fc11e797cda6942c141702c8f862800acbd7fcac588082",
+        "caption_train.json": "b615e6ee4da4ce4c0c96dd48ad9102150a053ef25009e42acd8e7c49a5076a15",
+        "caption_val.json": "7eeaf21741236ffc514521fbd102db9ad0f905d03dbdb93f70d1f736bf680204",
+        "caption_val_gt.json": "78673e590dab493357b023f68ca539922ccc05a8425c879492431c8134701bc8",
+        "nlvr2_dev.json": "856786c524eb077edb0538b8402a94eb778db7725b97850c23edc802208b61cb",
+        "nlvr2_test.json": "6ba60be6b55e187d6fd38b89c6cbd838b2fefcc8913a8fc3bd110e5af73053c4",
+        "nlvr2_train.json": "509c8a8605ec988c25f116a8a0e9847469e5279e476a22acbd5fef6b1c70b35d",
+        "pretrain.json": "925fd155b80bee8425f4b7b82f857a2f50ece992da299fd04347670dd07b016a",
+        "retrieval_test.json": "2a3176a8855e386e0ffa909d6ea8f01c7fc67704fb8189edcdf7e78b08786b07",
+        "retrieval_train.json": "b615e6ee4da4ce4c0c96dd48ad9102150a053ef25009e42acd8e7c49a5076a15",
+        "retrieval_val.json": "ee3ba96bd03a458d3da1cec215733c59717409e2f0ca07d76d6922ea7f134832",
+        "scenes.json": "5c9d028e75622690414d3979666ec4ebf4fc92014857dc4a5511e246d9784a5e",
+        "vqa_test.json": "66778f25162084b982eb46bb9aa623f126fcbda9549bb4efe6fc9ff9f5b50b65",
+        "vqa_test_gt.json": "ed28b84198fbcaea931306d9f11872314e528ec9231d6845c493f36419a01379",
+        "vqa_train.json": "35a27f5c25f5f45c3d4af3231ccf37d1fdc889e28cd87407443ba943adfbf163",
+        "vqa_val.json": "75a999226fabd907a0e152f0640e4faa50406e1ef188cb66d6f451218f87aa41",
+    }, "520c0b0c6a27c5ae341c639f52e8fa53932c38e0aaa570ad979c0affd07514bc",
+        "8bdfd23080171b22788171b7b018668126b5cb399418c5c57b0cbdc2a2f55cf6"),
+    "jpg_nopos": (dict(seed=1, image_size=40, num_train_images=8, num_val_images=3, num_test_images=3,
+                       captions_per_image=2, vqa_questions_per_image=2, nlvr2_pairs=(4, 2, 2), image_format="jpg",
+                       use_positions=False, partial_caption_prob=0.7, textured_background_prob=0.6,
+                       max_objects=5), {
+        "answer_list.json": "29d4a0b63d0acdf3449200a93a3c91c68897b2fa39a35d51cb1efd4d1a223f06",
+        "caption_test.json": "cd160924c968c43dda45e005d466e7aee683efe93fa491cd5369bb576a9ef842",
+        "caption_test_gt.json": "295caa4db66ed0998fe35e6b1558c4f599461df05461f730dfb23e68e1c5a545",
+        "caption_train.json": "5e78369ae6a3e940f8d51339f3dabfc3faaca8ed6443ea64c2c623bed32ced54",
+        "caption_val.json": "eec06fc5298c3c41dbb2e8bae50ad0aeb33f97d3d584e6341122262092c3529c",
+        "caption_val_gt.json": "db634aa5776797876e6001cb328d79a642f0fa41a543b484d5532a55b7a9534f",
+        "nlvr2_dev.json": "e19bdb15c2df76a57486f78aac73d97c6036f1931e706c16171b7d78cb8fc6e4",
+        "nlvr2_test.json": "bebbc46f50c2ade7887b811eed58a02321bd685f5b2de3cd7699035f3ac5419f",
+        "nlvr2_train.json": "c3941140e214f8c1538589a71083416bd0ac3c987f52bdedf905f8da80844c7f",
+        "pretrain.json": "31bd848019732b11883e454488d7815220b1dd92bd4a51bd930cc878760c9fa9",
+        "retrieval_test.json": "b56a3284745134f47ca02f8241009a7b47218fbb5e34ef1510b771942e5c0cea",
+        "retrieval_train.json": "5e78369ae6a3e940f8d51339f3dabfc3faaca8ed6443ea64c2c623bed32ced54",
+        "retrieval_val.json": "8b3943b1a3960f3febabd2b0d843187d055cfdfba725cfb83230b1845d10c64a",
+        "scenes.json": "a6117fe6c37af6d54407050c377ef78cec71f91f10c79e695dd67926c9e31ae7",
+        "vqa_test.json": "83e3f15397c7483de5ae68ff280ec4e89915ea2315d70afe31e2bf899e21f433",
+        "vqa_test_gt.json": "954dc18cf5030d7b8ecad892300677e5502f143aca252a41d28f55b811e7b166",
+        "vqa_train.json": "2bc0dd530d7bc14f521bbb6e051600ae2f4e0308f314ca1f93d355d7032b132c",
+        "vqa_val.json": "9892912408463efa3a066c4e7ed967122f9bea3cbcac7f30ede98b58ba5f5a53",
+    }, "1abb0125870398ed6196af81547476ef5ffece50a18f5b763cb67daf7dc6fd5d", None),
+}
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_generated_bytes_are_pinned(name, tmp_path):
+    options, digests, first_manifest, pixels = PINNED[name]
+    generate_shapes(tmp_path, ShapesConfig(**options))
+    assert sorted(digests) == sorted(record.ANNOTATION_FILES)
+    assert {f: sha256(tmp_path / f) for f in digests} == digests
+    # the manifest differs from the one the generator's first release wrote only by its generator name
+    manifest = (tmp_path / "manifest.json").read_bytes()
+    assert json.loads(manifest)["generator"] == GENERATOR
+    first = manifest.replace(f'"generator": "{GENERATOR}"'.encode(), f'"generator": "{record.FIRST_GENERATOR}"'.encode())
+    assert hashlib.sha256(first).hexdigest() == first_manifest
+    if pixels is not None:
+        h = hashlib.sha256()
+        for rel in sorted(load(tmp_path, "scenes.json")):
+            h.update(rel.encode())
+            h.update(np.asarray(Image.open(tmp_path / rel).convert("RGB")).tobytes())
+        assert h.hexdigest() == pixels
+
+
+def test_cleaning_is_the_datasets_albef_cleaning(world_dir):
+    scenes = load(world_dir, "scenes.json")
+    texts = [c for sc in scenes.values() for c in sc["captions"]]
+    assert texts and all(len(clean(c).split()) <= 30 for c in texts)
+    for c in texts:  # the words the parser reads are the words the models see
+        assert clean(c) == pre_caption(c, style="albef") == pre_caption(c, max_words=None, style="albef")
+    for r in load(world_dir, "nlvr2_train.json") + load(world_dir, "vqa_train.json"):
+        text = r.get("sentence") or r["question"]
+        assert clean(text) == pre_caption(text, max_words=None, style="albef")
+    for raw, cleaned in {
+            "A small red circle at the top-left, and a large blue square.":
+                "a small red circle at the top left and a large blue square",
+            "  Two  shapes: a Cross/star <person>!\n": "two shapes a cross star person",
+            'Is there a "red" (small) diamond?': "is there a red small diamond"}.items():
+        assert clean(raw) == cleaned
+    long = " ".join(["a red circle and"] * 10) + " a blue star"
+    assert len(clean(long).split()) == 43 and len(pre_caption(long).split()) == 30  # no word limit of its own
+
+
+# ------------------------------------------------------------------ the presets' x-synthetic section
+def _fields(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, f.type
+        hint = typing.get_type_hints(cls)[f.name]
+        for t in (hint, *typing.get_args(hint)):
+            if dataclasses.is_dataclass(t):
+                yield from _fields(t, f"{prefix}{f.name}.")
+
+
+def test_no_run_config_and_no_product_module_has_a_synthetic_setting():
+    entries, _ = discover()
+    assert len(entries) >= 5
+    for e in entries:
+        for key, _ in _fields(e.cls):
+            assert not re.search(r"shapes|synthetic", key.split(".")[-1]), (e.cls.__name__, key)
+    here = Path(__file__).resolve().parents[1]
+    for package in ("tasks", "datasets", "engine", "models"):
+        for path in (here / package).rglob("*.py"):
+            text = path.read_text(encoding="utf-8")
+            assert "x-synthetic" not in text, path
+            imports = re.findall(r"^\s*(?:from|import) (shapesworld[\w.]*)", text, re.M)
+            assert set(imports) <= {"shapesworld.truth"}, (path, imports)  # only the truth oracle
+
+
+def test_demo_presets_ask_for_the_world_in_its_own_folder():
+    here = Path(__file__).resolve().parents[1]
+    presets = {"configs/demo/pretrain.yaml": "tasks.pretrain",
+               **{config: module for module, config in TASKS.values() if config.startswith("configs/demo/")}}
+    assert sorted(presets) == sorted(str(p.relative_to(here)) for p in (here / "configs/demo").glob("*.yaml"))
+    for config, module in presets.items():
+        raw = read_yaml(here / config)
+        assert raw["x-synthetic"] == {"root": "data/shapes"}, config
+        paths = [v for v in strings_in(raw["data"]) if "/" in v]
+        assert paths and all(p.startswith("data/shapes/") or p == "data/shapes" for p in paths), config
+        schema = (find_config_class(importlib.import_module(module))[0] if module != "tasks.pretrain"
+                  else importlib.import_module(module).PretrainConfig)
+        load_config(schema, here / config)  # the schema skips the section
+        with pytest.raises(ConfigError, match="synthetic"):  # a key of its own is still an error
+            load_config(schema, here / config, ["synthetic.root=x"])
+
+
+def _tiny_preset(tmp_path, root) -> tuple[Path, list[str]]:
+    config = tmp_path / "preset.yaml"
+    config.write_text("x-synthetic:\n  root: %s\ndata:\n  train_files: [%s/pretrain.json]\n  image_root: %s\n"
+                      % (root, root, root))
+    return config, [f"x-synthetic.{k}={v}" for k, v in {"seed": 3, "image_size": 24, "num_train_images": 6,
+                                                           "num_val_images": 2, "num_test_images": 2,
+                                                           "nlvr2_pairs": "[2, 1, 1]"}.items()]
+
+
+def _prepare_in_child(config, overrides, queue):
+    queue.put(prepare(config, overrides)["config"])
+
+
+def test_prepare_generates_the_world_once_whatever_the_number_of_processes(tmp_path, capfd):
+    root = tmp_path / "w"
+    config, sets = _tiny_preset(tmp_path, root)
+    ctx = mp.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_prepare_in_child, args=(config, sets, queue)) for _ in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    configs = [queue.get(timeout=5) for _ in procs]
+    assert all(c == configs[0] for c in configs) and configs[0]["num_train_images"] == 6
+    assert capfd.readouterr().out.count("created the synthetic shapes data") == 1  # the others found it complete
+    stamp = os.path.getmtime(root / "scenes.json")
+    assert prepare(config, sets)["complete"] and os.path.getmtime(root / "scenes.json") == stamp
+    assert prepare(config, [*sets, "x-synthetic=null"]) is None
+    assert prepare(config, [*sets, f"data.train_files=[{tmp_path / 'mine.json'}]", f"data.image_root={tmp_path}"]) is None
+
+
+def test_prepare_errors_name_the_section_and_write_nothing(tmp_path):
+    root = tmp_path / "w"
+    config, sets = _tiny_preset(tmp_path, root)
+    for bad, words in (("x-synthetic.sed=3", "sed"), ("x-synthetic=5", "mapping"),
+                       ("x-synthetic.image_size=big", "image_size")):
+        with pytest.raises(ConfigError, match=f"x-synthetic.*{words}"):
+            prepare(config, [*sets, bad])
+    with pytest.raises(ConfigError, match="train.batchsize"):  # the run config is checked first
+        prepare(config, [*sets, "train.batchsize=8"], schema=PretrainConfig)
+    assert not root.exists()
+    root.mkdir()
+    (root / "pretrain.json").write_text("[mine]")
+    with pytest.raises(ConfigError, match="pretrain.json") as err:
+        prepare(config, sets)
+    assert "\n" not in str(err.value) and (root / "pretrain.json").read_text() == "[mine]"
+
+
+def test_run_finetune_on_a_demo_task_generates_its_world_in_one_command(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the demo's data/shapes is tmp_path/data/shapes
+    model = [o for o in tiny_overrides(tmp_path, tmp_path) if o.startswith(("model.vision.", "model.text.",
+                                                                            "model.embed_dim", "model.queue_size"))]
+    tiny = "{seed: 3, image_size: 32, num_train_images: 16, num_val_images: 4, num_test_images: 4, nlvr2_pairs: [2, 1, 1]}"
+    config = Path(__file__).resolve().parents[1] / "configs/demo/retrieval.yaml"
+    rc = run_finetune.main(["--task", "retrieval_shapes", "--config", str(config), "--set", *model, f"x-synthetic={tiny}",
+                            f"train.output_dir={tmp_path / 'out'}", "data.num_workers=0", "train.batch_size=8",
+                            "train.max_steps=1", "train.num_threads=1", "train.progress=false", "eval.k_test=4",
+                            "eval.progress=false"])
+    assert rc == 0
+    assert "created the synthetic shapes data in data/shapes" in capsys.readouterr().out
+    assert record.is_complete(tmp_path / "data/shapes", ShapesConfig.from_dict(json.loads(
+        (tmp_path / "data/shapes/manifest.json").read_text())["config"]))
+    assert list((tmp_path / "out").glob("results_*test*.json"))
+
+
+def test_python_m_shapesworld(tmp_path):
+    out = tmp_path / "w"
+    res = subprocess.run([sys.executable, "-m", "shapesworld", "--out", str(out), "--image-size", "24",
+                          "--num-train-images", "3", "--num-val-images", "1", "--num-test-images", "1",
+                          "--nlvr2-pairs", "1", "1", "1", "--workers", "1"],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "wrote the shapes world" in res.stdout and load(out, "manifest.json")["complete"]
