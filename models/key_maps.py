@@ -82,9 +82,10 @@ QUEUE_WITHOUT_IDS = ("queue without idx_queue (a pre-training checkpoint): its f
 BLIP_CAVEAT = ("BLIP runs all text layers for unimodal text and cross-attention in every layer; this model splits "
                "them into text and fusion layers, so outputs differ from BLIP's: fine-tune before evaluating")
 VOCAB_KEYS = ("word_embeddings.weight", "mlm_head.decoder.weight", "mlm_head.bias")  # first dimension: vocabulary
+_NO_PROJECTION = "contrastive projection not in this checkpoint (e.g. an ALBEF VQA/NLVR2 checkpoint): fresh initialisation"
 OPTIONAL = {  # our component -> why an ALBEF/BLIP checkpoint may lack it
-    "vision_proj.": "contrastive projection not in this checkpoint (e.g. an ALBEF VQA/NLVR2 checkpoint): fresh initialisation",
-    "text_proj.": "contrastive projection not in this checkpoint (e.g. an ALBEF VQA/NLVR2 checkpoint): fresh initialisation",
+    "vision_proj.": _NO_PROJECTION,
+    "text_proj.": _NO_PROJECTION,
     "temp": "temperature not in this checkpoint: config value",
     "itm_head.": "ITM head not in this checkpoint: fresh initialisation",
     "mlm_head.": "MLM head not in this checkpoint (ALBEF task checkpoints, BLIP without its decoder): fresh initialisation",

@@ -42,7 +42,8 @@ __all__ = ["LoadError", "LoadReport", "Converted", "read_checkpoint", "detect_la
 
 
 class LoadError(ConfigError):
-    """Weights that do not fit the model: one line naming the file, the keys and the config keys to set."""
+    """Weights that cannot be loaded (a file without a state dict, an unknown layout, weights that do not fit
+    the model): one line naming the file and, for a misfit, the keys and the config keys to set."""
 
 
 def _head(keys: List[str], n: int = 10, listed: bool = True) -> str:
@@ -95,8 +96,8 @@ class LoadReport:
 
         lines = [f"checkpoint layout: {self.layout}"] if self.layout else []
         lines += [f"note: {n}" for n in self.notes]
-        lines.append(f"loaded {len(self.loaded)} tensors" + (f" ({len(self.interpolated)} interpolated: "
-                                                              f"{_head(self.interpolated, max_keys, False)})" if self.interpolated else ""))
+        interpolated = f" ({len(self.interpolated)} interpolated: {_head(self.interpolated, max_keys, False)})"
+        lines.append(f"loaded {len(self.loaded)} tensors" + (interpolated if self.interpolated else ""))
         lines += [f"missing (expected, {r}): {n}" for r, n in count(self.expected_missing, self.missing).items()]
         lines += [f"ignored (expected, {r}): {n}" for r, n in count(self.expected_unexpected, self.unexpected).items()]
         for what, keys in (("ARCHITECTURE", self.problems), ("MISSING", self.unexplained_missing()),
@@ -141,7 +142,7 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
     """Read a weight file without running pickled code: a torch file (``engine.checkpoint.read_torch_file``), a
     ``.safetensors`` file or an OpenAI-CLIP TorchScript archive (its tensors). Returns the file's dict with
     ``model`` = its ``model`` or ``state_dict`` entry, or the file itself, as ``{name: tensor}`` (a DDP
-    ``module.`` prefix removed). Raises ``FileNotFoundError``, ``CheckpointError`` or ``ValueError`` (no tensors)."""
+    ``module.`` prefix removed). Raises ``FileNotFoundError``, ``CheckpointError`` or :class:`LoadError` (no tensors)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -156,11 +157,12 @@ def read_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
     else:
         obj = read_torch_file(path)
     if isinstance(obj, dict) and not isinstance(obj.get("model"), dict):
-        wrapped = isinstance(obj.get("state_dict"), dict)
-        obj = {**{k: v for k, v in obj.items() if k != "state_dict"}, "model": obj["state_dict"]} if wrapped else {"model": obj}
+        inner = obj.get("state_dict")
+        obj = {**{k: v for k, v in obj.items() if k != "state_dict"}, "model": inner} if isinstance(inner, dict) \
+            else {"model": obj}
     sd = {k: v for k, v in obj["model"].items() if isinstance(v, Tensor)} if isinstance(obj, dict) else {}
     if not sd:
-        raise ValueError(f"{path} holds no state dict (expected a 'model' or 'state_dict' entry or a dict of tensors)")
+        raise LoadError(f"{path} holds no state dict (expected a 'model' or 'state_dict' entry or a dict of tensors)")
     if all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
     return {**obj, "model": sd}
@@ -174,20 +176,21 @@ def _foreign_layout(state: Dict[str, Any]) -> Optional[str]:
     if not any(k.startswith("visual_encoder.") for k in keys):
         return None
     text = [k for k in keys if re.match(r"text_encoder\.(bert\.)?(embeddings|encoder\.layer)\.", k)]
-    if "ptr_queue" in state or any(re.match(r"text_encoder\.(bert\.)?encoder\.layer\.0\.crossattention\.", k) for k in text):
+    cross0 = re.compile(r"text_encoder\.(bert\.)?encoder\.layer\.0\.crossattention\.")
+    if "ptr_queue" in state or any(cross0.match(k) for k in text):
         return "blip"
     return "blip" if not text and any(re.match(r"text_decoder\.(bert\.)?embeddings\.", k) for k in keys) else "albef"
 
 
 def detect_layout(state: Dict[str, Any]) -> str:
-    """``"ours"``, ``"albef"`` or ``"blip"`` from the key names; ``ValueError`` for none of them."""
+    """``"ours"``, ``"albef"`` or ``"blip"`` from the key names; :class:`LoadError` for none of them."""
     keys = [k for k, v in state.items() if isinstance(v, Tensor)]
     if not keys:
-        raise ValueError("the checkpoint holds no tensors")
+        raise LoadError("the checkpoint holds no tensors")
     layout = _foreign_layout(state)
     if layout is None and not any(k.endswith("visual.patch_embed.proj.weight") or k.startswith("text.embeddings.")
                                   for k in keys):
-        raise ValueError("unknown checkpoint layout (neither this project's 'visual.*' / 'text.*' names nor "
+        raise LoadError("unknown checkpoint layout (neither this project's 'visual.*' / 'text.*' names nor "
                          f"ALBEF/BLIP's 'visual_encoder.*'); first keys: {keys[:5]}")
     return layout or "ours"
 
@@ -246,7 +249,7 @@ def interpolate_pos_embed(pos_embed: Tensor, new_grid: int | Tuple[int, int], nu
     default antialias=True gives other values). The old grid must be square."""
     n = pos_embed.shape[1] - num_prefix_tokens
     if math.isqrt(n) ** 2 != n:
-        raise ValueError(f"position embedding has {n} patch positions, not a square grid")
+        raise LoadError(f"position embedding has {n} patch positions, not a square grid")
     size = [new_grid, new_grid] if isinstance(new_grid, int) else list(new_grid)
     return resample_abs_pos_embed(pos_embed, size, num_prefix_tokens=num_prefix_tokens, interpolation="bicubic",
                                   antialias=False)
@@ -313,8 +316,8 @@ def split_objective_state(state: Dict[str, Tensor]) -> Tuple[Dict[str, Tensor], 
 
 # ----------------------------------------------------------------------------- loading
 @torch.no_grad()
-def load_into(module: nn.Module, state: Dict[str, Tensor], *, source: str, expected_missing: Optional[Dict[str, str]] = None,
-              allow_mismatch: bool = False) -> LoadReport:
+def load_into(module: nn.Module, state: Dict[str, Tensor], *, source: str,
+              expected_missing: Optional[Dict[str, str]] = None, allow_mismatch: bool = False) -> LoadReport:
     """Load ``state`` into ``module`` strictly and return what happened.
 
     ``state``: a filter function's :class:`Converted` result, or a plain state dict (then converted by
@@ -362,8 +365,8 @@ def _config_problems(model_cfg: Any, config: Any) -> List[str]:
 
 
 def load_checkpoint_into(module: nn.Module, checkpoint: str | os.PathLike | Dict[str, Any], *,
-                         source: Optional[str] = None, prefix: str = "", expected_missing: Optional[Dict[str, str]] = None,
-                         allow_mismatch: bool = False) -> LoadReport:
+                         source: Optional[str] = None, prefix: str = "",
+                         expected_missing: Optional[Dict[str, str]] = None, allow_mismatch: bool = False) -> LoadReport:
     """Load one of our checkpoints or an ALBEF/BLIP file into ``module`` (its base model at ``prefix``, e.g.
     ``"base."`` for a task model holding a pre-trained model).
 
@@ -410,27 +413,32 @@ def architecture(state: Dict[str, Any], layout: Optional[str] = None) -> Dict[st
     layout = layout or detect_layout(state)
     sd = state if layout == "ours" or isinstance(state, Converted) else _convert(state, layout)
     p = ours_prefix(sd)
-    w, pos, fc1 = sd.get(p + "visual.patch_embed.proj.weight"), sd.get(p + "visual.pos_embed"), sd.get(p + "visual.blocks.0.mlp.fc1.weight")
-    t = {k: sd.get(p + "text." + k) for k in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight",
-                                               "encoder.layer.0.intermediate.dense.weight", "embeddings.token_type_embeddings.weight")}
+
+    def dim(key: str, i: int) -> Optional[int]:
+        v = sd.get(p + key)
+        return int(v.shape[i]) if v is not None else None
+
+    patch, word = "visual.patch_embed.proj.weight", "text.embeddings.word_embeddings.weight"
+    pos, fc1, queue = (sd.get(p + k) for k in ("visual.pos_embed", "visual.blocks.0.mlp.fc1.weight", "image_queue"))
     n = pos.shape[1] - 1 if pos is not None else 0
     grid = math.isqrt(n) if n and math.isqrt(n) ** 2 == n else None
-    dim = lambda v, i: int(v.shape[i]) if v is not None else None  # noqa: E731
-    word = t["embeddings.word_embeddings.weight"]
-    queue, proj = sd.get(p + "image_queue"), sd.get(p + "vision_proj.weight")
-    text_src = next((s for s in ("text_encoder.bert.", "text_encoder.", "text_decoder.bert.")
-                     if any(k.startswith(s + "embeddings.") for k in state)), p + "text.") if layout != "ours" else p + "text."
-    cross = sorted({int(m.group(1)) for k in sd if (m := re.match(re.escape(p) + r"text\.encoder\.layer\.(\d+)\.crossattention\.", k))})
+    cross = re.compile(re.escape(p) + r"text\.encoder\.layer\.(\d+)\.crossattention\.")
+    text_src = p + "text." if layout == "ours" else next(
+        (s for s in ("text_encoder.bert.", "text_encoder.", "text_decoder.bert.")
+         if any(k.startswith(s + "embeddings.") for k in state)), "text.")
     return {"layout": layout,
-            "vision": {"width": dim(w, 0), "patch_size": dim(w, -1), "depth": _count(sd, p + "visual.blocks.") or None,
-                       "mlp_ratio": fc1.shape[0] / fc1.shape[1] if fc1 is not None else None, "grid": grid,
-                       "img_size": grid * int(w.shape[-1]) if grid and w is not None else None,
+            "vision": {"width": dim(patch, 0), "patch_size": dim(patch, -1),
+                       "depth": _count(sd, p + "visual.blocks.") or None, "mlp_ratio": fc1.shape[0] / fc1.shape[1] if fc1 is not None else None, "grid": grid,
+                       "img_size": grid * dim(patch, -1) if grid and dim(patch, -1) else None,
                        "pre_norm": p + "visual.norm_pre.weight" in sd},
             "text": {"prefix": text_src, "hidden_size": dim(word, 1), "num_layers": _count(sd, p + "text.encoder.layer."),
-                     "cross_attention_layers": cross, "intermediate_size": dim(t["encoder.layer.0.intermediate.dense.weight"], 0),
-                     "vocab_size": dim(word, 0), "max_position_embeddings": dim(t["embeddings.position_embeddings.weight"], 0),
-                     "token_types": dim(t["embeddings.token_type_embeddings.weight"], 0) or 0},
-            "embed_dim": dim(proj, 0), "queue_size": int(queue.shape[1]) if queue is not None and queue.ndim == 2 else None,
+                     "cross_attention_layers": sorted({int(m.group(1)) for k in sd if (m := cross.match(k))}),
+                     "intermediate_size": dim("text.encoder.layer.0.intermediate.dense.weight", 0),
+                     "vocab_size": dim(word, 0),
+                     "max_position_embeddings": dim("text.embeddings.position_embeddings.weight", 0),
+                     "token_types": dim("text.embeddings.token_type_embeddings.weight", 0) or 0},
+            "embed_dim": dim("vision_proj.weight", 0),
+            "queue_size": int(queue.shape[1]) if queue is not None and queue.ndim == 2 else None,
             "momentum": any(k.startswith(p + "visual_m.") for k in sd), "itm_head": p + "itm_head.weight" in sd,
             "mlm_head": any(k.startswith(p + "mlm_head.") for k in sd),
             "decoder_layers": 0 if layout == "ours" else max(_count(state, "text_decoder.bert.encoder.layer."),
@@ -463,8 +471,10 @@ def fit_problems(arch: Dict[str, Any], cfg: Any) -> Tuple[List[str], List[str]]:
             problems.append(f"{what} {have} (set {key}={have}); the model has {want}")
 
     if foreign:  # DeiT-style ViT (GELU, LayerNorm eps 1e-6); 64-dim heads in the ViTs and BERT they build
-        need("ALBEF/BLIP ViT attention heads", "model.vision.num_heads", K.FOREIGN_HEADS.get(v["width"]), cfg.vision.num_heads)
-        need("bert-base attention heads", "model.text.num_heads", 12 if t["hidden_size"] == 768 else None, cfg.text.num_heads)
+        need("ALBEF/BLIP ViT attention heads", "model.vision.num_heads", K.FOREIGN_HEADS.get(v["width"]),
+             cfg.vision.num_heads)
+        need("bert-base attention heads", "model.text.num_heads", 12 if t["hidden_size"] == 768 else None,
+             cfg.text.num_heads)
         if cfg.vision.act != "gelu":
             problems.append(f"ALBEF/BLIP ViTs use GELU (set model.vision.act=gelu); the model has {cfg.vision.act}")
         if abs(cfg.vision.layer_norm_eps - 1e-6) > 1e-12:
@@ -515,11 +525,11 @@ def vit_filter_fn(state: Dict[str, Tensor], vit: nn.Module, fmt: str = "auto") -
     if fmt == "auto":
         clip = any(re.search(r"(^|\.)(conv1\.weight|class_embedding|transformer\.resblocks\.)", k) for k in state)
         if not clip and "patch_embed.proj.weight" not in state:
-            raise ValueError("cannot detect the vision checkpoint format (no 'visual.conv1.weight' or "
+            raise LoadError("cannot detect the vision checkpoint format (no 'visual.conv1.weight' or "
                              "'patch_embed.proj.weight'); set model.vision_weights_format to clip or timm")
         fmt = "clip" if clip else "timm"
     if fmt not in ("clip", "deit", "timm"):
-        raise ValueError(f"unknown vision checkpoint format {fmt!r}; use 'auto', 'clip', 'deit' or 'timm'")
+        raise LoadError(f"unknown vision checkpoint format {fmt!r}; use 'auto', 'clip', 'deit' or 'timm'")
     conv = Converted(layout=fmt)
     if fmt == "clip":
         prefix = "visual." if any(k.startswith("visual.") for k in state) else ""
@@ -542,7 +552,8 @@ def vit_filter_fn(state: Dict[str, Tensor], vit: nn.Module, fmt: str = "auto") -
         conv.problems += _vision_fit(architecture({"visual." + k: t for k, t in conv.items()}, "ours")["vision"], vc)
     if vc is not None and fmt == "clip" and (not vc.pre_norm or vc.act != "quick_gelu" or vc.layer_norm_eps != 1e-5):
         conv.problems.append("OpenAI CLIP layout: set model.vision.pre_norm=true, model.vision.act=quick_gelu, "
-                             f"model.vision.layer_norm_eps=1e-5 (the model has {vc.pre_norm}, {vc.act}, {vc.layer_norm_eps})")
+                             f"model.vision.layer_norm_eps=1e-5 (the model has {vc.pre_norm}, {vc.act}, "
+                             f"{vc.layer_norm_eps})")
     if vc is not None and fmt == "clip" and vc.width % 64 == 0 and vc.num_heads != vc.width // 64:
         conv.problems.append(f"OpenAI CLIP ViTs have 64-dim heads (set model.vision.num_heads={vc.width // 64}); the "
                              f"model has {vc.num_heads}")
@@ -567,8 +578,8 @@ def bert_filter_fn(state: Dict[str, Tensor], model: nn.Module, hf_config: Dict[s
     if "cls.predictions.decoder.bias" in state and "cls.predictions.bias" not in state:
         state = {("cls.predictions.bias" if k == "cls.predictions.decoder.bias" else k): v for k, v in state.items()}
     for key, value in state.items():
-        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias",
-                                                                     key[len("bert."):] if key.startswith("bert.") else key))
+        k = key[len("bert."):] if key.startswith("bert.") else key
+        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k))
         why = K.bert_file_reason(k, n, head is not None)
         if why:
             conv.dropped[key] = why
@@ -604,7 +615,8 @@ def _read_bert_dir(path: str) -> Tuple[Dict[str, Any], Dict[str, Tensor]]:
                             "or pytorch_model.bin")
 
 
-def load_vision_weights(vit: nn.Module, path: str | os.PathLike, fmt: str = "auto", allow_mismatch: bool = False) -> LoadReport:
+def load_vision_weights(vit: nn.Module, path: str | os.PathLike, fmt: str = "auto",
+                        allow_mismatch: bool = False) -> LoadReport:
     """A local CLIP / DeiT / timm ViT weight file (:func:`vit_filter_fn`) into the timm ViT ``vit``."""
     path = os.fspath(path)
     return load_into(vit, vit_filter_fn(read_checkpoint(path)["model"], vit, fmt), source=path,
