@@ -510,7 +510,10 @@ def load_bert_weights(text: TextTransformer, mlm_head: Optional[MLMHead], path: 
                 report.unexpected.append("cls.predictions.decoder.weight")
                 report.expected_unexpected["cls.predictions.decoder.weight"] = "tied to the word embeddings"
     copy_into(targets, source, report)
+    has_mlm = any(k.startswith("cls.predictions.") for k in sd)
     for k in report.missing:
         if ".crossattention." in k:
             report.expected_missing[k] = "new cross-attention"
+        elif k.startswith("mlm_head.") and not has_mlm:  # an encoder-only BertModel file (e.g. MiniLM)
+            report.expected_missing[k] = "the file has no MLM head (BertModel): initialised"
     return report

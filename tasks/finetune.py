@@ -37,7 +37,7 @@ from engine.config import INCLUDE_KEY, ConfigError, apply_overrides, from_dict, 
 from engine.rundir import OutputDir
 from engine.trainer import Trainer, TrainConfig, TrainState, setup_logging
 from objectives.pretrain import moved_config_keys
-from tasks.common import load_selected_checkpoint, make_tokenizer, require_files, require_image_root
+from tasks.common import check_vocab_coverage, load_selected_checkpoint, make_tokenizer, require_files, require_image_root
 from tasks.finetune_config import model_from_checkpoint, with_vocab
 from tasks.resume import check_resume_config
 from tasks.spec import MODE_FLAGS, Evaluator, Run, TaskSpec
@@ -139,6 +139,8 @@ def run(spec: TaskSpec, cfg: Any, mode: str = "finetune", checkpoint: Optional[s
         r.tokenizer = make_tokenizer(r.cfg.tokenizer, lambda: spec.texts(data), tok_source)
         if spec.adapt_tokenizer is not None:
             r.tokenizer = spec.adapt_tokenizer(r, data, r.tokenizer, tok_source)
+        if training and r.dist.is_main and (tok_source is not None or r.cfg.tokenizer.path):
+            check_vocab_coverage(r.tokenizer, spec.texts(data), r.cfg.tokenizer, f"the {spec.title} training texts")
         del resume_ckpt, tok_source
         r.cfg = with_vocab(r.cfg, r.tokenizer)
         torch.manual_seed(r.cfg.train.seed)

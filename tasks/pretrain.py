@@ -26,7 +26,7 @@ from models import losses as L
 from models.vlp import VLPModel, load_pretrained_encoders
 from shapesworld.truth import ShapesWorld
 from objectives.pretrain import PretrainObjective, checkpoint_states, load_objective_from_checkpoint
-from tasks.common import load_model_state, make_tokenizer, to_device
+from tasks.common import check_vocab_coverage, load_model_state, make_tokenizer, to_device
 from tasks.pretrain_config import PretrainConfig
 from tasks.pretrain_data import build_dataset, prepare_data
 from tasks.train_data import BadImageCheck
@@ -202,6 +202,9 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
     dataset = build_dataset(cfg)
     init_ckpt = load_checkpoint(init_from) if init_from and not resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt or init_ckpt)
+    if init_ckpt is not None or cfg.tokenizer.path:  # a vocabulary not trained on these captions
+        if cfg.data.format == "json" and dist.is_main:
+            check_vocab_coverage(tokenizer, dataset.all_captions(), cfg.tokenizer, "the pre-training captions")
     del resume_ckpt
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
