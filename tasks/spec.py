@@ -47,7 +47,7 @@ class Evaluator(Protocol):
         results (with ``extra``: mode, selection) and returns them."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (its flags are a dict)
 class Predictor:
     """A task's ``--predict INPUT...``: one JSON object per prediction on stdout, in one process.
     ``predict(pipeline, inputs, args)`` gets an ``inference.Pipeline`` over the loaded checkpoint, the
