@@ -37,14 +37,15 @@ class VocabCoverage:
 
 def _is_spelled_out(pieces: list[str]) -> bool:
     singles = sum(len(p.removeprefix("##")) == 1 for p in pieces)
-    return len(pieces) > 1 and singles * 2 >= len(pieces)
+    return len(pieces) >= 3 and singles * 2 >= len(pieces)
 
 
 def vocab_coverage(tokenizer, texts: Sequence[str], max_texts: int = 2000, seed: int = 0,
                    max_examples: int = 3) -> VocabCoverage:
     """Tokenize up to ``max_texts`` of ``texts`` (a seeded sample) word by word: how many words hold
     the unknown token, and how many words of three or more characters come out spelled letter by
-    letter (more than one piece, at least half of them one character)."""
+    letter (three or more pieces, at least half of them one character: "sauce ##r" is read, "s ##m ##i
+    ##l ##ing" is not)."""
     texts = list(texts)
     if len(texts) > max_texts:
         texts = random.Random(seed).sample(texts, max_texts)

@@ -592,6 +592,9 @@ def bert_filter_fn(state: Dict[str, Tensor], model: nn.Module, hf_config: Dict[s
         if value is not None:
             conv["mlm_head.decoder.weight"] = value
     conv.expected_missing.update({f"text.encoder.layer.{i}.crossattention.": "new cross-attention" for i in range(n)})
+    if head is not None and not any(k.startswith("cls.predictions.") for k in state):  # an encoder-only BertModel file
+        conv.expected_missing.update({f"mlm_head.{k}": "the file has no MLM head (BertModel): initialised"
+                                      for k in ("transform.", "bias")})
     return conv
 
 

@@ -176,7 +176,8 @@ def describe(run: Run, data: CaptionData, model: CaptionModel) -> Optional[str]:
             f"{run.dist.device}, output in {run.out_dir}")
 
 
-PREDICTOR = Predictor(help="print a caption for each image file with a fine-tuned --checkpoint", metavar="IMAGE",
+PREDICTOR = Predictor(help="print {\"image\", \"caption\"} (JSON) for each image file with a fine-tuned --checkpoint",
+                      metavar="IMAGE",
                       predict=predict_captions, check=check_image_files)
 
 SPEC = TaskSpec(
@@ -197,7 +198,7 @@ def run(cfg: CaptionConfig, checkpoint: Optional[str] = None, evaluate: bool = F
 
 def predict_files(cfg: CaptionConfig, checkpoint: str, files: list[str]) -> list[str]:
     """Captions for image files with a fine-tuned caption checkpoint (one process)."""
-    return finetune.predict(SPEC, cfg, checkpoint, files)
+    return [r["caption"] for r in finetune.predict(SPEC, cfg, checkpoint, files)]
 
 
 def main(args) -> int:

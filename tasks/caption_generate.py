@@ -172,14 +172,13 @@ class CaptionRunEvaluator:
         return evaluate_and_write(model, self.generator, self.splits, self.run.cfg, self.run.dist, checkpoint, extra)
 
 
-def check_image_files(files: list[str]) -> None:
+def check_image_files(files: list[str], args=None) -> None:
     """``FileNotFoundError`` naming the image files that do not exist."""
     missing = [f for f in files if not os.path.isfile(f)]
     if missing:
         raise FileNotFoundError(f"image file(s) not found: {missing}")
 
 
-def predict_captions(run: Run, model: CaptionModel, files: list[str]) -> list[str]:
-    """One caption per image file (``--predict``)."""
-    return CaptionGenerator(run.cfg, run.tokenizer, run.dist).captions(model, [os.path.abspath(f) for f in files],
-                                                                       "--predict")
+def predict_captions(pipeline, files: list[str], args=None) -> list[dict]:
+    """``{"image", "caption"}`` per image file (``--predict``)."""
+    return [{"image": f, "caption": c} for f, c in zip(files, pipeline.caption(files))]

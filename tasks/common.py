@@ -4,6 +4,7 @@ selected at its end. The fine-tuning flow itself is ``tasks/finetune.py``; weigh
 ``models/loading.py``."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from engine.config import opt
 from models.loading import load_into
 from objectives.pretrain import moved_config_keys
 
+log = logging.getLogger("tasks")
+
 SYNTHETIC_HINT = ("To try the project without downloading data, run the synthetic demo: "
                   "python run_pretrain.py --config configs/demo/pretrain.yaml")
 
@@ -27,6 +30,8 @@ class TokenizerConfig:
     path: Optional[str] = opt(None, "local directory with vocab.txt (e.g. bert-base-uncased); null = train a WordPiece vocabulary on the training captions (fine-tuning takes the checkpoint's tokenizer)")
     vocab_size: int = opt(2000, "vocabulary size when training one from the captions")
     max_length: int = opt(30, "maximum tokens per text (longer ones are truncated)")
+    warn_unknown_fraction: float = opt(0.02, "warn at start when more than this fraction of the training texts' words hold [UNK] (datasets/vocab_check.py)")
+    warn_split_fraction: float = opt(0.1, "warn at start when more than this fraction of the training texts' words (3+ letters) are spelled out in single letters")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -62,6 +67,18 @@ def make_tokenizer(cfg: TokenizerConfig, texts: Callable[[], list[str]], checkpo
         return load_tokenizer(cfg.path)
     state = tokenizer_state(train_wordpiece_tokenizer(texts(), cfg.vocab_size)) if D.is_main() else None
     return tokenizer_from_state(D.broadcast_object(state))
+
+
+def check_vocab_coverage(tokenizer, texts: list[str], cfg: TokenizerConfig, source: str) -> Optional[str]:
+    """Warn (and return the warning) when ``tokenizer`` reads ``texts`` poorly: words holding [UNK] or
+    spelled out letter by letter, above ``cfg``'s thresholds (a vocabulary from another dataset, e.g. the
+    demo's, on real captions)."""
+    from datasets.vocab_check import coverage_warning, vocab_coverage
+    message = coverage_warning(vocab_coverage(tokenizer, texts), cfg.warn_unknown_fraction, cfg.warn_split_fraction,
+                               source)
+    if message:
+        log.warning("%s", message)
+    return message
 
 
 def saved_run_config(cls: type, data: dict):

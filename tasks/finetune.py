@@ -19,8 +19,11 @@ predictor exists.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
+import sys
 import time
 from typing import Any, Optional
 
@@ -30,11 +33,11 @@ from torch import nn
 from datasets.text import tokenizer_state
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
-from engine.config import ConfigError, from_dict, load_config_data, save_config
+from engine.config import INCLUDE_KEY, ConfigError, apply_overrides, from_dict, load_config_data, read_yaml, save_config
 from engine.rundir import OutputDir
 from engine.trainer import Trainer, TrainConfig, TrainState, setup_logging
 from objectives.pretrain import moved_config_keys
-from tasks.common import load_selected_checkpoint, make_tokenizer, require_files, require_image_root
+from tasks.common import check_vocab_coverage, load_selected_checkpoint, make_tokenizer, require_files, require_image_root
 from tasks.finetune_config import model_from_checkpoint, with_vocab
 from tasks.resume import check_resume_config
 from tasks.spec import MODE_FLAGS, Evaluator, Run, TaskSpec
@@ -59,8 +62,9 @@ def start_run(train: TrainConfig, out: Optional[OutputDir] = None) -> D.DistInfo
 class TrainerTask:
     """The task the trainer runs (``engine.trainer.Task``): the spec's batches, step and val metrics."""
 
-    def __init__(self, spec: TaskSpec, run: Run, train_data: SampledTrainData, evaluator: Evaluator) -> None:
-        self.spec, self.run, self.train_data, self.evaluator = spec, run, train_data, evaluator
+    def __init__(self, spec: TaskSpec, run: Run, train_data: SampledTrainData, evaluator: Evaluator,
+                 extra: Optional[dict] = None) -> None:
+        self.spec, self.run, self.train_data, self.evaluator, self.extra = spec, run, train_data, evaluator, extra or {}
 
     def steps_per_epoch(self) -> int:
         return self.train_data.steps_per_epoch()
@@ -75,7 +79,7 @@ class TrainerTask:
         return self.evaluator.validate(self.spec.evaluated_model(model), epoch)
 
     def checkpoint_extra(self) -> dict:
-        return {"tokenizer": tokenizer_state(self.run.tokenizer), "task": self.spec.name}
+        return {"tokenizer": tokenizer_state(self.run.tokenizer), "task": self.spec.name, **self.extra}
 
     def log_state(self) -> dict:
         """The bad-image counts for log.jsonl, when the task checks them."""
@@ -90,7 +94,15 @@ def _checkpoint(spec: TaskSpec, run: Run) -> Optional[dict]:
             raise ConfigError(f"--{MODE_FLAGS[run.mode]} needs --checkpoint"
                               + (f" (a fine-tuned {spec.title} checkpoint)" if spec.task_part else ""))
         return None
-    ckpt = load_checkpoint(run.checkpoint)
+    return _check_checkpoint(spec, run, load_checkpoint(run.checkpoint))
+
+
+def _check_checkpoint(spec: TaskSpec, run: Run, ckpt: dict) -> dict:
+    """``ckpt`` checked against the mode: evaluating or predicting needs the task's own fine-tuned part."""
+    trained_for = ckpt.get("task")
+    if trained_for not in (None, "pretrain", spec.name):
+        raise ConfigError(f"{run.checkpoint} is a {trained_for} checkpoint, not one for {spec.name}: pass a "
+                          f"{spec.name} checkpoint" + ("" if run.training else " (or a pre-training one to fine-tune)"))
     if not run.training and spec.is_task_state is not None and not spec.is_task_state(ckpt["model"]):
         raise ConfigError(f"{run.checkpoint} has no {spec.task_part} (it is a pre-training checkpoint): fine-tune it "
                           f"first (run without --{MODE_FLAGS[run.mode]}), then pass the fine-tuned checkpoint")
@@ -127,6 +139,8 @@ def run(spec: TaskSpec, cfg: Any, mode: str = "finetune", checkpoint: Optional[s
         r.tokenizer = make_tokenizer(r.cfg.tokenizer, lambda: spec.texts(data), tok_source)
         if spec.adapt_tokenizer is not None:
             r.tokenizer = spec.adapt_tokenizer(r, data, r.tokenizer, tok_source)
+        if training and r.dist.is_main and (tok_source is not None or r.cfg.tokenizer.path):
+            check_vocab_coverage(r.tokenizer, spec.texts(data), r.cfg.tokenizer, f"the {spec.title} training texts")
         del resume_ckpt, tok_source
         r.cfg = with_vocab(r.cfg, r.tokenizer)
         torch.manual_seed(r.cfg.train.seed)
@@ -145,17 +159,19 @@ def run(spec: TaskSpec, cfg: Any, mode: str = "finetune", checkpoint: Optional[s
                 print(text, flush=True)
         if not training:
             return evaluator.test(spec.evaluated_model(model), checkpoint, {"mode": mode})
-        return _finetune(spec, r, model, spec.train_data(r, data), evaluator)
+        extra = spec.extra_state(r, data) if spec.extra_state is not None else None
+        return _finetune(spec, r, model, spec.train_data(r, data), evaluator, extra)
 
 
-def _finetune(spec: TaskSpec, r: Run, model: nn.Module, train_data: SampledTrainData, evaluator: Evaluator) -> dict:
+def _finetune(spec: TaskSpec, r: Run, model: nn.Module, train_data: SampledTrainData, evaluator: Evaluator,
+              extra: Optional[dict] = None) -> dict:
     cfg, o = r.cfg, r.cfg.optim
     torch.manual_seed(cfg.train.seed + r.dist.rank)
     trainer = Trainer(cfg.train, o, cfg.schedule, model, model.param_groups(o.lr, o.lr_vision, o.weight_decay),
                       r.dist, cfg, find_unused=spec.find_unused(cfg))
     key, name = spec.metric(cfg)
     t0 = time.perf_counter()
-    state = trainer.fit(TrainerTask(spec, r, train_data, evaluator), resume=r.resume, metric_key=key)
+    state = trainer.fit(TrainerTask(spec, r, train_data, evaluator, extra), resume=r.resume, metric_key=key)
     seconds = time.perf_counter() - t0
     if state.global_step < state.total_steps:  # stopped by a signal: the trainer said how to resume
         if r.dist.is_main:
@@ -171,19 +187,34 @@ def _finetune(spec: TaskSpec, r: Run, model: nn.Module, train_data: SampledTrain
     return evaluator.test(model, str(chosen), extra)
 
 
-def predict(spec: TaskSpec, cfg: Any, checkpoint: Optional[str], inputs: list[str],
-            model_given: Optional[dict] = None) -> list[str]:
-    """The predictor's outputs for ``inputs`` with a fine-tuned ``checkpoint`` (one process)."""
-    if spec.predictor.check is not None:
-        spec.predictor.check(inputs)
+def load_for_inference(spec: TaskSpec, cfg: Any, checkpoint: str, ckpt: Optional[dict] = None,
+                       model_given: Optional[dict] = None) -> tuple[Run, nn.Module]:
+    """The run (one process, ``cfg.train.device``) and the model of ``checkpoint`` for prediction: the
+    architecture and the tokenizer from the checkpoint, the model in eval mode."""
     r = Run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, progress=False)),
             D.DistInfo(device=D.resolve_device(cfg.train.device)), "predict", checkpoint)
-    ckpt = _checkpoint(spec, r)
+    ckpt = _checkpoint(spec, r) if ckpt is None else _check_checkpoint(spec, r, ckpt)
     _model_from(r, ckpt, checkpoint, model_given)
     r.tokenizer = make_tokenizer(r.cfg.tokenizer, list, ckpt)
     r.cfg = with_vocab(r.cfg, r.tokenizer)
-    model = spec.build_model(r, ckpt).to(r.dist.device)
-    return spec.predictor.predict(r, model, inputs)
+    model = spec.evaluated_model(spec.build_model(r, ckpt)).to(r.dist.device).eval()
+    return r, model
+
+
+def predict(spec: TaskSpec, cfg: Any, checkpoint: Optional[str], inputs: list[str], args: Any = None,
+            model_given: Optional[dict] = None) -> list[dict]:
+    """The predictor's JSON records for ``inputs`` with ``checkpoint`` (one process)."""
+    from tasks.pipeline import from_run
+    if spec.predictor.check is not None:
+        spec.predictor.check(inputs, args)
+    if checkpoint is None:
+        raise ConfigError("--predict needs --checkpoint")
+    ckpt = load_checkpoint(checkpoint)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the predictions (load reports to stderr)
+        r, model = load_for_inference(spec, cfg, checkpoint, ckpt, model_given)
+    pipeline = from_run(spec.name, r, model, checkpoint, ckpt.get("answer_list"))
+    del ckpt
+    return spec.predictor.predict(pipeline, inputs, args)
 
 
 # ---------------------------------------------------------------------- the command line
@@ -196,13 +227,17 @@ def mode_flags(spec: TaskSpec) -> dict[str, dict]:
     if spec.predictor is not None:
         flags["--predict"] = {"nargs": "+", "default": None, "metavar": spec.predictor.metavar,
                               "help": spec.predictor.help}
+        flags.update(spec.predictor.flags)
     return flags
 
 
 def load_task_config(spec: TaskSpec, path: Optional[str], overrides: list[str]) -> tuple[Any, dict]:
-    """The run config of ``spec`` from a YAML file and ``--set`` overrides, and the model keys they set."""
+    """The run config of ``spec`` from a YAML file and ``--set`` overrides, and the model keys they set:
+    the file's own and the overrides' (a model preset it includes describes the model of a run from
+    scratch; a checkpoint's architecture comes before it)."""
     data = load_config_data(path, overrides)
-    given = data.get("model")
+    own = read_yaml(path) if path else {}
+    given = apply_overrides({k: v for k, v in own.items() if k != INCLUDE_KEY}, overrides).get("model")
     return from_dict(spec.config_cls, data), given if isinstance(given, dict) else {}
 
 
@@ -218,9 +253,10 @@ def main(spec: TaskSpec, args) -> int:
         raise ConfigError(f"--{MODE_FLAGS[chosen[0]]} and --{MODE_FLAGS[chosen[1]]} are exclusive")
     mode = chosen[0] if chosen else "finetune"
     cfg, given = load_task_config(spec, args.config, args.set)
-    if mode == "predict":
-        for item, output in zip(args.predict, predict(spec, cfg, args.checkpoint, list(args.predict), given)):
-            print(f"{item}\t{output}", flush=True)
+    if mode == "predict":  # the model is the checkpoint's: only what --set changes of it (e.g. the image size)
+        given = load_config_data(None, args.set).get("model") or {}
+        for record in predict(spec, cfg, args.checkpoint, list(args.predict), args, given):
+            print(json.dumps(record), flush=True)
         return 0
     run(spec, cfg, mode, args.checkpoint, args.resume, getattr(args, "overwrite", False), given)
     return 0

@@ -32,7 +32,7 @@ from engine.config import opt
 from engine.trainer import TrainState
 from models.loading import LoadReport
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
-from tasks import finetune
+from tasks import finetune, predict
 from tasks.finetune_config import FinetuneConfig
 from tasks.nlvr2_eval import DATA_HINT, NLVR2RunEvaluator, eval_sets
 from tasks.spec import Run, TaskSpec, init_encoders, load_state, show_report
@@ -146,7 +146,7 @@ SPEC = TaskSpec(
     data=load_data, texts=lambda data: list(data.train.sentences), build_model=build_model, train_data=train_data,
     train_step=train_step, evaluator=NLVR2RunEvaluator, metric=lambda cfg: ("dev_acc", "accuracy"),
     best_key="best_dev_acc", val_split="dev", task_part="NLVR2 classifier", is_task_state=is_nlvr2_state,
-    describe=describe)
+    describe=describe, predictor=predict.NLVR2)
 
 
 def run(cfg: NLVR2Config, checkpoint: Optional[str] = None, evaluate: bool = False,

@@ -27,7 +27,7 @@ from models.loading import load_checkpoint_into, load_encoder_weights
 from models.vlp import VLPModel
 from shapesworld.truth import ShapesWorld
 from objectives.pretrain import PretrainObjective, load_objective_from_checkpoint
-from tasks.common import make_tokenizer, to_device
+from tasks.common import check_vocab_coverage, make_tokenizer, to_device
 from tasks.pretrain_config import PretrainConfig
 from tasks.pretrain_data import build_dataset, prepare_data
 from tasks.train_data import BadImageCheck
@@ -201,6 +201,9 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
     dataset = build_dataset(cfg)
     init_ckpt = load_checkpoint(init_from) if init_from and not resume else None
     tokenizer = make_tokenizer(cfg.tokenizer, dataset.all_captions, resume_ckpt or init_ckpt)
+    if init_ckpt is not None or cfg.tokenizer.path:  # a vocabulary not trained on these captions
+        if cfg.data.format == "json" and dist.is_main:
+            check_vocab_coverage(tokenizer, dataset.all_captions(), cfg.tokenizer, "the pre-training captions")
     del resume_ckpt
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))

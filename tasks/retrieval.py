@@ -35,7 +35,7 @@ from engine.trainer import TrainState
 from models import losses as L
 from models.vlp import VLPModel
 from objectives.pretrain import AlignmentLossConfig, ContrastiveConfig, PretrainObjective, load_objective_from_checkpoint
-from tasks import finetune
+from tasks import finetune, predict
 from tasks.finetune_config import FinetuneConfig
 from tasks.retrieval_eval import RetrievalEvalConfig
 from tasks.retrieval_report import RetrievalRunEvaluator, memory_estimate, protocol_text
@@ -182,7 +182,8 @@ SPEC = TaskSpec(
     data=load_data, texts=lambda data: data.train.all_captions(), build_model=build_model, train_data=train_data,
     train_step=train_step, evaluator=lambda run, data: RetrievalRunEvaluator(run, data.splits),
     metric=lambda cfg: ("r_mean", "r_mean"), best_key="best_val_r_mean", describe=describe,
-    find_unused=lambda cfg: cfg.loss.itm == 0, zero_shot=True, evaluated_model=evaluated_model)
+    find_unused=lambda cfg: cfg.loss.itm == 0, zero_shot=True, evaluated_model=evaluated_model,
+    predictor=predict.RETRIEVAL)
 
 
 def run(cfg: RetrievalConfig, mode: Mode = "finetune", checkpoint: Optional[str] = None,

@@ -12,6 +12,7 @@ the weight files the config names (:func:`init_encoders`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +44,17 @@ class Evaluator(Protocol):
         results (with ``extra``: mode, selection) and returns them."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (its flags are a dict)
 class Predictor:
-    """A task's ``--predict INPUT...``: one output line per input, with a fine-tuned checkpoint, in
-    one process."""
+    """A task's ``--predict INPUT...``: one JSON object per prediction on stdout, in one process.
+    ``predict(pipeline, inputs, args)`` gets an ``inference.Pipeline`` over the loaded checkpoint, the
+    inputs and the parsed command line (its own ``flags``); ``check`` runs before anything is loaded."""
 
     help: str
     metavar: str
-    predict: Callable[["Run", nn.Module, list[str]], list[str]]
-    check: Optional[Callable[[list[str]], None]] = None  # before anything is loaded: the inputs exist
+    predict: Callable[[Any, list[str], Any], list[dict]]
+    flags: dict = dataclasses.field(default_factory=dict)  # the task's own predict flags -> argparse kwargs
+    check: Optional[Callable[[list[str], Any], None]] = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class TaskSpec:
     find_unused: Callable[[Any], bool] = lambda cfg: False  # DDP find_unused_parameters
     zero_shot: bool = False  # --zero-shot: evaluate a pre-trained checkpoint as it is
     predictor: Optional[Predictor] = None
+    extra_state: Optional[Callable[["Run", Any], dict]] = None  # (run, data) -> entries every checkpoint holds
     # the model to evaluate (and to load the selected checkpoint's "model" section into) inside what
     # build_model returns: the model itself, or the training objective that holds it
     evaluated_model: Callable[[nn.Module], nn.Module] = lambda module: module

@@ -33,7 +33,7 @@ from engine.config import opt
 from engine.trainer import TrainState
 from models.decoder import DecoderConfig, GenerationConfig
 from models.vqa import VQAModel, pad_vocab_rows
-from tasks import finetune
+from tasks import finetune, predict
 from tasks.finetune_config import FinetuneConfig
 from tasks.spec import Run, TaskSpec, init_encoders, load_weights, show_report
 from tasks.train_data import BadImageCheck, ImageChecks, SampledTrainData, require_fraction, require_positive
@@ -207,7 +207,8 @@ SPEC = TaskSpec(
     data=load_data, texts=lambda data: data.train.texts() + data.answer_list, build_model=build_model,
     train_data=train_data, train_step=train_step, evaluator=VQARunEvaluator, metric=lambda cfg: ("overall", "accuracy"),
     best_key="best_val_accuracy", task_part="answer decoder", is_task_state=is_vqa_state,
-    adapt_tokenizer=adapt_tokenizer, describe=describe)
+    adapt_tokenizer=adapt_tokenizer, describe=describe, predictor=predict.VQA,
+    extra_state=lambda run, data: {"answer_list": data.answer_list})
 
 
 def run(cfg: VQAConfig, checkpoint: Optional[str] = None, evaluate: bool = False,

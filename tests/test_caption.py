@@ -196,11 +196,11 @@ def test_end_to_end_train_generate_score_evaluate_predict(world, tmp_path, capsy
     capsys.readouterr()
     ns.evaluate, ns.predict = False, imgs
     assert main(ns) == 0
-    lines = [x for x in capsys.readouterr().out.splitlines() if "\t" in x]
-    assert [x.split("\t")[0] for x in lines] == imgs and all(x.split("\t")[1] for x in lines)
+    rows = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert [r["image"] for r in rows] == imgs and all(r["caption"] for r in rows)
     test_caps = {c["image_id"]: c["caption"] for c in json.loads((out / "captions_test.json").read_text())}
     first_id = int(Path(imgs[0]).stem)
-    assert lines[0].split("\t")[1] == test_caps[first_id]
+    assert rows[0]["caption"] == test_caps[first_id]
 
     # --predict with a pre-training checkpoint is refused with a clear message
     torch.save({"model": VLPModel(with_vocab(cfg, _tok(out)).model).state_dict()}, tmp_path / "p.pth")

@@ -21,7 +21,7 @@ import datasets
 import run_finetune
 import shapesworld
 from datasets.text import pre_caption
-from engine.config import ConfigError, load_config, read_yaml
+from engine.config import ConfigError, load_config, read_config
 from run_finetune import TASKS
 from shapesworld import record, write
 from shapesworld.__main__ import main as shapes_cli
@@ -590,11 +590,11 @@ def test_no_run_config_and_no_product_module_has_a_synthetic_setting():
 
 def test_demo_presets_ask_for_the_world_in_its_own_folder():
     here = Path(__file__).resolve().parents[1]
-    presets = {"configs/demo/pretrain.yaml": "tasks.pretrain",
+    presets = {"configs/demo/pretrain.yaml": "tasks.pretrain", "configs/demo/pretrain_minilm.yaml": "tasks.pretrain",
                **{config: module for module, config in TASKS.values() if config.startswith("configs/demo/")}}
     assert sorted(presets) == sorted(str(p.relative_to(here)) for p in (here / "configs/demo").glob("*.yaml"))
     for config, module in presets.items():
-        raw = read_yaml(here / config)
+        raw = read_config(here / config)  # with its includes, as the entry points read it
         assert raw["x-synthetic"] == {"root": "data/shapes"}, config
         paths = [v for v in strings_in(raw["data"]) if "/" in v]
         assert paths and all(p.startswith("data/shapes/") or p == "data/shapes" for p in paths), config
