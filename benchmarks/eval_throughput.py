@@ -27,7 +27,7 @@ cross-attention keys/values projected per pair, as the evaluator did before) aga
 ``--albef-root`` (a local salesforce/ALBEF checkout whose ``models/xbert.py`` imports under the
 installed ``transformers``, e.g. 4.57 in a separate virtual environment) it also builds ALBEF's
 retrieval model with its own random initialisation, loads the same weights into ours
-(``models.convert``), runs ALBEF's ``evaluation()`` and our evaluator on a small random split and
+(``models.loading``), runs ALBEF's ``evaluation()`` and our evaluator on a small random split and
 compares the re-ranked scores and rankings, and times the body of ALBEF's re-ranking loop:
 
     python benchmarks/eval_throughput.py --rerank-compare --rerank-k-test 128 256 --rounds 3 --threads 1 \
@@ -294,11 +294,11 @@ def import_albef(root: Path):
 def build_rerank_models(albef_root: Optional[str], seed: int = 0):
     """Our model at the paper's retrieval settings (ViT-B/16 384 px + BERT-base 6 + 6) and, with
     ``albef_root``, ALBEF's retrieval model with its own random initialisation, loaded into ours
-    (``models.convert``; momentum copies and queues dropped)."""
+    (``models.loading``; momentum copies and queues, the training objective's part, not loaded)."""
     import torch
 
     from engine.config import load_config
-    from models.convert import load_foreign_state
+    from models.loading import load_checkpoint_into
     from models.vlp import VLPModel
     from tasks.retrieval import RetrievalConfig
 
@@ -314,7 +314,7 @@ def build_rerank_models(albef_root: Optional[str], seed: int = 0):
                      "temp": cfg.model.temp, "queue_size": 16, "momentum": cfg.loss.momentum}
         torch.manual_seed(seed)
         albef = ALBEF(config=albef_cfg).eval()
-        load_foreign_state(ours, albef.state_dict(), source="ALBEF (random init)", verbose=False).raise_if_unexpected()
+        load_checkpoint_into(ours, {"model": albef.state_dict()}, source="ALBEF (random init)")
         for name in ("visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m"):
             delattr(albef, name)  # evaluation() does not use the momentum copies
         albef.model_pairs = []

@@ -23,7 +23,7 @@ from models.decoder import DecoderConfig, GenerationConfig, Generated, TextDecod
 from models.param_groups import param_groups
 from models.vision import build_vit, vit_tokens
 from models.vlp import VLPConfig, VLPModel
-from models.weights import LoadReport
+from models.loading import LoadReport
 
 __all__ = ["CaptionModel"]
 

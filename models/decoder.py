@@ -22,7 +22,7 @@ In every mode except ``none`` the embeddings come from the base text embeddings 
 from the base MLM head. Decoder layers beyond the base model's layers are new, and so is a
 cross-attention whose key/value width differs from the base's (e.g. a VQA decoder reading
 768-wide fusion states initialised from cross-attention that read 1024-wide image tokens). All of
-it is listed in the returned :class:`~models.weights.LoadReport`.
+it is listed in the returned :class:`~models.loading.LoadReport`.
 
 Sequences: ``[CLS] prompt... tokens... [SEP]``: ``[CLS]`` is the begin token, ``[SEP]`` the end
 (EOS) token. The LM loss at position ``t`` predicts token ``t + 1``; ``labels`` of -100 (prompt,
@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from engine.config import opt
 from models.text import MLMHead, TextConfig, TextTransformer, attention_mask_4d
-from models.weights import LoadReport, copy_into
+from models.loading import LoadReport, copy_into
 
 __all__ = ["DecoderConfig", "GenerationConfig", "Generated", "TextDecoder", "init_decoder_from_base",
            "decode_texts"]

@@ -6,26 +6,20 @@ with cross-attention to any encoder states of width ``encoder_width``. Post-LN l
 through :func:`torch.nn.functional.scaled_dot_product_attention` with boolean masks.
 
 Parameter names follow ``transformers``' ``BertModel`` so that a local ``bert-base-uncased``
-directory loads through :func:`load_bert_weights` with an explicit key map and a
-:class:`~models.weights.LoadReport`.
+directory loads through ``models/loading.py`` (``load_bert_weights``) with an explicit key map.
 """
 from __future__ import annotations
 
-import json
-import os
-import re
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from models.weights import LoadReport, copy_into, read_state_dict
-
 __all__ = ["TextConfig", "TransformerLayer", "TextEmbeddings", "TextTransformer", "MLMHead",
-           "load_bert_weights", "bert_key_map", "attention_mask_4d", "QueryLayout"]
+           "attention_mask_4d", "QueryLayout"]
 
 
 @dataclass
@@ -405,112 +399,3 @@ class MLMHead(nn.Module):
         """(M, H) states at the masked positions -> (M, V) logits."""
         h = self.transform.LayerNorm(F.gelu(self.transform.dense(hidden)))
         return self.decoder(h) + self.bias
-
-
-# ----------------------------------------------------------------------------- BERT weights
-
-_CONFIG_FIELDS = (  # (TextConfig field, config.json field)
-    ("hidden_size", "hidden_size"), ("num_heads", "num_attention_heads"),
-    ("intermediate_size", "intermediate_size"), ("vocab_size", "vocab_size"))
-
-
-def bert_key_map(key: str, num_layers: int, has_mlm_head: bool) -> Tuple[Optional[str], str]:
-    """Map one HF BERT checkpoint key to our name.
-
-    Returns ``(target, "")`` for a used key (targets of the MLM head start with ``mlm_head.``), or
-    ``(None, reason)`` for a key that is deliberately not used.
-    """
-    k = key[len("bert."):] if key.startswith("bert.") else key
-    k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
-    k = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)
-    if k.startswith("pooler."):
-        return None, "BERT pooler (unused)"
-    if k.startswith("cls.seq_relationship."):
-        return None, "NSP head (unused)"
-    if k == "embeddings.position_ids":
-        return None, "position_ids buffer (recomputed)"
-    m = re.match(r"encoder\.layer\.(\d+)\.", k)
-    if m and int(m.group(1)) >= num_layers:
-        return None, f"BERT layers beyond the model's {num_layers} layers (unused)"
-    if k.startswith("cls.predictions."):
-        if not has_mlm_head:
-            return None, "MLM head weights (no MLM head given)"
-        if k == "cls.predictions.decoder.bias":
-            return None, "alias of cls.predictions.bias"
-        return "mlm_head." + k[len("cls.predictions."):], ""
-    return k, ""
-
-
-def _read_bert_dir(path: str | os.PathLike) -> Tuple[dict, Dict[str, Tensor]]:
-    """Read ``config.json`` and the weights of a local HF BERT directory."""
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"BERT directory not found: {path} (a local bert-base-uncased-style "
-                                "directory with config.json and model.safetensors; nothing is downloaded)")
-    cfg_file = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_file):
-        raise FileNotFoundError(f"BERT directory {path} has no config.json ({cfg_file} not found); "
-                                "pass a local bert-base-uncased-style directory (nothing is downloaded)")
-    with open(cfg_file) as f:
-        hf_cfg = json.load(f)
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if os.path.isfile(os.path.join(path, name)):
-            return hf_cfg, read_state_dict(os.path.join(path, name))
-    raise FileNotFoundError(f"no weights in BERT directory {path}: expected "
-                            f"{os.path.join(path, 'model.safetensors')} or pytorch_model.bin")
-
-
-@torch.no_grad()
-def load_bert_weights(text: TextTransformer, mlm_head: Optional[MLMHead], path: str | os.PathLike) -> LoadReport:
-    """Initialise ``text`` (and ``mlm_head``) from a local HF BERT directory.
-
-    Text layer ``i`` and fusion layer ``num_text_layers + j`` take BERT layer ``i`` and
-    ``num_text_layers + j`` (a 6 + 6 model takes all 12 layers of bert-base); cross-attention is
-    new (expected-missing). The pooler and NSP head are reported as ignored. When ``mlm_head.decoder``
-    is tied to the word embeddings it is loaded through them.
-
-    Raises:
-        FileNotFoundError: the directory, its config.json or its weights are missing.
-        ValueError: the BERT config does not match ``text.cfg`` (the message names the field).
-    """
-    cfg = text.cfg
-    hf_cfg, sd = _read_bert_dir(path)
-    for ours, theirs in _CONFIG_FIELDS:
-        if theirs in hf_cfg and hf_cfg[theirs] != getattr(cfg, ours):
-            raise ValueError(f"BERT checkpoint {path} has {theirs}={hf_cfg[theirs]} but "
-                             f"TextConfig.{ours}={getattr(cfg, ours)}; set text.{ours}={hf_cfg[theirs]}")
-    if hf_cfg.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"BERT checkpoint {path} uses hidden_act={hf_cfg['hidden_act']!r}; only 'gelu' is supported")
-
-    if "cls.predictions.decoder.bias" in sd and "cls.predictions.bias" not in sd:
-        sd = dict(sd)
-        sd["cls.predictions.bias"] = sd.pop("cls.predictions.decoder.bias")
-    report = LoadReport()
-    num_layers = cfg.num_text_layers + cfg.num_fusion_layers
-    source: Dict[str, Tensor] = {}
-    for key, tensor in sd.items():
-        target, reason = bert_key_map(key, num_layers, mlm_head is not None)
-        if target is None:
-            report.unexpected.append(key)
-            report.expected_unexpected[key] = reason
-        else:
-            source[target] = tensor
-
-    targets = dict(text.state_dict())
-    tied = False
-    if mlm_head is not None:
-        tied = mlm_head.decoder.weight is text.embeddings.word_embeddings.weight
-        targets.update({"mlm_head." + k: v for k, v in mlm_head.state_dict().items()
-                        if not (tied and k == "decoder.weight")})
-        if "mlm_head.decoder.weight" not in source and "embeddings.word_embeddings.weight" in source:
-            source["mlm_head.decoder.weight"] = source["embeddings.word_embeddings.weight"]  # BERT ties them
-        if tied and "mlm_head.decoder.weight" in source:
-            source.pop("mlm_head.decoder.weight")
-            if "cls.predictions.decoder.weight" in sd:
-                report.unexpected.append("cls.predictions.decoder.weight")
-                report.expected_unexpected["cls.predictions.decoder.weight"] = "tied to the word embeddings"
-    copy_into(targets, source, report)
-    for k in report.missing:
-        if ".crossattention." in k:
-            report.expected_missing[k] = "new cross-attention"
-    return report

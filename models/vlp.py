@@ -142,16 +142,3 @@ class VLPModel(nn.Module):
         norms, embeddings of positions/class token and the temperature (``models/param_groups.py``)."""
         from models.param_groups import param_groups
         return param_groups(self, lr, lr_vision, weight_decay)
-
-
-def load_pretrained_encoders(model: VLPModel) -> list:
-    """Initialise the encoders from the local weight files named in the config; returns the reports."""
-    from models.text import load_bert_weights
-    from models.vision import load_vision_weights
-
-    reports = []
-    if model.cfg.vision_weights:
-        reports.append(load_vision_weights(model.visual, model.cfg.vision_weights, model.cfg.vision_weights_format))
-    if model.cfg.text_weights:
-        reports.append(load_bert_weights(model.text, model.mlm_head, model.cfg.text_weights))
-    return reports

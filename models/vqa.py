@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from models.decoder import DecoderConfig, GenerationConfig, Generated, TextDecoder, init_decoder_from_base
 from models.param_groups import param_groups
 from models.vlp import VLPConfig, VLPModel
-from models.weights import LoadReport
+from models.loading import LoadReport
 
 __all__ = ["VQAModel", "UNUSED_BASE_PREFIXES", "VOCAB_KEY_SUFFIXES", "pad_vocab_rows"]
 

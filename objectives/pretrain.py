@@ -13,7 +13,7 @@ with a helper model also the helper's features (``image_queue_h``, ``text_queue_
 Checkpoints keep the two apart (``engine/trainer.py``): ``ckpt["model"]`` is the model's own state,
 ``ckpt["objective"]`` this module's (the keys above). :func:`checkpoint_states` reads both layouts,
 also checkpoints whose ``model`` entry still holds the momentum and queue keys
-(:func:`split_objective_state`).
+(``models.loading.split_objective_state``).
 """
 from __future__ import annotations
 
@@ -30,12 +30,12 @@ import torch.nn.functional as F
 from engine.config import opt
 from engine.distributed import all_gather_nograd, all_reduce_mean
 from models import losses as L
+from models.loading import checkpoint_filter_fn, split_objective_state
 from models.text import TextTransformer
-from models.vision import interpolate_pos_embed
 from models.vlp import VLPModel, vit_class_token
 
 __all__ = ["ContrastiveConfig", "AlignmentLossConfig", "PretrainLossConfig", "PretrainObjective",
-           "split_objective_state", "checkpoint_states", "load_objective_from_checkpoint", "moved_config_keys"]
+           "checkpoint_states", "load_objective_from_checkpoint", "moved_config_keys"]
 
 
 @dataclass
@@ -124,22 +124,8 @@ def moved_config_keys(data: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- checkpoints
-QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr", "image_queue_h", "text_queue_h")
 # (momentum part, the online part it copies)
 COPY_OF = (("visual_m", "visual"), ("text_m", "text"), ("vision_proj_m", "vision_proj"), ("text_proj_m", "text_proj"))
-
-
-def split_objective_state(state: dict) -> tuple[dict, dict]:
-    """``(model_state, objective_state)`` of a state dict that holds both: the momentum copies (a
-    first name ending in ``_m``: ours ``visual_m.*``, ALBEF/BLIP ``visual_encoder_m.*``, ...) and the
-    queues (BLIP also calls the pointer ``ptr_queue``) belong to the objective. A model's own state
-    comes back whole."""
-    model, objective = {}, {}
-    for key, value in state.items():
-        first = key.split(".", 1)[0]
-        own = first.endswith("_m") or key in QUEUES or key == "ptr_queue"
-        (objective if own else model)[key] = value
-    return model, objective
 
 
 def checkpoint_states(ckpt: dict) -> tuple[dict, dict]:
@@ -152,30 +138,12 @@ def checkpoint_states(ckpt: dict) -> tuple[dict, dict]:
 
 def load_objective_from_checkpoint(objective: "PretrainObjective", ckpt: dict) -> list[str]:
     """Start ``objective`` (built on the already loaded model) from a checkpoint: its momentum copy
-    when it has one (ours or ALBEF/BLIP's, converted), else the online weights; empty queues (queued
-    features carry another run's image ids). Returns the notes of :meth:`PretrainObjective.load_momentum`."""
-    _, state = checkpoint_states(ckpt)
-    layout = "ours"
-    if any(k.startswith("visual_encoder.") for k in ckpt["model"]):
-        from models.convert import detect_layout
-        layout = detect_layout(ckpt["model"])
-    return objective.load_momentum(state, layout)
-
-
-def _fit(key: str, value: torch.Tensor, target: torch.Tensor) -> Optional[torch.Tensor]:
-    """``value`` in the shape of ``target``: as is, a ViT position embedding interpolated (another
-    image size), an embedding table cut to its first rows (a longer text position table, BLIP's two
-    added vocabulary rows), zeros for an all-zero token-type table; None when it does not fit."""
-    if value.shape == target.shape:
-        return value
-    if key.endswith("pos_embed") and value.ndim == 3 and value.shape[-1] == target.shape[-1]:
-        return interpolate_pos_embed(value, int(round((target.shape[1] - 1) ** 0.5)))
-    if key.endswith("token_type_embeddings.weight"):
-        return torch.zeros_like(target) if not value.any() else None
-    if key.endswith("embeddings.weight") and value.ndim == 2 and value.shape[1] == target.shape[1] \
-            and value.shape[0] > target.shape[0]:
-        return value[: target.shape[0]]
-    return None
+    when it has one (ours, or ALBEF/BLIP's: ``models.loading.checkpoint_filter_fn`` converts the names
+    with its key tables and fits the sizes to the model), else the online weights; empty queues
+    (queued features carry another run's image ids). Returns the notes of
+    :meth:`PretrainObjective.load_momentum`."""
+    state = checkpoint_filter_fn({**ckpt["model"], **ckpt.get("objective", {})}, objective.model)
+    return objective.load_momentum(split_objective_state(state)[1])
 
 
 # ---------------------------------------------------------------------------------- the objective
@@ -244,16 +212,14 @@ class PretrainObjective(nn.Module):
         torch._foreach_add_(moment, online, alpha=1.0 - m)
 
     @torch.no_grad()
-    def load_momentum(self, state: dict, layout: str = "ours") -> list[str]:
-        """Copy the momentum encoders and projections of an objective state (``visual_m.*``, ...;
-        ALBEF/BLIP names with ``layout`` ``"albef"`` / ``"blip"``, converted) into this objective; the
-        queues are left as they are. A part the state lacks is copied from the online model; a part
-        it has must fit whole (``ValueError`` naming the keys otherwise). Returns one note per part
-        copied from the online model."""
-        if layout != "ours":
-            from models.convert import convert_to_ours
-            state, _ = convert_to_ours(state, self.model.cfg.text.num_text_layers,
-                                       self.model.cfg.text.type_vocab_size, layout)
+    def load_momentum(self, state: dict) -> list[str]:
+        """Copy the momentum encoders and projections of an objective state in our names
+        (``visual_m.*``, ...; :func:`load_objective_from_checkpoint` converts ALBEF/BLIP names) into
+        this objective, sized to the model by ``models.loading.checkpoint_filter_fn`` (a ViT position
+        embedding of another image size interpolated); the queues are left as they are. A part the
+        state lacks is copied from the online model; a part it has must fit whole (``ValueError``
+        naming the keys otherwise). Returns one note per part copied from the online model."""
+        state = checkpoint_filter_fn({k: v for k, v in state.items() if k.split(".")[0] in dict(COPY_OF)}, self.model)
         notes, own = [], self.state_dict()
         for mom, online in COPY_OF:
             keys = [k for k in own if k.startswith(mom + ".")]
@@ -262,13 +228,13 @@ class PretrainObjective(nn.Module):
                 self.copy_params_to_momentum([(mom, online)])
                 notes.append(f"no momentum copy {mom} in the checkpoint: copied from {online}")
                 continue
-            fitted = {k: _fit(k, given[k], own[k]) for k in keys if k in given}
             bad = ([f"missing {k}" for k in keys if k not in given] + [f"unexpected {k}" for k in given if k not in own]
-                   + [f"{k}: {tuple(given[k].shape)} -> {tuple(own[k].shape)}" for k, v in fitted.items() if v is None])
+                   + [f"{k}: {tuple(v.shape)} -> {tuple(own[k].shape)}" for k, v in given.items()
+                      if k in own and v.shape != own[k].shape])
             if bad:
                 raise ValueError(f"the momentum copy {mom} does not fit this model: {'; '.join(bad[:10])}")
-            for k, v in fitted.items():
-                own[k].copy_(v)
+            for k in keys:
+                own[k].copy_(given[k])
         return notes
 
     @torch.no_grad()

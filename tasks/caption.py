@@ -37,7 +37,7 @@ from tasks import finetune
 from tasks.caption_eval import METRIC_KEYS, METRICS
 from tasks.caption_generate import CaptionRunEvaluator, check_image_files, load_splits, predict_captions
 from tasks.finetune_config import FinetuneConfig
-from tasks.spec import DECODER_SECTIONS, Predictor, Run, TaskSpec, init_encoders, load_weights, show_report
+from tasks.spec import Predictor, Run, TaskSpec, init_encoders, load_weights, show_report
 from tasks.train_data import BadImageCheck, ImageChecks, SampledTrainData, require_fraction, require_positive
 
 log = logging.getLogger("caption")
@@ -139,7 +139,7 @@ def build_model(run: Run, ckpt: Optional[dict]) -> CaptionModel:
     cfg = run.cfg
     if ckpt is not None and is_caption_state(ckpt["model"]):
         model = CaptionModel(cfg.model, cfg.decoder)
-        load_weights(run, model, ckpt["model"], DECODER_SECTIONS)
+        load_weights(run, model, ckpt["model"])
         return model
     base = VLPModel(cfg.model)
     if ckpt is not None:
@@ -147,7 +147,7 @@ def build_model(run: Run, ckpt: Optional[dict]) -> CaptionModel:
     else:
         init_encoders(run, base)
     model, report = CaptionModel.from_base(base, cfg.decoder)
-    show_report(run, report, f"decoder initialised from the base model ({cfg.decoder.init_from})", DECODER_SECTIONS)
+    show_report(run, report, f"decoder initialised from the base model ({cfg.decoder.init_from})")
     return model
 
 

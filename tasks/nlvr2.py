@@ -30,8 +30,8 @@ from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset
 from datasets.transforms import TransformConfig, build_transform
 from engine.config import opt
 from engine.trainer import TrainState
+from models.loading import LoadReport
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
-from models.weights import LoadReport
 from tasks import finetune
 from tasks.finetune_config import FinetuneConfig
 from tasks.nlvr2_eval import DATA_HINT, NLVR2RunEvaluator, eval_sets

@@ -23,10 +23,11 @@ from engine.loader import SafeDataLoader
 from engine.rundir import OutputDir
 from engine.trainer import EpochBatchSampler, Trainer, TrainState, grouped, setup_logging
 from models import losses as L
-from models.vlp import VLPModel, load_pretrained_encoders
+from models.loading import load_checkpoint_into, load_encoder_weights
+from models.vlp import VLPModel
 from shapesworld.truth import ShapesWorld
-from objectives.pretrain import PretrainObjective, checkpoint_states, load_objective_from_checkpoint
-from tasks.common import load_model_state, make_tokenizer, to_device
+from objectives.pretrain import PretrainObjective, load_objective_from_checkpoint
+from tasks.common import make_tokenizer, to_device
 from tasks.pretrain_config import PretrainConfig
 from tasks.pretrain_data import build_dataset, prepare_data
 from tasks.train_data import BadImageCheck
@@ -167,12 +168,10 @@ def load_helper(path: str, tokenizer, device: torch.device) -> VLPModel:
 def init_from_checkpoint(objective: PretrainObjective, ckpt: dict, path: str):
     """Continued pre-training: copy the model and momentum weights of one of our checkpoints into
     ``objective``; the queues start empty (their features belong to the other run), and the
-    optimiser, schedule and step count start afresh. Returns the model's load report; raises on any
-    missing, unexpected or mismatched key."""
-    report = load_model_state(objective.model, checkpoint_states(ckpt)[0], source=path)
-    if report.unexplained_missing() or report.unexpected or report.mismatched:
-        raise ValueError(f"{path} does not fit this model (--init-from needs the same architecture):\n"
-                         + report.summary())
+    optimiser, schedule and step count start afresh. Returns the model's load report; raises
+    ``models.loading.LoadError`` on another architecture (the checkpoint's saved config, head counts
+    included) or any unexplained key."""
+    report = load_checkpoint_into(objective.model, ckpt, source=path)
     for note in load_objective_from_checkpoint(objective, ckpt):
         log.info("%s", note)
     return report
@@ -211,10 +210,9 @@ def _run(cfg: PretrainConfig, resume: Optional[str], init_from: Optional[str], o
         helper = load_helper(cfg.loss.contrastive.helper_checkpoint, tokenizer, dist.device)
     torch.manual_seed(cfg.train.seed)
     model = VLPModel(cfg.model)
-    for report in load_pretrained_encoders(model):
+    for report in load_encoder_weights(model):
         if dist.is_main:
             print(report.summary(), flush=True)
-        report.raise_if_unexpected()
     objective = PretrainObjective(model, cfg.loss, helper_dim=helper.cfg.embed_dim if helper else None)
     if init_ckpt is not None:
         report = init_from_checkpoint(objective, init_ckpt, init_from)

@@ -34,9 +34,7 @@ from engine.config import ConfigError, opt
 from engine.trainer import TrainState
 from models import losses as L
 from models.vlp import VLPModel
-from models.weights import LoadReport
-from objectives.pretrain import (AlignmentLossConfig, ContrastiveConfig, PretrainObjective, checkpoint_states,
-                                 load_objective_from_checkpoint)
+from objectives.pretrain import AlignmentLossConfig, ContrastiveConfig, PretrainObjective, load_objective_from_checkpoint
 from tasks import finetune
 from tasks.finetune_config import FinetuneConfig
 from tasks.retrieval_eval import RetrievalEvalConfig
@@ -112,13 +110,6 @@ def load_data(run: Run) -> RetrievalData:
 
 
 # ------------------------------------------------------------------------------------ the model
-def load_checkpoint_into(run: Run, model: VLPModel, ckpt: dict) -> LoadReport:
-    """Load a checkpoint's model (ours, pre-training or retrieval; or ALBEF/BLIP names, converted) with
-    an explicit report; its training objective's state (momentum copy, queues) is not the model's
-    (:func:`build_trained_module` takes the momentum copy)."""
-    return load_weights(run, model, checkpoint_states(ckpt)[0])
-
-
 def build_trained_module(run: Run, model: VLPModel, ckpt: Optional[dict]) -> VLPModel | PretrainObjective:
     """What the run uses: for fine-tuning the objective on the loaded ``model`` (the checkpoint's
     momentum copy when it has one, else the online weights, and empty queues: queued pre-training
@@ -143,8 +134,8 @@ def freeze_mlm_only(model: VLPModel) -> None:
 
 def build_model(run: Run, ckpt: Optional[dict]) -> VLPModel | PretrainObjective:
     model = VLPModel(run.cfg.model)
-    if ckpt is not None:
-        load_checkpoint_into(run, model, ckpt)
+    if ckpt is not None:  # the model's part (ours, pre-training or retrieval; or ALBEF/BLIP names, converted)
+        load_weights(run, model, ckpt["model"])  # the objective's part: build_trained_module
     else:
         init_encoders(run, model)
     freeze_mlm_only(model)
@@ -206,4 +197,4 @@ def main(args) -> int:
 
 
 __all__ = ["RetrievalConfig", "RetrievalDataConfig", "RetrievalLossConfig", "SPEC", "build_trained_module",
-           "load_checkpoint_into", "train_step", "run", "main"]
+           "train_step", "run", "main"]

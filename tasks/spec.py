@@ -23,16 +23,13 @@ from torch import nn
 from engine import distributed as D
 from engine.checkpoint import atomic_write
 from engine.trainer import TrainState
-from models.weights import LoadReport
-from objectives.pretrain import split_objective_state
-from tasks.common import load_encoder_weights, load_model_state, raise_on_report
+from models.loading import LoadReport, load_checkpoint_into, load_encoder_weights
 from tasks.train_data import SampledTrainData
 
-__all__ = ["Evaluator", "Predictor", "TaskSpec", "Run", "MODE_FLAGS", "DECODER_SECTIONS", "autocast_for", "write_json",
-           "load_state", "show_report", "load_weights", "init_encoders"]
+__all__ = ["Evaluator", "Predictor", "TaskSpec", "Run", "MODE_FLAGS", "autocast_for", "write_json", "load_state",
+           "show_report", "load_weights", "init_encoders"]
 
 MODE_FLAGS = {"evaluate": "evaluate", "zero_shot": "zero-shot", "predict": "predict"}
-DECODER_SECTIONS = "'model' and 'decoder' sections"  # what a caption / VQA checkpoint's config must match
 
 
 class Evaluator(Protocol):
@@ -132,33 +129,32 @@ def write_json(obj: Any, path: Path, indent: Optional[int] = 1) -> None:
 # ---------------------------------------------------------------------- weights
 def load_state(module: nn.Module, state: dict, source: str, *, prefix: str = "",
                expected_missing: Optional[dict[str, str]] = None, resized: tuple[str, ...] = ()) -> LoadReport:
-    """Copy a checkpoint's model ``state`` into ``module`` (its keys under ``prefix``) with an explicit
-    report (``tasks.common.load_model_state``; ALBEF / BLIP names are converted): keys ``module``
-    lacks; a pre-training checkpoint's training-objective state (momentum copy, queues) is left out; ``resized``
-    keys (enlarged before loading) are reported as interpolated. Every task loads through here."""
-    state = split_objective_state(state)[0]  # a pre-training checkpoint's training objective is not the model's
-    report = load_model_state(module, {prefix + k: v for k, v in state.items()}, source=source,
-                              expected_missing=expected_missing)
+    """Load a checkpoint's model ``state`` into ``module`` (its keys under ``prefix``) with an explicit
+    report (``models.loading.load_checkpoint_into``: ALBEF / BLIP names are converted; a pre-training
+    checkpoint's training-objective state, momentum copy and queues, is left out); ``resized`` keys
+    (enlarged before loading) are reported as interpolated. Raises ``models.loading.LoadError`` on
+    anything unexplained, before anything is loaded. Every task loads through here (the model section
+    already comes from the checkpoint's config: ``tasks/finetune_config.py``)."""
+    report = load_checkpoint_into(module, {"model": state}, source=source, prefix=prefix,
+                                  expected_missing=expected_missing)
     report.interpolated.extend(k for k in resized if prefix + k in report.loaded)
     return report
 
 
-def show_report(run: Run, report: LoadReport, what: str, sections: str = "'model' section") -> LoadReport:
-    """Print ``report`` (main process) and raise ``ConfigError`` on anything it does not explain."""
+def show_report(run: Run, report: LoadReport, what: str) -> LoadReport:
+    """Print ``report`` (main process) and raise ``models.loading.LoadError`` on anything it does not explain."""
     if run.dist.is_main:
         print(f"{what}: {report.summary()}", flush=True)
-    raise_on_report(report, run.checkpoint or str(run.out_dir), sections)
+    report.raise_if_unexpected()
     return report
 
 
-def load_weights(run: Run, module: nn.Module, state: dict, sections: str = "'model' section", **kwargs) -> LoadReport:
+def load_weights(run: Run, module: nn.Module, state: dict, **kwargs) -> LoadReport:
     """:func:`load_state` from the run's ``--checkpoint``, then :func:`show_report`."""
-    return show_report(run, load_state(module, state, str(run.checkpoint), **kwargs), f"checkpoint {run.checkpoint}",
-                       sections)
+    return show_report(run, load_state(module, state, str(run.checkpoint), **kwargs), f"checkpoint {run.checkpoint}")
 
 
 def init_encoders(run: Run, base: nn.Module) -> list[LoadReport]:
-    """From scratch: a ``VLPModel``'s encoders from the weight files its config names (if any)."""
-    return load_encoder_weights(base, run.dist)
-
-
+    """From scratch: a ``VLPModel``'s encoders from the weight files its config names
+    (``models.loading.load_encoder_weights``; none: no report), each report shown."""
+    return [show_report(run, r, r.source) for r in load_encoder_weights(base)]

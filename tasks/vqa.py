@@ -35,7 +35,7 @@ from models.decoder import DecoderConfig, GenerationConfig
 from models.vqa import VQAModel, pad_vocab_rows
 from tasks import finetune
 from tasks.finetune_config import FinetuneConfig
-from tasks.spec import DECODER_SECTIONS, Run, TaskSpec, init_encoders, load_weights, show_report
+from tasks.spec import Run, TaskSpec, init_encoders, load_weights, show_report
 from tasks.train_data import BadImageCheck, ImageChecks, SampledTrainData, require_fraction, require_positive
 from tasks.vqa_eval import VQARunEvaluator, eval_sets
 
@@ -167,12 +167,12 @@ def build_model(run: Run, ckpt: Optional[dict]) -> VQAModel:
         state = dict(ckpt["model"])
         resized = tuple(pad_vocab_rows(state, cfg.model.text.vocab_size))
         if is_vqa_state(state):
-            load_weights(run, model, state, DECODER_SECTIONS, resized=resized)
+            load_weights(run, model, state, resized=resized)
             return model
-        load_weights(run, model, state, DECODER_SECTIONS, prefix="base.", resized=resized,
+        load_weights(run, model, state, prefix="base.", resized=resized,
                      expected_missing={"decoder.": "answer decoder: initialised from the base model"})
     show_report(run, model.init_decoder_from_base(),
-                f"decoder initialised from the base model ({cfg.decoder.init_from})", DECODER_SECTIONS)
+                f"decoder initialised from the base model ({cfg.decoder.init_from})")
     return model
 
 

@@ -32,9 +32,10 @@ from datasets.formats import load_image, read_annotations
 from datasets.text import pre_caption, tokenizer_from_state
 from datasets.transforms import TransformConfig, build_transform
 from engine.checkpoint import load_checkpoint
+from models.loading import load_checkpoint_into
 from models.vision import vit_tokens
 from models.vlp import VLPModel
-from objectives.pretrain import PretrainObjective, checkpoint_states
+from objectives.pretrain import PretrainObjective
 from tasks.common import saved_run_config
 from tasks.pretrain_config import PretrainConfig
 from tasks.retrieval_ranking import chance_note, chance_recall
@@ -59,9 +60,8 @@ def load_vlp_checkpoint(path: str, device: str | torch.device = "cpu", objective
     if missing:
         raise ValueError(f"{path} is not a pre-training checkpoint of this project (no {missing} entries)")
     cfg = saved_run_config(PretrainConfig, ckpt["config"])
-    model_state, objective_state = checkpoint_states(ckpt)
     model = VLPModel(cfg.model)
-    model.load_state_dict(model_state, strict=True)
+    objective_state = load_checkpoint_into(model, ckpt, source=path).objective
     if objective:
         if not any(k.startswith("visual_m.") for k in objective_state):
             raise ValueError(f"{path} has no momentum encoders: use similarity_source='online'")

@@ -1,7 +1,7 @@
 """ALBEF / BLIP checkpoint import: exact key layouts at tiny sizes, full round trips, loud failures.
 
 The ALBEF and BLIP state dicts are built here from one of our tiny models by inverse maps written
-independently of ``models/convert.py`` (from the key names of salesforce/ALBEF models/model_pretrain.py,
+independently of ``models/key_maps.py`` (from the key names of salesforce/ALBEF models/model_pretrain.py,
 model_retrieval.py, xbert.py, vit.py and salesforce/BLIP models/blip_pretrain.py, blip_retrieval.py,
 med.py, vit.py). Loading them into a freshly initialised model must reproduce the source model's
 features and ITM logits exactly (and, through the pre-training objective, its momentum features).
@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from models.convert import (albef_to_ours, architecture, blip_to_ours, detect_layout, fit_problems,
-                            load_foreign_checkpoint, load_foreign_state)
+from engine.config import ConfigError
+from models.loading import (architecture, checkpoint_filter_fn, detect_layout, fit_problems, interpolate_pos_embed,
+                            load_checkpoint_into, split_objective_state)
 from models.text import TextConfig
-from models.vision import VisionConfig, interpolate_pos_embed
+from models.vision import VisionConfig
 from models.vlp import VLPConfig, VLPModel
 from objectives.pretrain import PretrainLossConfig, PretrainObjective, load_objective_from_checkpoint
 
@@ -73,10 +74,15 @@ def state_of(m) -> dict:
 
 
 def load_both(dst: PretrainObjective, sd: dict, **kwargs):
-    """An ALBEF/BLIP state into the model (``load_foreign_state``) and its momentum copy into the
+    """An ALBEF/BLIP state into the model (``load_checkpoint_into``) and its momentum copy into the
     objective, as fine-tuning does; the momentum notes join the report's."""
-    report = load_foreign_state(dst.model, sd, **kwargs)
-    report.notes += load_objective_from_checkpoint(dst, {"model": sd})
+    return load_ckpt(dst, {"model": sd}, **kwargs)
+
+
+def load_ckpt(dst: PretrainObjective, ckpt: dict, **kwargs):
+    """A checkpoint (``model``, optionally ``objective``) into the model and the objective's momentum copy."""
+    report = load_checkpoint_into(dst.model, ckpt, **kwargs)
+    report.notes += load_objective_from_checkpoint(dst, ckpt)
     return report
 
 
@@ -262,7 +268,7 @@ def test_albef_pretrain_round_trip_identical_outputs():
     albef = ours_to_albef(src, with_idx_queue=True)
     dst = make_model(1)
     assert not torch.equal(outputs(src)["itm"], outputs(dst)["itm"])
-    report = load_both(dst, albef, source="albef.pth", verbose=False)
+    report = load_both(dst, albef, source="albef.pth")
     assert report.layout == "albef"
     assert_same(outputs(src), outputs(dst))
     assert not report.unexplained_missing() and not report.unexplained_unexpected() and not report.mismatched
@@ -275,16 +281,17 @@ def test_albef_pretrain_round_trip_identical_outputs():
 def test_albef_retrieval_layout_queues_reshaped():
     src = make_model(0)
     albef = ours_to_albef(src, bert_prefix=False, with_idx_queue=True)
-    sd, notes = albef_to_ours(albef, N_TEXT)
+    sd = checkpoint_filter_fn(albef, make_model(1).model)
     assert sd["idx_queue"].shape == (Q,) and sd["idx_queue"].tolist() == [3, 1, 4, 1, 5, -1, -1, -1]
     assert sd["queue_ptr"].shape == () and int(sd["queue_ptr"]) == 5
     assert torch.equal(sd["image_queue"], src.image_queue) and torch.equal(sd["text_queue"], src.text_queue)
     dst = make_model(1)
-    report = load_both(dst, albef, verbose=False)
+    report = load_both(dst, albef)
     keys = ["image_feat", "text_feat", "itm", "image_feat_m", "text_feat_m"]
     assert_same(outputs(src), outputs(dst), keys)
     # the queues are the objective's: set aside, never loaded into the model (fine-tuning starts them empty)
-    assert any("training objective" in n for n in report.notes) and not any("queue" in k for k in report.loaded)
+    assert any("training objective" in r for r in report.expected_unexpected.values())
+    assert not any("queue" in k for k in report.loaded)
     # BertModel task checkpoints have no MLM head: expected-missing, fresh initialisation
     assert all("MLM head" in report.expected_missing[k] for k in report.missing if k.startswith("mlm_head."))
     report.raise_if_unexpected()
@@ -296,7 +303,7 @@ def test_albef_pretrain_without_idx_queue_restarts_queue():
     dst = make_model(1)
     with torch.no_grad():
         dst.idx_queue.fill_(-1)
-    report = load_both(dst, albef, verbose=False)
+    report = load_both(dst, albef)
     assert "image_queue" in report.expected_unexpected and "without idx_queue" in report.expected_unexpected["image_queue"]
     assert (dst.idx_queue == -1).all()
     assert_same(outputs(src), outputs(dst), ["image_feat", "text_feat", "itm", "mlm"])
@@ -311,7 +318,7 @@ def test_albef_vqa_checkpoint_base_keys():
     albef.update({"text_decoder.bert." + k: v for k, v in rand_like_layer(0, True).items()})
     albef["text_decoder.cls.predictions.bias"] = torch.zeros(V)
     dst = make_model(1)
-    report = load_both(dst, albef, verbose=False)
+    report = load_both(dst, albef)
     report.raise_if_unexpected()
     out_s, out_d = outputs(src), outputs(dst)
     assert torch.equal(dst.model.visual.pos_embed, src.model.visual.pos_embed)
@@ -328,7 +335,7 @@ def test_blip_round_trip_identical_outputs():
     src = make_model(0)
     blip = ours_to_blip(src)
     dst = make_model(1)
-    report = load_both(dst, blip, source="blip.pth", verbose=False)
+    report = load_both(dst, blip, source="blip.pth")
     assert report.layout == "blip"
     assert_same(outputs(src), outputs(dst))
     report.raise_if_unexpected()
@@ -340,13 +347,15 @@ def test_blip_round_trip_identical_outputs():
 
 
 def test_blip_converter_names():
-    sd, notes = blip_to_ours(ours_to_blip(make_model(0)), N_TEXT)
+    obj = make_model(1)
+    sd = checkpoint_filter_fn(ours_to_blip(make_model(0)), obj.model)
     assert sd["queue_ptr"].shape == () and sd["idx_queue"].shape == (Q,)
     assert not sd["text.embeddings.token_type_embeddings.weight"].any()
-    assert "text.embeddings.token_type_embeddings.weight" in notes.synthesized
+    assert any(n.startswith("text.embeddings.token_type_embeddings.weight: BLIP has no token-type") for n in sd.notes)
     assert "text.encoder.layer.0.crossattention.self.key.weight" not in sd
     assert sd["text.encoder.layer.2.crossattention.self.key.weight"].shape == (H, W)
-    assert not notes.unmapped
+    model_part, objective_part = split_objective_state(sd)  # every key has a place (none unmapped)
+    assert set(model_part) <= set(obj.model.state_dict()) and set(objective_part) <= set(obj.state_dict())
 
 
 def test_blip_captioning_checkpoint_initialises_text_from_decoder():
@@ -359,7 +368,7 @@ def test_blip_captioning_checkpoint_initialises_text_from_decoder():
             blip[k] = v
     assert detect_layout(blip) == "blip"
     dst = make_model(1).model
-    report = load_foreign_state(dst, blip, verbose=False)
+    report = load_checkpoint_into(dst, {"model": blip})
     report.raise_if_unexpected()
     assert torch.equal(dst.text.encoder.layer[1].output.dense.weight,
                        src.model.text.encoder.layer[1].output.dense.weight)
@@ -373,7 +382,7 @@ def test_position_embeddings_interpolated_and_queue_size_change():
     albef = ours_to_albef(src, bert_prefix=False, with_idx_queue=True)
     torch.manual_seed(1)
     dst = PretrainObjective(VLPModel(tiny_cfg()), PretrainLossConfig(queue_size=4)).eval()
-    report = load_both(dst, albef, verbose=False)
+    report = load_both(dst, albef)
     assert "visual.pos_embed" in report.interpolated
     assert torch.allclose(dst.model.visual.pos_embed, interpolate_pos_embed(src.model.visual.pos_embed.detach(), 4))
     assert torch.allclose(dst.visual_m.pos_embed, interpolate_pos_embed(src.visual_m.pos_embed.detach(), 4))
@@ -388,7 +397,7 @@ def test_longer_text_position_table_is_cut():
     cfg = tiny_cfg()
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, max_position_embeddings=20))
     dst = VLPModel(cfg).eval()
-    load_foreign_state(dst, albef, verbose=False).raise_if_unexpected()
+    load_checkpoint_into(dst, {"model": albef}).raise_if_unexpected()
     assert torch.equal(dst.text.embeddings.position_embeddings.weight,
                        src.model.text.embeddings.position_embeddings.weight[:20])
 
@@ -397,7 +406,7 @@ def test_longer_text_position_table_is_cut():
 def test_wrong_width_fails_naming_the_config_key():
     albef = ours_to_albef(make_model(0, width=48, num_heads=2))
     with pytest.raises(ValueError, match=r"model\.vision\.width=48"):
-        load_foreign_state(make_model(1).model, albef, verbose=False)
+        load_checkpoint_into(make_model(1).model, {"model": albef})
 
 
 def test_missing_block_fails_and_model_is_untouched():
@@ -406,7 +415,7 @@ def test_missing_block_fails_and_model_is_untouched():
     dst = make_model(1).model
     before = {k: v.clone() for k, v in dst.state_dict().items()}
     with pytest.raises(ValueError, match=r"missing keys.*text\.encoder\.layer\.3\."):
-        load_foreign_state(dst, albef, verbose=False)
+        load_checkpoint_into(dst, {"model": albef})
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
 
 
@@ -414,7 +423,7 @@ def test_missing_block_loads_partially_with_explicit_flag():
     src = make_model(0)
     albef = {k: v for k, v in ours_to_albef(src).items() if not k.startswith("visual_encoder.blocks.1.")}
     dst = make_model(1).model
-    report = load_foreign_state(dst, albef, allow_mismatch=True, verbose=False)
+    report = load_checkpoint_into(dst, {"model": albef}, allow_mismatch=True)
     assert any("PARTIAL LOAD" in n for n in report.notes)
     assert "visual.blocks.1.attn.qkv.weight" in report.unexplained_missing()
     assert torch.equal(dst.visual.blocks[0].attn.qkv.weight, src.model.visual.blocks[0].attn.qkv.weight)
@@ -426,11 +435,11 @@ def test_unknown_key_and_vocab_mismatch_fail():
     albef = ours_to_albef(make_model(0))
     albef["mystery_head.weight"] = torch.zeros(3)
     with pytest.raises(ValueError, match="mystery_head"):
-        load_foreign_state(make_model(1).model, albef, verbose=False)
+        load_checkpoint_into(make_model(1).model, {"model": albef})
     cfg = tiny_cfg()
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=V + 5))
     with pytest.raises(ValueError, match=r"tokenizer\.path"):
-        load_foreign_state(VLPModel(cfg), ours_to_albef(make_model(0)), verbose=False)
+        load_checkpoint_into(VLPModel(cfg), {"model": ours_to_albef(make_model(0))})
 
 
 def test_fusion_split_mismatch_names_num_text_layers():
@@ -449,61 +458,113 @@ class TaskModel(nn.Module):
         self.head = nn.Linear(H, 3)
 
 
-def test_load_pretrained_accepts_albef_file_with_prefix(tmp_path):
-    from tasks.common import load_pretrained
-
+def test_load_checkpoint_into_accepts_albef_file_with_prefix(tmp_path):
     src = make_model(0)
     path = tmp_path / "albef.pth"
     torch.save({"model": ours_to_albef(src), "config": {"image_res": 32}, "epoch": 3}, path)
     task = TaskModel()
     with pytest.raises(ValueError, match=r"head\.weight"):
-        load_pretrained(task, str(path), prefix="base.")
-    report, ckpt = load_pretrained(task, str(path), expected_missing={"head.": "new task head"}, prefix="base.")
-    assert ckpt["layout"] == "albef" and "config" not in ckpt and ckpt["source_config"] == {"image_res": 32}
-    assert "visual.pos_embed" in ckpt["model"]
+        load_checkpoint_into(task, path, prefix="base.")
+    report = load_checkpoint_into(task, path, expected_missing={"head.": "new task head"}, prefix="base.")
+    assert report.layout == "albef" and "base.visual.pos_embed" in report.loaded
     assert report.expected_missing["head.weight"] == "new task head"
     assert_same(outputs(src), outputs(task.base), ["image_feat", "text_feat", "itm"])
 
 
-def test_load_foreign_checkpoint_reads_file_safely(tmp_path, capsys):
+def test_load_checkpoint_into_reads_file_safely(tmp_path):
     src = make_model(0)
     path = tmp_path / "blip.pth"
     torch.save({"model": ours_to_blip(src), "config": {"vit": "base"}}, path)
     dst = make_model(1).model
-    report = load_foreign_checkpoint(dst, path)
-    assert "checkpoint layout: blip" in capsys.readouterr().out
+    report = load_checkpoint_into(dst, path)
+    assert "checkpoint layout: blip" in report.summary() and report.source == str(path)
     assert_same(outputs(src), outputs(dst), ["image_feat", "text_feat", "itm"])
     assert report.loaded
 
 
-def test_load_model_state_hook_converts_for_task_code():
-    """Task modules call tasks.common.load_model_state directly: foreign names are converted there too."""
-    from tasks.common import load_model_state
-
+def test_task_models_load_foreign_names_without_the_objective_part():
+    """The model (evaluation, task models) takes the model part; the objective part (momentum encoders,
+    queues) comes back in ``report.objective`` (our names), listed as ignored, never loaded."""
     src = make_model(0)
     albef = ours_to_albef(src, bert_prefix=False, with_idx_queue=True)
     torch.manual_seed(1)
     evaluator = VLPModel(tiny_cfg()).eval()  # evaluation: the model alone
-    report = load_model_state(evaluator, albef, source="albef.pth")
+    report = load_checkpoint_into(evaluator, {"model": albef}, source="albef.pth")
     report.raise_if_unexpected()
-    # the momentum copies and queues are the training objective's: set aside, not loaded
-    assert any("tensors of the training objective" in n for n in report.notes)
+    assert any("training objective" in r for r in report.expected_unexpected.values())
     assert not any("_m." in k or "queue" in k for k in report.loaded)
+    assert set(report.objective) == set(split_objective_state(state_of(src))[1])
+    assert torch.equal(report.objective["idx_queue"], src.idx_queue)
     assert_same(outputs(src), outputs(evaluator), ["image_feat", "text_feat", "itm"])
 
     task = TaskModel()
-    report = load_model_state(task, {"base." + k: v for k, v in albef.items()}, source="albef.pth",
-                              expected_missing={"head.": "new task head"})
+    report = load_checkpoint_into(task, {"model": albef}, source="albef.pth", prefix="base.",
+                                  expected_missing={"head.": "new task head"})
     report.raise_if_unexpected()
     assert "base.text_encoder.bert.embeddings.position_ids" not in report.unexpected
     assert "base.text_encoder.embeddings.position_ids" in report.expected_unexpected
 
     wide = ours_to_albef(make_model(0, width=48))
-    report = load_model_state(TaskModel(), {"base." + k: v for k, v in wide.items()}, source="wide.pth",
-                              expected_missing={"head.": "new task head"})
     with pytest.raises(ValueError, match=r"model\.vision\.width=48"):
-        report.raise_if_unexpected()
+        load_checkpoint_into(TaskModel(), {"model": wide}, source="wide.pth", prefix="base.",
+                             expected_missing={"head.": "new task head"})
 
+
+def test_split_objective_state_and_new_checkpoint_layout():
+    """``split_objective_state`` separates the objective's keys by name; a checkpoint that stores them under
+    ``objective`` (not in ``model``) loads the same as one that holds them in ``model``."""
+    src = make_model(0)
+    model_part, objective = split_objective_state(state_of(src))
+    assert set(objective) == {k for k in state_of(src) if k.split(".")[0] in (
+        "visual_m", "text_m", "vision_proj_m", "text_proj_m", "image_queue", "text_queue", "idx_queue", "queue_ptr")}
+    assert set(model_part) == set(src.model.state_dict())
+    old, new = make_model(1), make_model(1)
+    load_ckpt(old, {"model": state_of(src)}, source="old.pth").raise_if_unexpected()
+    load_ckpt(new, {"model": model_part, "objective": objective}, source="new.pth").raise_if_unexpected()
+    assert_same(outputs(src), outputs(old))
+    assert_same(outputs(src), outputs(new))
+
+
+# ----------------------------------------------------------------------------- architecture from the config
+def test_head_count_mismatch_is_refused():
+    """Loading a checkpoint trained with 2 heads into a model configured with 1 gives other features although
+    every weight has the same shape: the checkpoint's saved config must make loading refuse, naming the key."""
+    from tasks.pretrain import init_from_checkpoint
+
+    src = make_model(0)
+    ckpt = {"model": src.model.state_dict(), "objective": split_objective_state(state_of(src))[1],
+            "config": {"model": dataclasses.asdict(tiny_cfg())}}
+    for section in ("vision", "text"):
+        cfg = tiny_cfg()
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), num_heads=1)})
+        own = VLPModel(cfg).state_dict()
+        assert all(v.shape == own[k].shape for k, v in ckpt["model"].items())  # the weights cannot tell
+        key = f"model.{section}.num_heads: checkpoint 2, config 1"
+        with pytest.raises(ConfigError, match=key):
+            init_from_checkpoint(PretrainObjective(VLPModel(cfg), PretrainLossConfig(queue_size=Q)), ckpt,
+                                 "ck.pth")  # --init-from
+        with pytest.raises(ConfigError, match=key):
+            load_checkpoint_into(VLPModel(cfg), ckpt, source="ck.pth")
+        message = str(pytest.raises(ConfigError, load_checkpoint_into, VLPModel(cfg), ckpt).value)
+        assert len(message.splitlines()) == 1
+    load_checkpoint_into(VLPModel(tiny_cfg()), ckpt, source="ck.pth")  # the same heads load
+    init_from_checkpoint(PretrainObjective(VLPModel(tiny_cfg()), PretrainLossConfig(queue_size=Q)), ckpt, "ck.pth")
+
+
+def test_albef_blip_head_counts_are_known():
+    """ALBEF and BLIP build ViT-B/16 (12 heads), BLIP also ViT-L/16 (16 heads), and bert-base text encoders
+    (12 heads): a config with other head counts does not fit (the heads cannot be read from the weights)."""
+    base = {"visual_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16),
+            "text_encoder.embeddings.word_embeddings.weight": torch.zeros(V, 768)}
+    cfg = VLPConfig(vision=VisionConfig(num_heads=6, pre_norm=False, act="gelu", layer_norm_eps=1e-6),
+                    text=TextConfig(vocab_size=V, num_heads=8))
+    problems = fit_problems(architecture(base, "albef"), cfg)[0]
+    assert any("set model.vision.num_heads=12" in p for p in problems)
+    assert any("set model.text.num_heads=12" in p for p in problems)
+    large = {**base, "visual_encoder.patch_embed.proj.weight": torch.zeros(1024, 3, 16, 16)}
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, width=1024, num_heads=16),
+                              text=dataclasses.replace(cfg.text, num_heads=12))
+    assert not [p for p in fit_problems(architecture(large, "blip"), cfg)[0] if "heads" in p]
 
 
 # ----------------------------------------------------------------------------- tools.inspect

@@ -6,6 +6,7 @@ fine-tuning, and those with numpy's RNG state as an array that earlier versions 
 and resume exactly."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -109,18 +110,20 @@ def _reader(name: str, world: Path, pretrained: Path, tmp_path: Path):
     """A function that reads the checkpoint ``p`` through the entry point ``name``."""
     if name == "load_checkpoint":
         return load_checkpoint
-    if name == "convert.read_checkpoint":  # tools.inspect, ALBEF/BLIP loading
-        from models.convert import read_checkpoint
+    if name == "loading.read_checkpoint":  # tools.inspect, ALBEF/BLIP loading, model.*_weights
+        from models.loading import read_checkpoint
         return read_checkpoint
-    if name == "convert.load_foreign_checkpoint":
-        from models.convert import load_foreign_checkpoint
-        return lambda p: load_foreign_checkpoint(_tiny_vlp(world, tmp_path), p)
-    if name == "weights.read_state_dict":  # model.vision_weights, model.text_weights
-        from models.weights import read_state_dict
-        return read_state_dict
-    if name == "vision.load_vision_weights":
-        from models.vision import load_vision_weights
-        return lambda p: load_vision_weights(_tiny_vlp(world, tmp_path).visual, p)
+    if name == "loading.load_checkpoint_into":  # every --checkpoint, --init-from
+        from models.loading import load_checkpoint_into
+        return lambda p: load_checkpoint_into(_tiny_vlp(world, tmp_path), p)
+    if name == "loading.load_encoder_weights":  # model.vision_weights
+        from models.loading import load_encoder_weights
+
+        def load(p):
+            model = _tiny_vlp(world, tmp_path)
+            model.cfg = dataclasses.replace(model.cfg, vision_weights=str(p))
+            return load_encoder_weights(model)
+        return load
     if name == "zero_shot.load_vlp_checkpoint":
         from tasks.zero_shot import load_vlp_checkpoint
         return load_vlp_checkpoint
@@ -130,9 +133,6 @@ def _reader(name: str, world: Path, pretrained: Path, tmp_path: Path):
     if name == "srcl_diagnostics.diagnose_checkpoint(helper)":
         from tasks.srcl_diagnostics import diagnose_checkpoint
         return lambda p: diagnose_checkpoint(str(pretrained), str(world), helper=str(p), progress=False)
-    if name == "common.load_pretrained":
-        from tasks.common import load_pretrained
-        return lambda p: load_pretrained(_tiny_vlp(world, tmp_path), str(p))
     if name == "common.load_selected_checkpoint":
         from tasks.common import load_selected_checkpoint
         return lambda p: load_selected_checkpoint(_tiny_vlp(world, tmp_path), Path(p).parent)
@@ -146,9 +146,9 @@ def _reader(name: str, world: Path, pretrained: Path, tmp_path: Path):
 
 
 @pytest.mark.parametrize("name", [
-    "load_checkpoint", "convert.read_checkpoint", "convert.load_foreign_checkpoint", "weights.read_state_dict",
-    "vision.load_vision_weights", "zero_shot.load_vlp_checkpoint", "srcl_diagnostics.diagnose_checkpoint",
-    "srcl_diagnostics.diagnose_checkpoint(helper)", "common.load_pretrained", "common.load_selected_checkpoint",
+    "load_checkpoint", "loading.read_checkpoint", "loading.load_checkpoint_into", "loading.load_encoder_weights",
+    "zero_shot.load_vlp_checkpoint", "srcl_diagnostics.diagnose_checkpoint",
+    "srcl_diagnostics.diagnose_checkpoint(helper)", "common.load_selected_checkpoint",
     "pretrain.load_helper", "inspect.describe"])
 def test_every_reader_refuses_a_malicious_checkpoint(name, evil, world, pretrained, tmp_path):
     path, marker = evil

@@ -9,13 +9,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = sorted(p.parent.name for p in ROOT.glob("*/__init__.py") if p.parent.name != "tests")
 
-# Imports in models/convert.py that cross these rules; that module is being replaced by the loading
-# module (models/loading.py), which has neither: the pair models.convert <-> tasks.common is the one
-# known cycle, and models.convert -> engine.distributed the one known import of the distributed helpers.
-KNOWN_CYCLE_EDGES = {("models.convert", "tasks.common")}
-KNOWN_MODELS_IMPORTS = {("models.convert", "tasks.common"), ("models.convert", "engine.distributed")}
-
-
 def _modules() -> dict[str, Path]:
     """Module name -> file, for the packages, the top-level scripts and the benchmarks."""
     out = {}
@@ -106,15 +99,12 @@ def test_the_graph_is_read():
     graph = _graph()
     assert {"models.vlp", "objectives.pretrain", "tasks.pretrain", "engine.trainer", "run_pretrain"} <= set(graph)
     assert "models.vlp" in graph["objectives.pretrain"] and "models.losses" in graph["objectives.pretrain"]
-    assert "tasks.common" in graph["models.convert"]  # an import inside a function counts
+    assert "models.param_groups" in graph["models.vlp"]  # an import inside a function counts
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_no_import_cycle():
-    graph = _graph()
-    for a, b in KNOWN_CYCLE_EDGES:
-        graph[a].discard(b)
-    assert _cycles(graph) == []
+    assert _cycles(_graph()) == []
 
 
 def test_models_import_nothing_above_them():
@@ -122,4 +112,4 @@ def test_models_import_nothing_above_them():
     bad = sorted((name, dep) for name, deps in graph.items() if name.startswith("models.")
                  for dep in deps if dep.split(".")[0] in ("tasks", "objectives", "datasets")
                  or dep == "engine.distributed")
-    assert [b for b in bad if b not in KNOWN_MODELS_IMPORTS] == []
+    assert bad == []

@@ -9,11 +9,12 @@ import dataclasses
 import pytest
 import torch
 
+from models.loading import interpolate_pos_embed, split_objective_state
 from models.text import TextConfig
-from models.vision import VisionConfig, interpolate_pos_embed
+from models.vision import VisionConfig
 from models.vlp import VLPConfig, VLPModel
 from objectives.pretrain import (ContrastiveConfig, PretrainLossConfig, PretrainObjective, checkpoint_states,
-                                 moved_config_keys, split_objective_state)
+                                 moved_config_keys)
 
 
 def tiny_cfg(img_size: int = 16) -> VLPConfig:

@@ -20,6 +20,7 @@ from models.text import TextConfig
 from models.vision import VisionConfig
 from models.vlp import VLPConfig, VLPModel
 from tasks import retrieval_eval
+from models.loading import load_checkpoint_into
 from tasks.finetune_config import model_from_checkpoint
 from tasks.retrieval import RetrievalConfig
 from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator
@@ -396,8 +397,14 @@ def test_configs_load_with_the_paper_settings():
 
 def test_architecture_mismatch_is_a_clear_error():
     cfg = load_config(RetrievalConfig, ROOT / "configs/demo/retrieval.yaml")
+    model = VLPModel(cfg.model)
     saved = {"model": {"vision": {"width": 256, "img_size": 32}, "text": {"hidden_size": 128}, "embed_dim": 64}}
+    # the driver takes the model from the checkpoint and refuses a config that sets another architecture ...
     with pytest.raises(ConfigError, match=r"model.vision.width: checkpoint 256, config 128"):
         model_from_checkpoint(cfg.model, saved["model"], "ck.pth")
+    # ... and loading a checkpoint compares its saved config with the model's
+    with pytest.raises(ConfigError, match=r"ck.pth .*model.vision.width: checkpoint 256, config 128"):
+        load_checkpoint_into(model, {"model": model.state_dict(), "config": saved}, source="ck.pth")
     saved["model"]["vision"]["width"] = 128  # image size may differ
     model_from_checkpoint(cfg.model, saved["model"], "ck.pth")
+    load_checkpoint_into(model, {"model": model.state_dict(), "config": saved}, source="ck.pth")

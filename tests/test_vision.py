@@ -1,5 +1,8 @@
-"""models/vision.py: timm/DeiT and OpenAI-CLIP weight loading, position-embedding interpolation."""
+"""models/vision.py and its weight files (models/loading.py): timm/DeiT and OpenAI-CLIP weight loading,
+position-embedding interpolation (timm's functions, checked against the explicit reference)."""
 import argparse
+import math
+import re
 from collections import OrderedDict
 
 import pytest
@@ -9,8 +12,8 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from models.vision import (VisionConfig, build_vit, interpolate_pos_embed, load_vision_weights,
-                           vit_tokens)
+from models.loading import interpolate_pos_embed, load_vision_weights, read_checkpoint
+from models.vision import VisionConfig, build_vit, vit_tokens
 
 IMG, PATCH, WIDTH, DEPTH, HEADS = 32, 8, 128, 2, 2  # CLIP: 64-dim heads
 
@@ -73,6 +76,66 @@ def test_interpolate_pos_embed_matches_direct_recomputation():
     torch.testing.assert_close(interpolate_pos_embed(pos, 4), pos, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="square"):
         interpolate_pos_embed(pos[:, :-1], 6)
+
+
+def reference_interpolate(pos_embed, new_h, new_w):
+    """The explicit interpolation (ALBEF's interpolate_pos_embed): class position kept, the square grid
+    resized bicubically, align_corners=False, no antialiasing, in float32."""
+    prefix, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    old, c = math.isqrt(grid.shape[1]), grid.shape[2]
+    grid = grid.reshape(1, old, old, c).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(new_h, new_w), mode="bicubic", align_corners=False)
+    return torch.cat([prefix, grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, c).to(pos_embed.dtype)], dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_timm_resample_equals_the_explicit_interpolation(dtype):
+    """interpolate_pos_embed is timm's resample_abs_pos_embed with antialias=False: bit-identical to the
+    explicit reference on random tensors (up- and downsampling); timm's default (antialias=True) is not."""
+    from timm.layers import resample_abs_pos_embed
+
+    g = torch.Generator().manual_seed(0)
+    for old, (h, w) in ((4, (6, 6)), (6, (4, 4)), (16, (24, 24)), (24, (16, 16)), (4, (4, 6))):
+        pos = torch.randn(1, 1 + old * old, 40, generator=g).to(dtype)
+        out = interpolate_pos_embed(pos, (h, w))
+        assert out.dtype == dtype and torch.equal(out, reference_interpolate(pos, h, w))
+        if (h, w) != (old, old):
+            assert not torch.equal(resample_abs_pos_embed(pos, [h, w], num_prefix_tokens=1), out)
+
+
+# the explicit OpenAI-CLIP -> timm key table (checked against timm's _convert_openai_clip below)
+_BLOCK = r"transformer\.resblocks\.(\d+)\."
+CLIP_TO_TIMM = [(r"conv1\.weight", r"patch_embed.proj.weight"), (r"class_embedding", r"cls_token"),
+                (r"positional_embedding", r"pos_embed"), (r"ln_pre\.(weight|bias)", r"norm_pre.\1"),
+                (_BLOCK + r"ln_1\.(weight|bias)", r"blocks.\1.norm1.\2"),
+                (_BLOCK + r"attn\.in_proj_(weight|bias)", r"blocks.\1.attn.qkv.\2"),
+                (_BLOCK + r"attn\.out_proj\.(weight|bias)", r"blocks.\1.attn.proj.\2"),
+                (_BLOCK + r"ln_2\.(weight|bias)", r"blocks.\1.norm2.\2"),
+                (_BLOCK + r"mlp\.c_fc\.(weight|bias)", r"blocks.\1.mlp.fc1.\2"),
+                (_BLOCK + r"mlp\.c_proj\.(weight|bias)", r"blocks.\1.mlp.fc2.\2"),
+                (r"ln_post\.(weight|bias)", r"norm.\1")]
+
+
+def test_timm_clip_conversion_equals_the_explicit_table():
+    """timm's _convert_openai_clip gives every visual key the name of the explicit table and the same
+    tensor (class token reshaped to (1, 1, C), position embeddings to (1, N, C)); the projection becomes a
+    classifier head, which the filter drops."""
+    from timm.models.vision_transformer import _convert_openai_clip
+
+    g = torch.Generator().manual_seed(0)
+    ref = OpenAIVisionTransformer(IMG, PATCH, WIDTH, 3, HEADS, output_dim=16)
+    sd = {"visual." + k: torch.randn(v.shape, generator=g) for k, v in ref.state_dict().items()}
+    timm_sd = _convert_openai_clip(sd, build_vit(clip_cfg(depth=3)))
+    expected = {}
+    for key, v in sd.items():
+        k = key[len("visual."):]
+        rule = next(((p, r) for p, r in CLIP_TO_TIMM if re.fullmatch(p, k)), None)
+        if rule is not None:
+            name = re.sub(rule[0], rule[1], k)
+            expected[name] = v.reshape(1, 1, -1) if name == "cls_token" else v.unsqueeze(0) if name == "pos_embed" else v
+    assert set(timm_sd) == set(expected) | {"head.weight", "head.bias"}
+    assert all(torch.equal(timm_sd[k], v) for k, v in expected.items())
+    assert torch.equal(timm_sd["head.weight"], sd["visual.proj"].T)
 
 
 # ----------------------------------------------------------------------------- OpenAI CLIP reference
@@ -177,9 +240,9 @@ def test_openai_clip_layout_matches_reference(openai_clip, tmp_path):
 
 def test_clip_mismatch_raises_clear_errors(openai_clip, tmp_path):
     torch.save(full_clip_state_dict(openai_clip), tmp_path / "clip.pt")
-    with pytest.raises(ValueError, match=r"width 128 \(set vision.width=128\)"):
+    with pytest.raises(ValueError, match=r"width 128 \(set model\.vision\.width=128\)"):
         load_vision_weights(build_vit(clip_cfg(width=32)), tmp_path / "clip.pt")
-    with pytest.raises(ValueError, match="vision.pre_norm=true, vision.act=quick_gelu"):
+    with pytest.raises(ValueError, match="model.vision.pre_norm=true, model.vision.act=quick_gelu"):
         load_vision_weights(build_vit(clip_cfg(pre_norm=False, act="gelu")), tmp_path / "clip.pt")
     with pytest.raises(ValueError, match="patch size 8"):
         load_vision_weights(build_vit(clip_cfg(patch_size=16)), tmp_path / "clip.pt")
@@ -198,8 +261,9 @@ def test_grad_checkpointing_flag():
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_read_state_dict_wrappers_and_unsafe_files(tmp_path):
-    from models.weights import read_state_dict
+def test_read_checkpoint_wrappers_and_unsafe_files(tmp_path):
+    def read_state_dict(path):
+        return read_checkpoint(path)["model"]
 
     lin = nn.Linear(3, 4)
     torch.save({"state_dict": {"module." + k: v for k, v in lin.state_dict().items()}, "epoch": 1},

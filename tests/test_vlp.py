@@ -41,7 +41,7 @@ def test_pretrained_encoders_load(tmp_path):
     import timm
     from transformers import BertConfig, BertForPreTraining
 
-    from models.vlp import load_pretrained_encoders
+    from models.loading import load_encoder_weights
     from objectives.pretrain import PretrainLossConfig, PretrainObjective
 
     torch.manual_seed(1)
@@ -54,7 +54,7 @@ def test_pretrained_encoders_load(tmp_path):
     cfg = dataclasses.replace(tiny_cfg(), text_weights=str(tmp_path / "bert"),
                               vision_weights=str(tmp_path / "deit.pth"), vision_weights_format="deit")
     model = VLPModel(cfg)
-    reports = load_pretrained_encoders(model)
+    reports = load_encoder_weights(model)
     assert len(reports) == 2
     for r in reports:
         r.raise_if_unexpected()

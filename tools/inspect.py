@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from models.convert import architecture, detect_layout, fit_problems, read_checkpoint
+from models.loading import architecture, detect_layout, fit_problems, ours_prefix, read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,11 +34,7 @@ def _millions(n: int) -> str:
 
 def _components(sd: dict, layout: str) -> dict[str, tuple[int, int]]:
     """component -> (tensors, parameters): keys grouped by their first name (after a task prefix)."""
-    prefix = ""
-    if layout == "ours":
-        from models.convert import _ours_prefix
-
-        prefix = _ours_prefix(sd)
+    prefix = ours_prefix(sd) if layout == "ours" else ""
     out: dict[str, list[int]] = {}
     seen: set = set()
     for k, v in sd.items():
