@@ -57,6 +57,8 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from engine.trainer import check_batch_size
+
 from . import shard_io
 from .shard_io import is_url
 from .formats import (DEFAULT_MAX_IMAGE_PIXELS, ImageLoadError, derive_seed, load_image, placeholder_image,
@@ -427,11 +429,10 @@ class ShardPretrainDataset(IterableDataset):
 
     # -- setup --------------------------------------------------------------------------------
     def configure(self, global_batch: int, grad_accum: int, rank: int, world: int) -> None:
-        """Set the batch geometry (the same checks as ``EpochBatchSampler``)."""
-        if global_batch % (world * grad_accum):
-            raise ValueError(f"train.batch_size {global_batch} must be divisible by processes x grad_accum = {world * grad_accum}")
-        if self.num_samples < global_batch:
-            raise ValueError(f"the shards give {self.num_samples} samples per epoch, fewer than one global batch ({global_batch})")
+        """Set the batch geometry (the checks of ``EpochBatchSampler``: a ``ConfigError`` naming the sizes
+        and the ``--set train.batch_size=N`` that fixes them)."""
+        check_batch_size(self.num_samples, global_batch, grad_accum, world,
+                         "an epoch of the shards (data.shards, data.shards_num_samples)")
         self.global_batch, self.grad_accum, self.rank, self.world = global_batch, grad_accum, rank, world
 
     def steps_per_epoch(self) -> int:

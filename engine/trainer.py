@@ -34,7 +34,7 @@ from tqdm import tqdm
 from engine import distributed as D
 from engine.checkpoint import (CheckpointWriteError, atomic_torch_save, find_resume, load_checkpoint, rng_state,
                                set_rng_state)
-from engine.config import opt, to_dict
+from engine.config import ConfigError, opt, to_dict
 from engine.rundir import truncate_log
 
 log = logging.getLogger("engine")
@@ -84,7 +84,7 @@ class TrainConfig:
                                          "other programs' CPU use during training (0 = choose once at the start)")
     log_every: int = opt(50, "optimiser steps between log.jsonl lines")
     save_every: int = opt(1000, "optimiser steps between checkpoint_last.pth writes (also at each epoch end)")
-    keep_epoch_checkpoints: bool = opt(True, "also keep checkpoint_XX.pth at each epoch end")
+    keep_epoch_checkpoints: bool = opt(False, "also keep a copy of each epoch's end, checkpoint_XX.pth (XX = the epoch, from 00); by default a run keeps checkpoint_last.pth and, with a val metric, checkpoint_best.pth only (a paper-scale checkpoint is about 3 GB)")
     nan_policy: Literal["stop", "skip"] = opt("stop", "a non-finite loss: stop the run, or skip the step")
     max_nan_skips: int = opt(10, "with nan_policy skip: consecutive skipped steps before stopping")
     compile: bool = opt(False, "torch.compile the model")
@@ -770,17 +770,38 @@ def setup_logging(is_main: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
 
+def check_batch_size(num_samples: int, global_batch: int, grad_accum: int, world: int,
+                     what: str = "the training set") -> None:
+    """A ``ConfigError`` (one line: the sizes and the ``--set train.batch_size=N`` that fixes it) unless
+    the global batch ``train.batch_size`` splits into ``world`` processes x ``grad_accum`` micro-batches
+    and ``what`` (``num_samples`` samples an epoch) holds at least one global batch."""
+    unit = world * grad_accum
+    geometry = f"{world} process(es) x train.grad_accum={grad_accum}"
+    if global_batch % unit:
+        fix = max(unit, global_batch // unit * unit)
+        raise ConfigError(f"train.batch_size={global_batch} does not split into {geometry} equal micro-batches: "
+                          f"use a multiple of {unit}, e.g. --set train.batch_size={fix}")
+    if num_samples >= global_batch:
+        return
+    if num_samples >= unit:
+        fix = f"--set train.batch_size={num_samples // unit * unit}"
+    elif num_samples >= world:
+        fix = f"--set train.batch_size={num_samples // world * world} train.grad_accum=1"
+    else:
+        fix = f"at most {num_samples} process(es)"
+    raise ConfigError(f"{what} has {num_samples} samples, fewer than one global batch of train.batch_size={global_batch} "
+                      f"({geometry}); lower the batch to at most the data: {fix}")
+
+
 class EpochBatchSampler:
     """Deterministic batches: the permutation depends on (seed, epoch) only; the global batch of
     each optimiser step is split into per-process, per-micro-step slices, so 1 process with
     accumulation and N processes see the same samples per step. ``start_step`` skips steps
     without loading anything (exact resume)."""
 
-    def __init__(self, n: int, global_batch: int, grad_accum: int, rank: int, world: int, seed: int) -> None:
-        if global_batch % (world * grad_accum):
-            raise ValueError(f"train.batch_size {global_batch} must be divisible by processes x grad_accum = {world * grad_accum}")
-        if n < global_batch:
-            raise ValueError(f"the training set has {n} samples, fewer than one global batch ({global_batch})")
+    def __init__(self, n: int, global_batch: int, grad_accum: int, rank: int, world: int, seed: int,
+                 what: str = "the training set") -> None:
+        check_batch_size(n, global_batch, grad_accum, world, what)
         self.n, self.global_batch, self.accum, self.rank, self.world, self.seed = n, global_batch, grad_accum, rank, world, seed
         self.micro = global_batch // (world * grad_accum)
         self.epoch, self.start_step = 0, 0

@@ -16,7 +16,7 @@ pycocoevalcap with the PTB tokenizer; SPICE only with local Stanford CoreNLP jar
 (``eval.spice_models_dir``), otherwise reported as skipped with the reason.
 
 Written to ``train.output_dir``: ``captions_{val,test}.json`` in the COCO results format
-``[{"image_id", "caption"}]`` and ``results.json`` (metrics on pycocoevalcap's 0-1 scale and x100,
+``[{"image_id", "caption", "image"}]`` (image ids: ``datasets/caption_data.py``) and ``results.json`` (metrics on pycocoevalcap's 0-1 scale and x100,
 generation settings, checkpoint, protocol). ``--predict`` prints one caption per image file.
 """
 from __future__ import annotations
@@ -47,10 +47,10 @@ log = logging.getLogger("caption")
 @dataclass
 class CaptionDataConfig(ImageChecks):
     train_files: list[str] = opt(["data/coco/annotation/coco_karpathy_train.json"], "training JSONs [{image, caption, image_id}] (one record per caption)")
-    val_file: Optional[str] = opt("data/coco/annotation/coco_karpathy_val.json", "val JSON [{image, caption: [...]}] for checkpoint selection; null = none (the last checkpoint is tested)")
-    test_file: Optional[str] = opt("data/coco/annotation/coco_karpathy_test.json", "test JSON [{image, caption: [...]}]; null = none")
-    val_gt_file: Optional[str] = opt("data/coco/annotation/coco_karpathy_val_gt.json", "COCO-format ground truth of val for scoring; null = the captions of val_file")
-    test_gt_file: Optional[str] = opt("data/coco/annotation/coco_karpathy_test_gt.json", "COCO-format ground truth of test for scoring; null = the captions of test_file")
+    val_file: Optional[str] = opt("data/coco/annotation/coco_karpathy_val.json", "val JSON [{image, caption: [...], image_id?}] for checkpoint selection; null = none (the last checkpoint is tested)")
+    test_file: Optional[str] = opt("data/coco/annotation/coco_karpathy_test.json", "test JSON [{image, caption: [...], image_id?}] (records without an integer image_id are numbered by their order, see datasets/caption_data.py); null = none")
+    val_gt_file: Optional[str] = opt(None, "COCO-format ground truth of val for scoring (BLIP's coco_karpathy_val_gt.json); null = the captions of val_file")
+    test_gt_file: Optional[str] = opt(None, "COCO-format ground truth of test for scoring (BLIP's coco_karpathy_test_gt.json); null = the captions of test_file")
     image_root: str = opt("data/coco/images", "directory the 'image' paths are relative to")
     max_words: int = opt(30, "training captions are cut to this many words after cleaning")
     clean_style: Literal["albef", "blip"] = opt("albef", "caption cleaning rules (training captions)")

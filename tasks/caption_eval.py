@@ -48,9 +48,13 @@ class CaptionScores:
                 "skipped": self.skipped, "num_images": self.num_images}
 
 
-def predictions_to_results(image_ids: Sequence[int], captions: Sequence[str]) -> list[dict]:
-    """COCO results format ``[{"image_id": int, "caption": str}]`` (sorted by image id)."""
-    return [{"image_id": int(i), "caption": c} for i, c in sorted(zip(image_ids, captions), key=lambda x: x[0])]
+def predictions_to_results(image_ids: Sequence[int], captions: Sequence[str],
+                           images: Optional[Sequence[str]] = None) -> list[dict]:
+    """COCO results format ``[{"image_id": int, "caption": str}]`` (sorted by image id), with each
+    record's ``image`` (the annotation's path) when ``images`` are given."""
+    rows = zip(image_ids, captions, images if images is not None else [None] * len(captions))
+    return [{"image_id": int(i), "caption": c, **({"image": f} if f is not None else {})}
+            for i, c, f in sorted(rows, key=lambda x: x[0])]
 
 
 def _results_map(predictions: Sequence[Mapping] | Mapping[int, str]) -> dict[int, str]:

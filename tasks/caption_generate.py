@@ -12,6 +12,7 @@ import torch
 from tqdm import tqdm
 
 from datasets.caption_data import CaptionSplit, load_coco_references, read_caption_split
+from datasets.formats import DataError
 from datasets.retrieval_data import ImageListDataset
 from datasets.transforms import build_transform
 from engine import distributed as D
@@ -85,14 +86,15 @@ def references_for(split: CaptionSplit, gt_file: Optional[str]) -> dict[int, lis
     if gt_file is None:
         empty = [i for i, r in split.references.items() if not r]
         if empty:
-            raise ValueError(f"{split.source}: {len(empty)} images have no reference captions (first ids: "
-                             f"{empty[:5]}); add captions or set the ground-truth file")
+            raise DataError(f"{split.source}: {len(empty)} images have no reference captions (first ids: "
+                            f"{empty[:5]}); add captions or set the ground-truth file")
         return split.references
     refs = load_coco_references(gt_file)
     missing = [i for i in split.image_ids if i not in refs]
     if missing:
-        raise ValueError(f"ground truth {gt_file} has no captions for {len(missing)} images of {split.source} "
-                         f"(first ids: {missing[:5]}); the image ids must match")
+        raise DataError(f"ground truth {gt_file} has no captions for {len(missing)} images of {split.source} "
+                        f"(first ids: {missing[:5]}); the image ids must match (a split file without integer "
+                        "image_id numbers its records 0, 1, 2, ... in order: datasets/caption_data.py)")
     return {i: refs[i] for i in split.image_ids}
 
 
@@ -114,7 +116,7 @@ def evaluate_split(model: CaptionModel, generator: CaptionGenerator, split: Capt
                    name: str) -> tuple[Optional[CaptionScores], list[dict]]:
     """Generate captions for ``split`` and score them (main process; others get None)."""
     caps = generator.captions(model, split.image_files, split.source, desc=f"captions {name}")
-    results = predictions_to_results(split.image_ids, caps)
+    results = predictions_to_results(split.image_ids, caps, split.image_names)
     scores = None
     if dist.is_main:
         scores = score_captions(results, refs, metrics, cfg.eval.spice_models_dir, cfg.eval.java_mem)

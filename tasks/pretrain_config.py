@@ -21,11 +21,13 @@ __all__ = ["PretrainDataConfig", "DiagnosticsConfig", "PretrainConfig"]
 @dataclass
 class PretrainDataConfig:
     format: Literal["json", "shards"] = opt("json", "json: annotation JSONs (train_files) + image files; shards: WebDataset-style tar shards (shards), streamed")
-    train_files: list[str] = opt(["data/shapes/pretrain.json"], "annotation JSONs [{image, caption}], concatenated")
+    train_files: list[str] = opt(["data/pretrain/cc3m_train.json", "data/pretrain/cc3m_val.json", "data/pretrain/sbu.json",
+                                  "data/pretrain/coco.json", "data/pretrain/vg.json"],
+                                 "annotation JSONs [{image, caption}], concatenated (default: the paper's 4M set, docs/datasets.md)")
     shards: list[str] = opt([], "with format=shards: tar shards as brace patterns (data/shards/shard-{000000..000099}.tar), globs, or the index.json that python -m datasets.shards writes; local paths or URLs (https://, s3://, gs://, any fsspec protocol; docs/datasets.md)")
     shards_num_samples: Optional[int] = opt(None, "with format=shards: samples per epoch (default: all samples the shards' index.json lists)")
     shards_shuffle_buffer: int = opt(1000, "with format=shards: samples in each loader worker's shuffle buffer (1 = shard order)")
-    image_root: str = opt("data/shapes", "directory the 'image' paths are relative to")
+    image_root: str = opt("data/images", "directory the 'image' paths are relative to")
     max_words: int = opt(30, "captions are cut to this many words after cleaning")
     clean_style: Literal["albef", "blip"] = opt("albef", "caption cleaning rules")
     transform: TransformConfig = opt(TransformConfig, "training image augmentation")

@@ -47,11 +47,11 @@ log = logging.getLogger("retrieval")
 Mode = Literal["finetune", "zero_shot", "evaluate"]
 @dataclass
 class RetrievalDataConfig:
-    name: str = opt("shapes", "dataset name printed with the results (flickr30k, coco, shapes, ...)")
-    train_files: list[str] = opt(["data/shapes/retrieval_train.json"], "training JSONs [{image, caption, image_id}], concatenated")
-    val_file: str = opt("data/shapes/retrieval_val.json", "validation JSON [{image, caption: [...]}] (best checkpoint by its r_mean)")
-    test_file: str = opt("data/shapes/retrieval_test.json", "test JSON [{image, caption: [...]}]")
-    image_root: str = opt("data/shapes", "directory the 'image' paths are relative to")
+    name: str = opt("flickr30k", "dataset name printed with the results (flickr30k, coco, shapes, ...)")
+    train_files: list[str] = opt(["data/retrieval/flickr30k_train.json"], "training JSONs [{image, caption, image_id}], concatenated")
+    val_file: str = opt("data/retrieval/flickr30k_val.json", "validation JSON [{image, caption: [...]}] (best checkpoint by its r_mean)")
+    test_file: str = opt("data/retrieval/flickr30k_test.json", "test JSON [{image, caption: [...]}]")
+    image_root: str = opt("data/images/flickr30k", "directory the 'image' paths are relative to")
     max_words: int = opt(30, "captions are cut to this many words after cleaning")
     clean_style: Literal["albef", "blip"] = opt("albef", "caption cleaning rules")
     transform: TransformConfig = opt(TransformConfig, "training augmentation (evaluation uses its mean/std/interpolation only)")

@@ -1,7 +1,7 @@
 """The building blocks of retrieval evaluation (``tasks/retrieval_eval.py`` describes the protocol):
-ITC candidates, the ITM score of image-caption pairs, the re-ranking score and order, final ranks
-and Recall@K: functions on tensors (and, for the ITM score, the model); and what one evaluation
-produced (:class:`RetrievalResult`)."""
+ITC candidates, the ITM score of image-caption pairs, the re-ranking score and order, final ranks,
+Recall@K and the Recall@K of a random ranking (the chance level): functions on tensors (and, for
+the ITM score, the model); and what one evaluation produced (:class:`RetrievalResult`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["SCORE_RULES", "stable_order", "itc_candidates", "combine_scores", "rerank", "final_ranks", "query_ranks",
-           "recall_metrics", "itm_match_scores", "ranks_from_score_matrix", "RetrievalResult"]
+           "recall_metrics", "chance_hit_probability", "chance_recall_counts", "chance_recall", "chance_recall_pairs",
+           "by_construction", "chance_note", "itm_match_scores", "ranks_from_score_matrix", "RetrievalResult"]
 
 SCORE_RULES: dict[str, str] = {
     "albef": "ITM score alone for the re-ranked candidates, as fine-tuned ALBEF",
@@ -100,6 +101,68 @@ def recall_metrics(i2t_ranks: Tensor, t2i_ranks: Tensor, ks: Sequence[int] = (1,
         out[f"{prefix}_r_mean"] = sum(values) / len(values)
     out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
     return out
+
+
+def chance_hit_probability(num_items: int, num_relevant: Tensor, k: int) -> Tensor:
+    """The probability that a uniformly random ranking of ``num_items`` candidates puts at least one
+    of a query's ``num_relevant`` relevant ones in its top ``k``: ``1 - C(N - n, K) / C(N, K)``
+    (float64, one value per query); 1 when ``K > N - n``, 0 when ``n = 0``."""
+    n = torch.as_tensor(num_relevant, dtype=torch.float64)
+    miss = torch.ones_like(n)  # C(N - n, K) / C(N, K) = prod_{i < K} (N - n - i) / (N - i)
+    for i in range(min(k, num_items)):
+        miss = miss * ((num_items - n - i).clamp_min(0) / (num_items - i))
+    return 1.0 - miss
+
+
+def chance_recall_counts(i2t_relevant: Sequence[int] | Tensor, num_texts: int, t2i_relevant: Sequence[int] | Tensor,
+                         num_images: int, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """The expected Recall@K in percent of a random ranking (the chance level), with the keys of
+    :func:`recall_metrics`: image-to-text for images with ``i2t_relevant[i]`` relevant captions
+    among ``num_texts``, text-to-image for captions with ``t2i_relevant[t]`` relevant images among
+    ``num_images``; each query's hit probability is :func:`chance_hit_probability`, averaged over
+    the queries (one relevant image per caption: ``K / N``)."""
+    out: dict[str, float] = {}
+    for prefix, counts, n_items in (("txt", i2t_relevant, num_texts), ("img", t2i_relevant, num_images)):
+        values = [100.0 * float(chance_hit_probability(n_items, counts, k).mean()) for k in ks]
+        out.update({f"{prefix}_r{k}": v for k, v in zip(ks, values)})
+        out[f"{prefix}_r_mean"] = sum(values) / len(values)
+    out["r_mean"] = (out["txt_r_mean"] + out["img_r_mean"]) / 2
+    return out
+
+
+def chance_recall(relevant: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """:func:`chance_recall_counts` for a relevance matrix ``relevant`` (N_images, N_texts), True
+    where the caption counts as a correct answer for the image (and vice versa)."""
+    relevant = relevant.bool()
+    n_images, n_texts = relevant.shape
+    return chance_recall_counts(relevant.sum(1), n_texts, relevant.sum(0), n_images, ks)
+
+
+def chance_recall_pairs(txt2img: Sequence[int] | Tensor, num_images: int,
+                        ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
+    """:func:`chance_recall_counts` of a retrieval split where caption ``t`` belongs to image
+    ``txt2img[t]`` (an image's captions are its relevant texts; a caption's image is its one
+    relevant image)."""
+    owner = torch.as_tensor(txt2img, dtype=torch.long)
+    return chance_recall_counts(torch.bincount(owner, minlength=num_images), len(owner),
+                                torch.ones(len(owner)), num_images, ks)
+
+
+def by_construction(chance: dict[str, float]) -> list[str]:
+    """The recall keys (``txt_r10``, ...) whose chance level is 100: every ranking scores 100 there."""
+    return [k for k, v in chance.items() if "_r" in k and not k.endswith("_mean") and v >= 100.0]
+
+
+def chance_note(chance: dict[str, float], num_images: int, num_texts: int) -> str:
+    """One line naming the recalls whose chance level is 100 (the split has too few candidates for
+    K: with 6 images, text->image R@10 is 100 for any ranking), or ``""``."""
+    direction = {"txt": "image->text", "img": "text->image"}
+    keys = by_construction(chance)
+    if not keys:
+        return ""
+    return ("100 by construction (any ranking scores it: the split has too few candidates for K): "
+            + ", ".join(f"{direction[k.split('_r')[0]]} R@{k.split('_r')[1]}" for k in keys)
+            + f" ({num_images} images, {num_texts} captions)")
 
 
 def itm_match_scores(model, text_states: Tensor, text_mask: Tensor, image_tokens: Tensor,

@@ -1,4 +1,5 @@
-"""Retrieval results: the table of one evaluation, the ranked results file, the memory estimate for
+"""Retrieval results: the table of one evaluation (with the chance level of the split, the recalls
+of a random ranking), the ranked results file, the memory estimate for
 the log, the protocol of a run (printed with every result), and the run's evaluator for the
 fine-tuning driver (:class:`RetrievalRunEvaluator`: val after every epoch, the test split at the end,
 results JSON and ranked lists in ``train.output_dir``)."""
@@ -6,32 +7,50 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from datasets.retrieval_data import RetrievalEvalData
 from datasets.transforms import build_transform
 from engine import distributed as D
 from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator
-from tasks.retrieval_ranking import SCORE_RULES, RetrievalResult
+from tasks.retrieval_ranking import SCORE_RULES, RetrievalResult, chance_note, chance_recall_pairs
 from tasks.spec import Run
 
-__all__ = ["format_table", "ranked_json", "memory_estimate", "protocol_text", "RetrievalRunEvaluator"]
+__all__ = ["format_table", "split_chance", "ranked_json", "memory_estimate", "protocol_text", "RetrievalRunEvaluator"]
 
 TAGS = {"finetune": "finetuned", "zero_shot": "zero_shot", "evaluate": "evaluate"}  # results_<tag>_<split>.json
 
 
-def format_table(result: RetrievalResult, title: str) -> str:
-    """A plain-text table of the recalls (re-ranked and ITC only), with the score rule."""
-    ks = sorted({int(k[len("txt_r"):]) for k in result.metrics if k.startswith("txt_r") and k[5:].isdigit()})
-    head = f"{'':22s}" + "".join(f"{'R@' + str(k):>8s}" for k in ks) + f"{'mean':>8s}"
+def _ks(metrics: dict) -> list[int]:
+    """The K of the ``txt_r{K}`` recalls in ``metrics``."""
+    return sorted({int(k[len("txt_r"):]) for k in metrics if k.startswith("txt_r") and k[5:].isdigit()})
+
+
+def format_table(result: RetrievalResult, title: str, chance: Optional[dict] = None, note: str = "") -> str:
+    """A plain-text table of the recalls (re-ranked and ITC only), with the score rule; with ``chance``
+    (:func:`split_chance`) also the recalls of a random ranking and its ``note``."""
+    ks = _ks(result.metrics)
+    head = f"{'':28s}" + "".join(f"{'R@' + str(k):>8s}" for k in ks) + f"{'mean':>8s}"
     lines = [title, f"score rule: {result.score_rule} ({SCORE_RULES[result.score_rule]}), k_test {result.k_test}", head]
-    for label, m in (("", result.metrics), ("ITC only, ", result.itc_metrics)):
+    rows = [("", result.metrics), ("ITC only, ", result.itc_metrics)] + ([("random ranking, ", chance)] if chance else [])
+    for label, m in rows:
         for name, prefix in (("image->text", "txt"), ("text->image", "img")):
             row = f"{label}{name}"
-            lines.append(f"{row:22s}" + "".join(f"{m[f'{prefix}_r{k}']:8.2f}" for k in ks) + f"{m[f'{prefix}_r_mean']:8.2f}")
-    lines.append(f"r_mean {result.metrics['r_mean']:.2f} (ITC only {result.itc_metrics['r_mean']:.2f}); "
-                 f"evaluation {result.timings.get('total', 0.0):.1f} s")
+            lines.append(f"{row:28s}" + "".join(f"{m[f'{prefix}_r{k}']:8.2f}" for k in ks) + f"{m[f'{prefix}_r_mean']:8.2f}")
+    lines.append(f"r_mean {result.metrics['r_mean']:.2f} (ITC only {result.itc_metrics['r_mean']:.2f}"
+                 + (f", random ranking {chance['r_mean']:.2f}" if chance else "")
+                 + f"); evaluation {result.timings.get('total', 0.0):.1f} s")
+    if note:
+        lines.append(note)
     return "\n".join(lines)
+
+
+def split_chance(data: RetrievalEvalData, ks: Sequence[int]) -> tuple[dict[str, float], str]:
+    """The chance level of a split (``tasks.retrieval_ranking.chance_recall_pairs``: text->image
+    K / N for N images; image->text ``1 - C(T - c, K) / C(T, K)`` for an image with c of the T
+    captions, averaged) and the note naming the recalls that are 100 by construction."""
+    chance = chance_recall_pairs(data.txt2img, data.num_images, ks)
+    return chance, chance_note(chance, data.num_images, data.num_texts)
 
 
 def ranked_json(result: RetrievalResult, data: RetrievalEvalData, scores: bool = False) -> dict:
@@ -111,12 +130,14 @@ class RetrievalRunEvaluator:
         cfg, data, out_dir = self.run.cfg, self.splits[split], self.run.out_dir
         title = (f"retrieval {cfg.data.name} {split}{' (' + when + ')' if when else ''}: {data.num_images} images, "
                  f"{data.num_texts} captions | protocol: {self.protocol}")
-        print(format_table(result, title), flush=True)
+        chance, note = split_chance(data, _ks(result.metrics))
+        print(format_table(result, title, chance, note), flush=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         record = {"task": "retrieval", "dataset": cfg.data.name, "split": split, "split_file": data.source,
                   "protocol": self.tag, "protocol_text": self.protocol, "checkpoint": self.run.checkpoint,
                   "score_rule": result.score_rule, "k_test": result.k_test, "num_images": data.num_images,
                   "num_captions": data.num_texts, "metrics": result.metrics, "itc_only_metrics": result.itc_metrics,
+                  "chance_metrics": chance, "chance_note": note or None,
                   "itm_pairs": result.num_pairs, "seconds": result.timings, "processes": D.world_size(), **(extra or {})}
         path = out_dir / f"results_{self.tag}_{split}{suffix}.json"
         path.write_text(json.dumps(record, indent=1), encoding="utf-8")

@@ -8,14 +8,17 @@ re-ranking is ``tasks/retrieval.py``). On the synthetic shapes world it reports 
   in ALBEF's ``itm_eval``;
 * semantic R@K: every item the caption is true of counts (``ShapesWorld.truth_matrix``), so a
   partial caption ("there is a red circle") retrieved for any image with a red circle is a hit;
-  plus the semantic mean average precision over the whole ranking (``txt_map``, ``img_map``).
+  plus the semantic mean average precision over the whole ranking (``txt_map``, ``img_map``);
+
+each beside its chance level, the R@K of a random ranking (``tasks.retrieval_ranking.chance_recall``).
+:func:`format_table` prints them.
 
 Names follow ALBEF: ``txt_r*`` is image-to-text retrieval, ``img_r*`` text-to-image, ``r_mean``
 the mean of the six recalls (in percent).
 
     from tasks.zero_shot import load_vlp_checkpoint, zero_shot_retrieval
     model, tokenizer, cfg = load_vlp_checkpoint("output/demo_pretrain/checkpoint_last.pth")
-    zero_shot_retrieval(model, tokenizer, "data/shapes", split="test")
+    print(format_table(zero_shot_retrieval(model, tokenizer, "data/shapes", split="test")))
 """
 from __future__ import annotations
 
@@ -35,9 +38,10 @@ from models.vlp import VLPModel
 from objectives.pretrain import PretrainObjective
 from tasks.common import saved_run_config
 from tasks.pretrain_config import PretrainConfig
+from tasks.retrieval_ranking import chance_note, chance_recall
 
-__all__ = ["load_vlp_checkpoint", "itc_features", "retrieval_metrics", "chance_recall", "read_retrieval_split",
-           "zero_shot_retrieval"]
+__all__ = ["load_vlp_checkpoint", "itc_features", "retrieval_metrics", "read_retrieval_split", "zero_shot_retrieval",
+           "format_table"]
 
 KS = (1, 5, 10)
 
@@ -158,26 +162,6 @@ def retrieval_metrics(sim: torch.Tensor, relevant: torch.Tensor, ks: Sequence[in
     return out
 
 
-def chance_recall(relevant: torch.Tensor, ks: Sequence[int] = KS) -> dict[str, float]:
-    """Expected recall@K in percent of a random ranking, for the same ``relevant`` (N_images,
-    N_texts): a row with ``n`` relevant of ``N`` items is hit with probability
-    ``1 - C(N - n, K) / C(N, K)``. Keys as :func:`retrieval_metrics`."""
-    relevant = relevant.bool()
-
-    def expected(rel: torch.Tensor, k: int) -> float:
-        n_items = rel.shape[1]
-        n = rel.sum(dim=1).double()
-        miss = torch.ones_like(n)
-        for i in range(min(k, n_items)):
-            miss = miss * ((n_items - n - i).clamp_min(0) / (n_items - i))
-        return 100.0 * float((1 - miss).mean())
-
-    out = {f"txt_r{k}": expected(relevant, k) for k in ks}
-    out.update({f"img_r{k}": expected(relevant.T, k) for k in ks})
-    out["r_mean"] = sum(out[f"{d}_r{k}"] for d in ("txt", "img") for k in ks) / (2 * len(ks))
-    return out
-
-
 def read_retrieval_split(data_root: str, split: str = "test", ann_file: Optional[str] = None,
                          max_words: int = 30, clean_style: str = "albef") -> tuple[list[str], list[str], list[int]]:
     """Images (paths relative to ``data_root``), cleaned captions and each caption's image index from
@@ -204,10 +188,11 @@ def zero_shot_retrieval(model: VLPModel, tokenizer, data_root: str, split: str =
                         transform_cfg: Optional[TransformConfig] = None, progress: bool = True) -> dict[str, Any]:
     """Zero-shot ITC retrieval on ``retrieval_<split>.json``.
 
-    Returns ``{"standard": {...}, "semantic": {...}, "semantic_chance": {...}, "n_images",
-    "n_captions", "semantic_relevant_per_caption"}``; the semantic entries are present when the data
-    is a shapes world (``world`` given, or ``<data_root>/scenes.json`` exists); "semantic" holds
-    ``txt_map`` / ``img_map`` besides the recalls, "semantic_chance" the recalls of a random ranking.
+    Returns ``{"standard": {...}, "standard_chance": {...}, "semantic": {...}, "semantic_chance": {...},
+    "n_images", "n_captions", "semantic_relevant_per_caption"}``; the ``*_chance`` entries are the
+    recalls of a random ranking (``tasks.retrieval_ranking.chance_recall``); the semantic entries are
+    present when the data is a shapes world (``world`` given, or ``<data_root>/scenes.json`` exists);
+    "semantic" holds ``txt_map`` / ``img_map`` besides the recalls.
     """
     from shapesworld.truth import ShapesWorld
 
@@ -219,7 +204,7 @@ def zero_shot_retrieval(model: VLPModel, tokenizer, data_root: str, split: str =
     own = torch.zeros(len(images), len(captions), dtype=torch.bool)
     own[torch.as_tensor(owner), torch.arange(len(captions))] = True
     out: dict[str, Any] = {"n_images": len(images), "n_captions": len(captions),
-                           "standard": retrieval_metrics(sim, own)}
+                           "standard": retrieval_metrics(sim, own), "standard_chance": chance_recall(own)}
     if world is None and os.path.isfile(os.path.join(data_root, "scenes.json")):
         world = ShapesWorld.load(data_root)
     if world is not None:
@@ -231,3 +216,24 @@ def zero_shot_retrieval(model: VLPModel, tokenizer, data_root: str, split: str =
         out["semantic_chance"] = chance_recall(truth)
         out["semantic_relevant_per_caption"] = float(truth.sum(0).double().mean())
     return out
+
+
+def format_table(result: dict[str, Any], ks: Sequence[int] = KS) -> str:
+    """The recalls of :func:`zero_shot_retrieval` as a text table (ITC only, no re-ranking): each
+    kind of recall followed by its chance level (a random ranking), and a note on the recalls that
+    are 100 by construction (a split with too few candidates for K)."""
+    head = f"{'':36s}" + "".join(f"{'R@' + str(k):>8s}" for k in ks) + f"{'mean':>8s}"
+    lines = [f"zero-shot ITC retrieval (no re-ranking): {result['n_images']} images, {result['n_captions']} captions",
+             head]
+    means = []
+    for kind in ("standard", "semantic"):
+        if kind not in result:
+            continue
+        for label, m in ((kind, result[kind]), (f"{kind}, random ranking", result[f"{kind}_chance"])):
+            for name, prefix in (("image->text", "txt"), ("text->image", "img")):
+                values = [m[f"{prefix}_r{k}"] for k in ks]
+                lines.append(f"{label + ' ' + name:36s}" + "".join(f"{v:8.2f}" for v in values)
+                             + f"{sum(values) / len(values):8.2f}")
+        means.append(f"{kind} r_mean {result[kind]['r_mean']:.2f} (random ranking {result[kind + '_chance']['r_mean']:.2f})")
+    note = chance_note(result["standard_chance"], result["n_images"], result["n_captions"])
+    return "\n".join(lines + ["; ".join(means)] + ([note] if note else []))

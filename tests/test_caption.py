@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from datasets.caption_data import (CaptionTrainCollator, coco_image_id, load_coco_references, prompt_length,
-                                   read_caption_split)
+                                   read_caption_split, split_image_ids)
 from datasets.text import tokenizer_state, train_wordpiece_tokenizer
 from engine import distributed as D
 from engine.checkpoint import load_checkpoint
@@ -22,7 +22,8 @@ from objectives.pretrain import PretrainLossConfig, PretrainObjective
 from tasks.caption import CaptionConfig, build_model, main, run
 from tasks.finetune_config import with_vocab
 from tasks.spec import Run
-from tasks.caption_eval import SPICE_JARS, score_captions, spice_command
+from tasks.caption_eval import SPICE_JARS, predictions_to_results, score_captions, spice_command
+from tasks.caption_generate import references_for
 from tests.pretrain_helpers import make_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +103,32 @@ def test_image_ids_references_and_errors(tmp_path):
         load_coco_references(gt)
     gt.write_text(json.dumps({"annotations": [{"image_id": 5, "caption": "x"}, {"image_id": 5, "caption": "z"}]}))
     assert load_coco_references(gt) == {5: ["x", "z"]}
+
+
+def test_image_ids_of_a_split_without_integer_ids_follow_the_record_order(tmp_path):
+    # a folder of one's own photos: no image_id, file names without numbers -> 0, 1, 2 by record order
+    own = [{"image": "photos/cat.jpg", "caption": ["a cat"]}, {"image": "photos/dog.jpg", "caption": ["a dog", "dog"]},
+           {"image": "photos/sky.jpg", "caption": "a blue sky", "image_id": "sky"}]
+    assert split_image_ids(own, "own.json") == [0, 1, 2]
+    # BLIP's file-name rule when every name ends in a distinct number; the order when two names share one
+    coco = [{"image": "val2014/COCO_val2014_000000391895.jpg"}, {"image": "val2014/COCO_val2014_000000000042.jpg"}]
+    assert split_image_ids(coco) == [391895, 42]
+    assert split_image_ids([{"image": "a/img1.jpg"}, {"image": "b/img1.jpg"}]) == [0, 1]
+    assert split_image_ids([{"image": "x.jpg", "image_id": 7}, {"image": "y.jpg", "image_id": "8"}]) == [7, 8]
+    with pytest.raises(ValueError, match=r"'f.json' record 1: no integer 'image_id' .* while record 0 has one"):
+        split_image_ids([{"image": "x.jpg", "image_id": 7}, {"image": "y.jpg"}], "f.json")
+    # read: the references are the records' own captions under those ids; the results name the images
+    (tmp_path / "photos").mkdir()
+    for r in own:
+        (tmp_path / r["image"]).write_bytes(b"")
+    path = tmp_path / "own.json"
+    path.write_text(json.dumps(own))
+    split = read_caption_split(path, tmp_path)
+    assert split.image_ids == [0, 1, 2] and split.image_names == [r["image"] for r in own]
+    assert references_for(split, None) == {0: ["a cat"], 1: ["a dog", "dog"], 2: ["a blue sky"]}
+    assert predictions_to_results(split.image_ids[::-1], ["s", "d", "c"], split.image_names[::-1]) == [
+        {"image_id": 0, "caption": "c", "image": "photos/cat.jpg"}, {"image_id": 1, "caption": "d", "image": "photos/dog.jpg"},
+        {"image_id": 2, "caption": "s", "image": "photos/sky.jpg"}]
 
 
 def test_collator_excludes_prompt_and_padding_from_the_loss():

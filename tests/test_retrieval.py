@@ -3,7 +3,9 @@ the batched evaluator against per-pair scores, the data readers' errors, and the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -22,8 +24,8 @@ from models.loading import load_checkpoint_into
 from tasks.finetune_config import model_from_checkpoint
 from tasks.retrieval import RetrievalConfig
 from tasks.retrieval_eval import RetrievalEvalConfig, RetrievalEvaluator
-from tasks.retrieval_ranking import (final_ranks, itc_candidates, query_ranks,
-                                  ranks_from_score_matrix, recall_metrics, rerank)
+from tasks.retrieval_ranking import (by_construction, chance_note, chance_recall, chance_recall_pairs, final_ranks,
+                                    itc_candidates, query_ranks, ranks_from_score_matrix, recall_metrics, rerank)
 from tests.pretrain_helpers import ROOT, make_world
 from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
 
@@ -86,6 +88,56 @@ def test_recall_random_matrices_against_reference():
         s = torch.randint(0, 5, (4, 13), generator=g).float()  # small integers: many ties
         i2t, t2i = ranks_from_score_matrix(s, txt2img)
         assert recall_metrics(i2t, t2i) == pytest.approx(ref_recalls(s.tolist(), txt2img))
+
+
+def test_chance_recall_is_the_exact_expectation():
+    rel = torch.tensor([[True, False, False, False, False],
+                        [True, True, False, False, False],
+                        [False, False, True, True, True]])
+    got = chance_recall(rel, ks=(1, 2))
+    for k in (1, 2):
+        for key, r in ((f"txt_r{k}", rel), (f"img_r{k}", rel.T)):
+            n_items = r.shape[1]
+            expect = 0.0
+            for row in r.tolist():  # average over every top-k set: all orders are equally likely
+                sets = list(itertools.combinations(range(n_items), k))
+                expect += sum(any(row[j] for j in top) for top in sets) / len(sets)
+            assert got[key] == pytest.approx(100.0 * expect / r.shape[0])
+
+
+def test_chance_recall_of_a_split_against_every_ranking_and_a_simulation():
+    # 4 images with 1, 2, 3 and 1 captions (7 captions)
+    txt2img = [0, 1, 1, 2, 2, 2, 3]
+    ks = (1, 2, 3, 5, 10)
+    got = chance_recall_pairs(txt2img, 4, ks)
+    # enumeration: the mean recall over every ranking of the 7 captions (image->text) and of the 4 images
+    want = {}
+    for k in ks:
+        hits = [min(order.index(t) for t in range(7) if txt2img[t] == i) < k
+                for order in itertools.permutations(range(7)) for i in range(4)]
+        want[f"txt_r{k}"] = 100.0 * sum(hits) / len(hits)
+        hits = [order.index(txt2img[t]) < k for order in itertools.permutations(range(4)) for t in range(7)]
+        want[f"img_r{k}"] = 100.0 * sum(hits) / len(hits)
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, abs=1e-9), key
+    # the closed forms: text->image K / N; image->text 1 - C(T - c, K) / C(T, K)
+    assert got["img_r1"] == pytest.approx(25.0) and got["img_r5"] == 100.0
+    assert got["txt_r2"] == pytest.approx(100 * sum(1 - math.comb(7 - c, 2) / math.comb(7, 2) for c in (1, 2, 3, 1)) / 4)
+    assert got["r_mean"] == pytest.approx((got["txt_r_mean"] + got["img_r_mean"]) / 2)
+    # simulation: random score matrices through the evaluation's own ranking and recall code
+    g = torch.Generator().manual_seed(0)
+    sims = [recall_metrics(*ranks_from_score_matrix(torch.rand(4, 7, generator=g), txt2img), ks) for _ in range(3000)]
+    for key in want:
+        assert sum(s[key] for s in sims) / len(sims) == pytest.approx(got[key], abs=2.0), key
+
+
+def test_chance_note_names_the_recalls_that_are_100_by_construction():
+    chance = chance_recall_pairs([i // 3 for i in range(18)], 6)  # 6 images x 3 captions
+    assert chance["img_r10"] == 100.0 and chance["img_r5"] == pytest.approx(500 / 6)
+    assert by_construction(chance) == ["img_r10"]
+    note = chance_note(chance, 6, 18)
+    assert "text->image R@10" in note and "6 images" in note and "image->text" not in note
+    assert chance_note(chance_recall_pairs([i // 5 for i in range(1000)], 200), 200, 1000) == ""
 
 
 def test_rerank_keeps_exactly_k_and_can_change_the_order():

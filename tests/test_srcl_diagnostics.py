@@ -23,7 +23,7 @@ from shapesworld.truth import ShapesWorld, claim_is_true
 from tasks import pretrain as P
 from tasks.srcl_diagnostics import diagnose_checkpoint, main as diag_main
 from tasks.srcl_measures import QueueTexts, batch_diagnostics
-from tasks.zero_shot import chance_recall, load_vlp_checkpoint, retrieval_metrics, zero_shot_retrieval
+from tasks.zero_shot import format_table, load_vlp_checkpoint, retrieval_metrics, zero_shot_retrieval
 from tests.pretrain_helpers import DEMO, make_world, read_log, tiny_overrides
 
 QUEUE = 16  # tiny queue: 2 batches of 8
@@ -180,21 +180,6 @@ def test_retrieval_metrics_against_brute_force():
     assert got["txt_map"] == pytest.approx(mean_ap(sim, rel))
     assert got["img_map"] == pytest.approx(mean_ap(sim.T, rel.T))
     assert got["r_mean"] == pytest.approx(sum(got[f"{d}_r{k}"] for d in ("txt", "img") for k in (1, 3)) / 4)
-
-
-def test_chance_recall_is_the_exact_expectation():
-    rel = torch.tensor([[True, False, False, False, False],
-                        [True, True, False, False, False],
-                        [False, False, True, True, True]])
-    got = chance_recall(rel, ks=(1, 2))
-    for k in (1, 2):
-        for key, r in ((f"txt_r{k}", rel), (f"img_r{k}", rel.T)):
-            n_items = r.shape[1]
-            expect = 0.0
-            for row in r.tolist():  # average over every top-k set: all orders are equally likely
-                sets = list(itertools.combinations(range(n_items), k))
-                expect += sum(any(row[j] for j in top) for top in sets) / len(sets)
-            assert got[key] == pytest.approx(100.0 * expect / r.shape[0])
 
 
 # ------------------------------------------------------------------ a tiny pre-training run
@@ -357,3 +342,8 @@ def test_zero_shot_retrieval_semantic_counts_every_true_item(tiny_run, world):
         assert 0.0 <= std[k] <= sem[k] <= 100.0  # a paired item is also a true item
     assert std["img_r10"] == 100.0  # 8 test images: the own image is always in the top 10
     assert 0.0 < chance["img_r1"] <= 100.0 and res["semantic_relevant_per_caption"] >= 1.0
+    # the chance level of the standard recalls: K / 8 images text->image, so R@10 is 100 by construction
+    assert res["standard_chance"]["img_r1"] == pytest.approx(100 / 8) and res["standard_chance"]["img_r10"] == 100.0
+    table = format_table(res)
+    assert "standard, random ranking text->image" in table and "100 by construction" in table
+    assert "text->image R@10" in table.splitlines()[-1]
