@@ -55,8 +55,8 @@ def task_spec(task: str):
 
 def build_parser(task: Optional[str] = None, full_help: bool = False) -> argparse.ArgumentParser:
     """The command line of ``task``: the flags every task has and the task's own mode flags
-    (``tasks.finetune.mode_flags``: --evaluate, and --zero-shot / --predict where the task has them)."""
-    from tasks.finetune import mode_flags
+    (``tasks.spec.mode_flags``: --evaluate, and --zero-shot / --predict where the task has them)."""
+    from tasks.spec import mode_flags
 
     epilog = "default configs:\n" + "\n".join(f"  {t:18s} {c}" for t, (_, c) in TASKS.items())
     if full_help:

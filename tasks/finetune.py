@@ -33,12 +33,12 @@ from torch import nn
 from datasets.text import tokenizer_state
 from engine import distributed as D
 from engine.checkpoint import find_resume, load_checkpoint
-from engine.config import INCLUDE_KEY, ConfigError, apply_overrides, from_dict, load_config_data, read_yaml, save_config
+from engine.config import ConfigError, load_config_data, save_config
 from engine.rundir import OutputDir
 from engine.trainer import Trainer, TrainConfig, TrainState, setup_logging
 from objectives.pretrain import moved_config_keys
 from tasks.common import check_vocab_coverage, load_selected_checkpoint, make_tokenizer, require_files, require_image_root
-from tasks.finetune_config import model_from_checkpoint, with_vocab
+from tasks.finetune_config import load_task_config, model_from_checkpoint, with_vocab
 from tasks.resume import check_resume_config
 from tasks.spec import MODE_FLAGS, Evaluator, Run, TaskSpec
 from tasks.train_data import SampledTrainData
@@ -218,32 +218,9 @@ def predict(spec: TaskSpec, cfg: Any, checkpoint: Optional[str], inputs: list[st
 
 
 # ---------------------------------------------------------------------- the command line
-def mode_flags(spec: TaskSpec) -> dict[str, dict]:
-    """The mode flags of ``spec``'s command line (argparse keyword arguments by flag)."""
-    flags = {"--evaluate": {"action": "store_true",
-                            "help": "evaluate --checkpoint (fine-tuned) on the test split only"}}
-    if spec.zero_shot:
-        flags["--zero-shot"] = {"action": "store_true", "help": "evaluate a pre-trained checkpoint without fine-tuning"}
-    if spec.predictor is not None:
-        flags["--predict"] = {"nargs": "+", "default": None, "metavar": spec.predictor.metavar,
-                              "help": spec.predictor.help}
-        flags.update(spec.predictor.flags)
-    return flags
-
-
-def load_task_config(spec: TaskSpec, path: Optional[str], overrides: list[str]) -> tuple[Any, dict]:
-    """The run config of ``spec`` from a YAML file and ``--set`` overrides, and the model keys they set:
-    the file's own and the overrides' (a model preset it includes describes the model of a run from
-    scratch; a checkpoint's architecture comes before it)."""
-    data = load_config_data(path, overrides)
-    own = read_yaml(path) if path else {}
-    given = apply_overrides({k: v for k, v in own.items() if k != INCLUDE_KEY}, overrides).get("model")
-    return from_dict(spec.config_cls, data), given if isinstance(given, dict) else {}
-
-
 def main(spec: TaskSpec, args) -> int:
     """``run_finetune.py --task ...`` for one task: ``args`` has ``config``, ``set``, ``checkpoint``,
-    ``resume``, the mode flags of :func:`mode_flags` and optionally ``overwrite``."""
+    ``resume``, the mode flags of :func:`tasks.spec.mode_flags` and optionally ``overwrite``."""
     chosen = [m for m in MODE_FLAGS if getattr(args, m, None)]
     for m in chosen:
         if m not in spec.modes:

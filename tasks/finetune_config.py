@@ -22,12 +22,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from engine.config import ConfigError, from_dict, opt, to_dict
+from engine.config import INCLUDE_KEY, ConfigError, apply_overrides, from_dict, load_config_data, opt, read_yaml, to_dict
 from engine.trainer import OptimConfig, ScheduleConfig, TrainConfig
 from models.vlp import VLPConfig
 from tasks.common import TokenizerConfig
 
-__all__ = ["FinetuneConfig", "MODEL_MAY_DIFFER", "MODEL_OWN", "MODEL_DERIVED", "model_from_checkpoint", "with_vocab"]
+__all__ = ["FinetuneConfig", "MODEL_MAY_DIFFER", "MODEL_OWN", "MODEL_DERIVED", "model_from_checkpoint", "with_vocab",
+           "load_task_config"]
 
 
 @dataclass
@@ -118,3 +119,13 @@ def with_vocab(cfg, tokenizer):
     """``cfg`` with ``model.text.vocab_size`` set to the tokenizer's size."""
     return dataclasses.replace(cfg, model=dataclasses.replace(
         cfg.model, text=dataclasses.replace(cfg.model.text, vocab_size=len(tokenizer))))
+
+
+def load_task_config(spec: Any, path: Optional[str], overrides: list[str]) -> tuple[Any, dict]:
+    """The run config of ``spec`` from a YAML file and ``--set`` overrides, and the model keys they set:
+    the file's own and the overrides' (a model preset it includes describes the model of a run from
+    scratch; a checkpoint's architecture comes before it)."""
+    data = load_config_data(path, overrides)
+    own = read_yaml(path) if path else {}
+    given = apply_overrides({k: v for k, v in own.items() if k != INCLUDE_KEY}, overrides).get("model")
+    return from_dict(spec.config_cls, data), given if isinstance(given, dict) else {}

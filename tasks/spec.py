@@ -27,7 +27,7 @@ from engine.trainer import TrainState
 from models.loading import LoadReport, load_checkpoint_into, load_encoder_weights
 from tasks.train_data import SampledTrainData
 
-__all__ = ["Evaluator", "Predictor", "TaskSpec", "Run", "MODE_FLAGS", "autocast_for", "write_json", "load_state",
+__all__ = ["Evaluator", "Predictor", "TaskSpec", "Run", "MODE_FLAGS", "mode_flags", "autocast_for", "write_json", "load_state",
            "show_report", "load_weights", "init_encoders"]
 
 MODE_FLAGS = {"evaluate": "evaluate", "zero_shot": "zero-shot", "predict": "predict"}
@@ -162,3 +162,16 @@ def init_encoders(run: Run, base: nn.Module) -> list[LoadReport]:
     """From scratch: a ``VLPModel``'s encoders from the weight files its config names
     (``models.loading.load_encoder_weights``; none: no report), each report shown."""
     return [show_report(run, r, r.source) for r in load_encoder_weights(base)]
+
+
+def mode_flags(spec: TaskSpec) -> dict[str, dict]:
+    """The mode flags of ``spec``'s command line (argparse keyword arguments by flag)."""
+    flags = {"--evaluate": {"action": "store_true",
+                            "help": "evaluate --checkpoint (fine-tuned) on the test split only"}}
+    if spec.zero_shot:
+        flags["--zero-shot"] = {"action": "store_true", "help": "evaluate a pre-trained checkpoint without fine-tuning"}
+    if spec.predictor is not None:
+        flags["--predict"] = {"nargs": "+", "default": None, "metavar": spec.predictor.metavar,
+                              "help": spec.predictor.help}
+        flags.update(spec.predictor.flags)
+    return flags

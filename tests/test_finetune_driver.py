@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import run_finetune
-from tasks.finetune import mode_flags
+from tasks.spec import mode_flags
 from tasks.spec import TaskSpec
 
 
