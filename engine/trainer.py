@@ -15,7 +15,6 @@ sees the diverged weights).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -83,6 +82,9 @@ class TrainConfig:
     threads_recheck_s: float = opt(60.0, "with num_threads 0 on CPU: seconds between re-choosing the thread count from "
                                          "other programs' CPU use during training (0 = choose once at the start)")
     log_every: int = opt(50, "optimiser steps between log.jsonl lines")
+    loggers: list[str] = opt(["jsonl"], "where every log line goes (engine/loggers.py): jsonl (always), tensorboard (event files in output_dir/tensorboard; the tensorboard package), wandb (output_dir/wandb; the wandb package)")
+    wandb_project: str = opt("srcl-vlp", "with loggers wandb: the W&B project")
+    wandb_mode: Literal["offline", "online"] = opt("offline", "with loggers wandb: offline writes the run locally (wandb sync uploads it later); online needs network access")
     save_every: int = opt(1000, "optimiser steps between checkpoint_last.pth writes (also at each epoch end)")
     keep_epoch_checkpoints: bool = opt(False, "also keep a copy of each epoch's end, checkpoint_XX.pth (XX = the epoch, from 00); by default a run keeps checkpoint_last.pth and, with a val metric, checkpoint_best.pth only (a paper-scale checkpoint is about 3 GB)")
     nan_policy: Literal["stop", "skip"] = opt("stop", "a non-finite loss: stop the run, or skip the step")
@@ -94,6 +96,8 @@ class TrainConfig:
     dist_timeout_s: int = opt(1800, "with several processes (torchrun): seconds a process waits in a collective operation for the others before the run fails; a stopped or wedged process blocks the others this long. It must exceed the longest time one process works alone while the others wait (the main process writing a large checkpoint, training the tokenizer or generating the synthetic data; a first torch.compile step), hence torch's default of 30 min; lower it (e.g. 300) where those take seconds, to fail fast")
 
     def validate(self) -> None:
+        from engine.loggers import check_logger_names
+        check_logger_names(self.loggers)
         if self.batch_size <= 0 or self.grad_accum <= 0 or self.epochs <= 0:
             raise ValueError("train.batch_size, train.grad_accum and train.epochs must be positive")
         if self.dist_timeout_s <= 0:
@@ -379,6 +383,8 @@ class Trainer:
         self.auto_threads = (AutoThreads(cfg.threads_recheck_s) if cfg.num_threads == 0 and dist.device.type == "cpu"
                              and not os.environ.get("OMP_NUM_THREADS") and cfg.threads_recheck_s > 0 else None)
         self.out_dir = Path(cfg.output_dir)
+        self.loggers = None  # built at the first log line (engine/loggers.py)
+        self._resumed_step: Optional[int] = None
         self.model = model
         self.sharding = cfg.sharding if dist.world_size > 1 else "none"
         if cfg.sharding != "none" and dist.world_size == 1:
@@ -502,13 +508,30 @@ class Trainer:
         sched._last_lr = [g["lr"] for g in groups]
 
     def _log(self, record: dict) -> None:
+        """One log record to every sink of ``train.loggers`` (main process)."""
         if self.dist.is_main:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "log.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            if self.loggers is None:
+                from engine.loggers import build_loggers
+                c = self.cfg
+                self.loggers = build_loggers(c.loggers, self.out_dir, resume_step=self._resumed_step,
+                                             config=to_dict(self.run_config), wandb_project=c.wandb_project,
+                                             wandb_mode=c.wandb_mode)
+            self.loggers.log(record)
+
+    def close_loggers(self) -> None:
+        if self.loggers is not None:
+            self.loggers.close()
+            self.loggers = None
 
     # ------------------------------------------------------------------ loop
     def fit(self, task: Task, resume: Optional[str] = None, metric_key: Optional[str] = None) -> TrainState:
+        """Train ``task`` to the end (or a stop signal); the log sinks are closed however it ends."""
+        try:
+            return self._fit(task, resume, metric_key)
+        finally:
+            self.close_loggers()
+
+    def _fit(self, task: Task, resume: Optional[str], metric_key: Optional[str]) -> TrainState:
         cfg = self.cfg
         spe = task.steps_per_epoch()
         total = cfg.epochs * spe
@@ -519,6 +542,7 @@ class Trainer:
         if resume:
             self.resume(resume)
             self.state.total_steps = total
+            self._resumed_step = self.state.global_step
             if self.dist.is_main:  # the steps after the checkpoint are logged again
                 truncate_log(self.out_dir / "log.jsonl", self.state.global_step,
                              drop_eval_at_step=self.state.step_in_epoch >= spe)

@@ -78,3 +78,28 @@ def test_wandb_offline_run_holds_every_value(tmp_path, monkeypatch):
         time.sleep(0.2)
     assert b"loss/itc_special" in data and b"0.625" in data and b"0.3125" in data
     assert b"not a number" not in data
+
+
+def test_a_training_run_logs_to_tensorboard_what_it_logs_to_jsonl(tmp_path):
+    """train.loggers=[jsonl, tensorboard] in a real (tiny) pre-training run: every numeric value of
+    every log.jsonl line is in the event file, at its step."""
+    from engine.config import load_config
+    from tasks.pretrain import PretrainConfig, run
+    from tests.pretrain_helpers import DEMO, make_world, tiny_overrides
+    world = make_world(tmp_path / "world")
+    out = tmp_path / "run"
+    run(load_config(PretrainConfig, DEMO, tiny_overrides(world, out, **{
+        "train.max_steps": 3, "train.epochs": 1, "train.num_threads": 1, "train.loggers": "[jsonl, tensorboard]"})))
+    lines = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    events = _events(out / "tensorboard")
+    for line in lines:
+        for key, value in scalars(line).items():
+            assert (line["step"], pytest.approx(value, rel=1e-6)) in [(s, v) for s, v in events[key]], key
+
+
+def test_unknown_logger_is_a_config_error(tmp_path):
+    from engine.config import ConfigError, load_config
+    from tasks.pretrain import PretrainConfig
+    from tests.pretrain_helpers import DEMO
+    with pytest.raises((ConfigError, ValueError), match="train.loggers: unknown"):
+        load_config(PretrainConfig, DEMO, ["train.loggers=[jsonl, mlflow]"])
