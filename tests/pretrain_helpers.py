@@ -32,6 +32,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The tiny shapes world, written once per test module that imports this fixture."""
+    return make_world(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(world, tmp_path_factory) -> Path:
+    """A tiny pre-training checkpoint (one epoch on the tiny world), once per test module."""
+    return tiny_pretrain_checkpoint(world, tmp_path_factory.mktemp("pre"))
+
+
 def tiny_pretrain_checkpoint(world: Path, out: Path) -> Path:
     """A tiny pre-training checkpoint of this project: one epoch on the tiny ``world``, one thread."""
     from engine.config import load_config

@@ -24,7 +24,7 @@ from tasks.finetune_config import with_vocab
 from tasks.spec import Run
 from tasks.caption_eval import SPICE_JARS, predictions_to_results, score_captions, spice_command
 from tasks.caption_generate import references_for
-from tests.pretrain_helpers import make_world
+from tests.pretrain_helpers import world  # noqa: F401 (module fixture: the tiny shapes world)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs/demo/caption.yaml"
@@ -167,11 +167,6 @@ def tiny_caption_overrides(world: Path, out: Path, **extra) -> list[str]:
     }
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("shapes"))
 
 
 def test_pretraining_checkpoint_initialises_encoder_and_decoder(world, tmp_path):

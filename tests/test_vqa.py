@@ -24,7 +24,7 @@ from models.text import TextConfig
 from models.vqa import VQAModel, pad_vocab_rows
 from tasks.vqa import VQAConfig, main, run
 from tasks.vqa_metrics import evaluate_vqa
-from tests.pretrain_helpers import make_world
+from tests.pretrain_helpers import world  # noqa: F401 (module fixture: the tiny shapes world)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs/demo/vqa.yaml"
@@ -152,11 +152,6 @@ def test_reader_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("shapes"))
-
-
 def tiny_vqa_overrides(world: Path, out: Path, **extra) -> list[str]:
     o = {
         "model.vision.img_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
