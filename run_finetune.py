@@ -96,34 +96,15 @@ def main(argv=None) -> int:
         print(f"error: {err} (python run_finetune.py --task TASK --help lists the task's flags)", file=sys.stderr)
         return 2
     module = importlib.import_module(TASKS[args.task][0])
-    from datasets.formats import DataError
-    from engine.checkpoint import CheckpointError, CheckpointWriteError, disk_full_message
-    from engine.config import ConfigError
-    from engine.distributed import cleanup
-    from engine.trainer import NonFiniteLossError
-    from engine.loader import DataLoaderWorkerError, report_worker_error, shutdown_all
+    from engine.cli import run_reporting_errors
     from shapesworld.preset import prepare
-    try:
+
+    def finetune() -> int:
         if not getattr(args, "predict", None):  # the synthetic world the config's x-synthetic section asks for
             prepare(args.config, args.set, schema=module.SPEC.config_cls)
-        return int(module.main(args) or 0)
-    except DataLoaderWorkerError as err:  # e.g. an image that cannot be read: one line naming it
-        return report_worker_error(err)
-    except (CheckpointError, ConfigError, DataError, FileNotFoundError) as err:  # bad input: the message names it
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:  # the run diverged: the message names the step
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # a full disk: one line naming the file and the free space
-        message = str(err) if isinstance(err, CheckpointWriteError) else disk_full_message(err, None)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    finally:
-        shutdown_all()  # no loader worker outlives the run, whatever ended it
-        cleanup()
+        return module.main(args)
+
+    return run_reporting_errors(finetune)
 
 
 if __name__ == "__main__":

@@ -33,10 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from datasets.formats import DataError
-    from engine.checkpoint import CheckpointError
     from engine.config import ConfigError, load_config
-    from engine.trainer import NonFiniteLossError
     from tasks.pretrain import PretrainConfig, run
 
     try:
@@ -44,31 +41,14 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    from engine.checkpoint import CheckpointWriteError, disk_full_message
-    from engine.loader import DataLoaderWorkerError, report_worker_error, shutdown_all
+    from engine.cli import run_reporting_errors
     from shapesworld.preset import prepare
-    try:
+
+    def pretrain() -> None:
         prepare(args.config, args.set)  # the synthetic world the config's x-synthetic section asks for
         run(cfg, resume=args.resume, init_from=args.init_from, overwrite=args.overwrite)
-    except DataLoaderWorkerError as err:  # e.g. images that cannot be read: one line naming them
-        return report_worker_error(err)
-    except (CheckpointError, ConfigError, DataError, FileNotFoundError) as err:  # bad input: the message names it
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as err:  # the run diverged: the message names the step
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except OSError as err:  # a full disk: one line naming the file and the free space
-        message = str(err) if isinstance(err, CheckpointWriteError) else disk_full_message(err, cfg.train.output_dir)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 1
-    finally:
-        shutdown_all()  # no loader worker outlives the run, whatever ended it
-        from engine.distributed import cleanup
-        cleanup()
-    return 0
+
+    return run_reporting_errors(pretrain, cfg.train.output_dir)
 
 
 if __name__ == "__main__":

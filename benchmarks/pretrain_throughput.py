@@ -223,6 +223,30 @@ def _time_steps(step, batch_fn, steps: int, warmup: int, dev, max_seconds: float
     return times, first
 
 
+def _measure(step, fwd_bwd, batch_fn, opt, dev, steps: int, warmup: int, max_seconds: float, instrument: bool,
+             counted_step=None) -> tuple:
+    """Time ``step`` (after, with ``instrument``, the FLOPs of one ``counted_step`` (default ``step``)
+    and the peak tensor memory of one ``fwd_bwd``); returns the FLOPs counted per batch, that peak
+    (both None without ``instrument``), the timed steps' seconds, the first step's and the peak memory
+    (MiB: allocated on CUDA, the process's maximum resident set on CPU)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counted = step_peak = None
+    if instrument:
+        with FlopCounterMode(display=False) as fc:
+            (counted_step or step)(batch_fn())
+        counted = fc.get_total_flops()
+        b = batch_fn()
+        step_peak = _step_peak_mib(lambda: fwd_bwd(b), opt, dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, first = _time_steps(step, batch_fn, steps, warmup, dev, max_seconds)
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return counted, step_peak, times, first, peak
+
+
 def _timing_row(times: list, first: float, batch: int) -> dict:
     med = sorted(times)[len(times) // 2]
     return {"step_s_median": med, "step_s_min": min(times), "first_step_s": first, "steps_timed": len(times),
@@ -264,7 +288,6 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
     ``variant`` ``srcl_unshared`` is the same measurement of another checkout's code (the caller
     puts it first on ``sys.path``); its analytic FLOPs are ``total_unshared``."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     from engine.config import load_config
     from models.vlp import VLPModel
@@ -320,21 +343,12 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
         opt.zero_grad(set_to_none=True)
 
     rss0 = _rss_mib()
-    counted = step_peak = None
-    if instrument:
-        # two instrumented steps: the FLOPs actually executed (by the eager model: the same
-        # operators), and the peak tensor memory of forward + backward (activations, gradients,
-        # temporaries; parameters and optimiser state excluded)
-        with FlopCounterMode(display=False) as fc:
-            step(batch_fn(), objective)
-        counted = fc.get_total_flops() / batch
-        b = batch_fn()
-        step_peak = _step_peak_mib(lambda: fwd_bwd(b), opt, dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, first = _time_steps(step, batch_fn, steps, warmup, dev, max_seconds)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # two instrumented steps: the FLOPs actually executed (by the eager model: the same operators),
+    # and the peak tensor memory of forward + backward (activations, gradients, temporaries;
+    # parameters and optimiser state excluded)
+    counted, step_peak, times, first, peak = _measure(step, fwd_bwd, batch_fn, opt, dev, steps, warmup, max_seconds,
+                                                      instrument, counted_step=lambda b: step(b, objective))
+    counted = None if counted is None else counted / batch
     acfg = cfg
     if ckpt == "fairscale":  # the wrapper recomputes the same blocks the config switches would
         import dataclasses
@@ -377,7 +391,6 @@ def albef_one(albef_dir: str, precision: str, batch: int, steps: int, warmup: in
     sys.path.insert(0, albef_dir)
     import torch
     import yaml
-    from torch.utils.flop_counter import FlopCounterMode
 
     import models.model_pretrain as mp  # ALBEF's package, not this project's
 
@@ -414,18 +427,9 @@ def albef_one(albef_dir: str, precision: str, batch: int, steps: int, warmup: in
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    counted = step_peak = None
-    if instrument:
-        with FlopCounterMode(display=False) as fc:
-            step(batch_fn())
-        counted = fc.get_total_flops() / batch  # ALBEF's attention is plain matmuls: all counted
-        b = batch_fn()
-        step_peak = _step_peak_mib(lambda: fwd_bwd(b), opt, dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, first = _time_steps(step, batch_fn, steps, warmup, dev, max_seconds)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    counted, step_peak, times, first, peak = _measure(step, fwd_bwd, batch_fn, opt, dev, steps, warmup, max_seconds,
+                                                      instrument)
+    counted = None if counted is None else counted / batch  # ALBEF's attention is plain matmuls: all counted
     timing = _timing_row(times, first, batch)
     row = {"variant": "albef", "model": "vitb_bertbase", "precision": precision, "checkpointing": "off",
            "compile": False, "batch": batch, "device": device, "threads": torch.get_num_threads(), **timing,

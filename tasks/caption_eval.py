@@ -22,6 +22,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from tasks.result_records import records_by_id
+
 __all__ = ["METRICS", "METRIC_KEYS", "CaptionScores", "score_captions", "spice_command", "format_table",
            "predictions_to_results"]
 
@@ -55,20 +57,6 @@ def predictions_to_results(image_ids: Sequence[int], captions: Sequence[str],
     rows = zip(image_ids, captions, images if images is not None else [None] * len(captions))
     return [{"image_id": int(i), "caption": c, **({"image": f} if f is not None else {})}
             for i, c, f in sorted(rows, key=lambda x: x[0])]
-
-
-def _results_map(predictions: Sequence[Mapping] | Mapping[int, str]) -> dict[int, str]:
-    if isinstance(predictions, Mapping):
-        return {int(k): v for k, v in predictions.items()}
-    out: dict[int, str] = {}
-    for i, p in enumerate(predictions):
-        if not isinstance(p, Mapping) or "image_id" not in p or not isinstance(p.get("caption"), str):
-            raise ValueError(f"prediction {i} must be an object with 'image_id' and a string 'caption'; got {p!r}")
-        iid = int(p["image_id"])
-        if iid in out:
-            raise ValueError(f"prediction {i}: image_id {iid} appears more than once")
-        out[iid] = p["caption"]
-    return out
 
 
 def spice_command(spice_dir: str, models_dir: str, in_file: str, out_file: str, cache_dir: str,
@@ -123,7 +111,7 @@ def score_captions(predictions: Sequence[Mapping] | Mapping[int, str], reference
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown caption metric(s) {unknown}; valid: {list(METRICS)}")
-    preds = _results_map(predictions)
+    preds = records_by_id(predictions, "image_id", "caption", string_value=True)
     ids = sorted(int(i) for i in references)
     missing = [i for i in ids if i not in preds]
     if missing:

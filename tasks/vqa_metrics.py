@@ -28,6 +28,8 @@ import re
 from collections import defaultdict
 from typing import Mapping, Sequence, Union
 
+from tasks.result_records import records_by_id
+
 __all__ = ["CONTRACTIONS", "MANUAL_MAP", "ARTICLES", "PUNCTUATION", "process_punctuation",
            "process_digit_article", "normalize_answer", "normalize_gt_answers", "vqa_accuracy",
            "evaluate_vqa"]
@@ -149,21 +151,6 @@ def vqa_accuracy(pred: str, answers: Sequence[str]) -> float:
     return _accuracy_normalized(normalize_answer(pred), normalize_gt_answers(answers))
 
 
-def _prediction_map(predictions: Union[Mapping[int, str], Sequence[dict]]) -> dict[int, str]:
-    """``{question_id: answer}`` from a mapping or from ``[{"question_id", "answer"}]`` records."""
-    if isinstance(predictions, Mapping):
-        return {int(q): a for q, a in predictions.items()}
-    out: dict[int, str] = {}
-    for i, rec in enumerate(predictions):
-        if not isinstance(rec, Mapping) or "question_id" not in rec or "answer" not in rec:
-            raise ValueError(f"prediction {i} must be an object with 'question_id' and 'answer'; got {rec!r}")
-        qid = int(rec["question_id"])
-        if qid in out:
-            raise ValueError(f"prediction {i}: question_id {qid} appears more than once")
-        out[qid] = rec["answer"]
-    return out
-
-
 def evaluate_vqa(predictions: Union[Mapping[int, str], Sequence[dict]], records: Sequence[dict],
                  return_per_question: bool = False) -> dict:
     """Score ``predictions`` against ground-truth ``records`` like the official tool.
@@ -185,7 +172,7 @@ def evaluate_vqa(predictions: Union[Mapping[int, str], Sequence[dict]], records:
         ValueError: a question of ``records`` has no prediction (the message names how many and the
             first ids), a record lacks ``question_id`` / ``answer``, or a question id repeats.
     """
-    preds = _prediction_map(predictions)
+    preds = records_by_id(predictions, "question_id", "answer")
     per_question: dict[int, float] = {}
     by_type: dict[str, list[float]] = defaultdict(list)
     missing: list[int] = []

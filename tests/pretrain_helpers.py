@@ -17,6 +17,15 @@ TINY_SHAPES = ShapesConfig(seed=3, image_size=32, num_train_images=48, num_val_i
                            captions_per_image=2, vqa_questions_per_image=1, nlvr2_pairs=(8, 4, 4))
 
 
+# a model small enough that a step takes milliseconds
+TINY_MODEL = {
+    "model.vision.img_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
+    "model.vision.depth": 1, "model.vision.num_heads": 2,
+    "model.text.hidden_size": 32, "model.text.num_text_layers": 1, "model.text.num_fusion_layers": 1,
+    "model.text.num_heads": 2, "model.text.intermediate_size": 64, "model.embed_dim": 16,
+}
+
+
 def make_world(root: Path) -> Path:
     ensure_shapes(root, TINY_SHAPES)
     return root
@@ -32,6 +41,18 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """The tiny shapes world, written once per test module that imports this fixture."""
+    return make_world(tmp_path_factory.mktemp("shapes"))
+
+
+@pytest.fixture(scope="module")
+def pretrained(world, tmp_path_factory) -> Path:
+    """A tiny pre-training checkpoint (one epoch on the tiny world), once per test module."""
+    return tiny_pretrain_checkpoint(world, tmp_path_factory.mktemp("pre"))
+
+
 def tiny_pretrain_checkpoint(world: Path, out: Path) -> Path:
     """A tiny pre-training checkpoint of this project: one epoch on the tiny ``world``, one thread."""
     from engine.config import load_config
@@ -45,12 +66,8 @@ def tiny_pretrain_checkpoint(world: Path, out: Path) -> Path:
 def tiny_overrides(data_root: Path, out_dir: Path, **extra) -> list[str]:
     """A model small enough that a step takes milliseconds; no dropout, so runs are comparable."""
     o = {
-        "model.vision.img_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
-        "model.vision.depth": 1, "model.vision.num_heads": 2,
-        "model.text.hidden_size": 32, "model.text.num_text_layers": 1, "model.text.num_fusion_layers": 1,
-        "model.text.num_heads": 2, "model.text.intermediate_size": 64,
-        "model.text.hidden_dropout": 0.0, "model.text.attention_dropout": 0.0,
-        "model.embed_dim": 16, "loss.queue_size": 32, "loss.contrastive.queue_start_step": 0,
+        **TINY_MODEL, "model.text.hidden_dropout": 0.0, "model.text.attention_dropout": 0.0,
+        "loss.queue_size": 32, "loss.contrastive.queue_start_step": 0,
         "tokenizer.vocab_size": 120,
         "data.train_files": f"[{data_root / 'pretrain.json'}]", "data.image_root": str(data_root),
         "x-synthetic": "null", "data.num_workers": 0,

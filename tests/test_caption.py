@@ -24,7 +24,8 @@ from tasks.finetune_config import with_vocab
 from tasks.spec import Run
 from tasks.caption_eval import SPICE_JARS, predictions_to_results, score_captions, spice_command
 from tasks.caption_generate import references_for
-from tests.pretrain_helpers import make_world
+from tests.pretrain_helpers import TINY_MODEL
+from tests.pretrain_helpers import world  # noqa: F401 (module fixture: the tiny shapes world)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs/demo/caption.yaml"
@@ -151,10 +152,7 @@ def test_collator_excludes_prompt_and_padding_from_the_loss():
 # ----------------------------------------------------------------------------- model + end to end
 def tiny_caption_overrides(world: Path, out: Path, **extra) -> list[str]:
     o = {
-        "model.vision.img_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
-        "model.vision.depth": 1, "model.vision.num_heads": 2,
-        "model.text.hidden_size": 32, "model.text.num_text_layers": 1, "model.text.num_fusion_layers": 1,
-        "model.text.num_heads": 2, "model.text.intermediate_size": 64, "model.embed_dim": 16,
+        **TINY_MODEL,
         "tokenizer.vocab_size": 120,
         "data.train_files": f"[{world / 'caption_train.json'}]", "data.image_root": str(world),
         "data.val_file": str(world / "caption_val.json"), "data.test_file": str(world / "caption_test.json"),
@@ -167,11 +165,6 @@ def tiny_caption_overrides(world: Path, out: Path, **extra) -> list[str]:
     }
     o.update(extra)
     return [f"{k}={v}" for k, v in o.items()]
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("shapes"))
 
 
 def test_pretraining_checkpoint_initialises_encoder_and_decoder(world, tmp_path):

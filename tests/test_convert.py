@@ -107,6 +107,14 @@ def rand_like_layer(layer: int, cross: bool, width: int = W) -> dict:
     return {f"encoder.layer.{layer}.{k}": torch.randn(s, generator=g) for k, s in shapes.items()}
 
 
+def vision_key(key: str) -> str | None:
+    """ALBEF's and BLIP's name of one of our (momentum) vision encoder's keys; None for the others."""
+    for ours, theirs in (("visual.", "visual_encoder."), ("visual_m.", "visual_encoder_m.")):
+        if key.startswith(ours):
+            return theirs + key[len(ours):]
+    return None
+
+
 def ours_to_albef(m: PretrainObjective, bert_prefix: bool = True, with_idx_queue: bool = False) -> dict:
     """Independent inverse map: our tiny model -> ALBEF's exact key layout.
 
@@ -121,10 +129,8 @@ def ours_to_albef(m: PretrainObjective, bert_prefix: bool = True, with_idx_queue
     out = {}
     for k, v in sd.items():
         v = v.clone()
-        if k.startswith("visual."):
-            out["visual_encoder." + k[len("visual."):]] = v
-        elif k.startswith("visual_m."):
-            out["visual_encoder_m." + k[len("visual_m."):]] = v
+        if vision_key(k):
+            out[vision_key(k)] = v
         elif k.startswith("text."):
             out[t + k[len("text."):]] = v
         elif k.startswith("text_m."):
@@ -168,10 +174,8 @@ def ours_to_blip(m: PretrainObjective) -> dict:
     g = torch.Generator().manual_seed(7)
     for k, v in sd.items():
         v = v.clone()
-        if k.startswith("visual."):
-            out["visual_encoder." + k[len("visual."):]] = v
-        elif k.startswith("visual_m."):
-            out["visual_encoder_m." + k[len("visual_m."):]] = v
+        if vision_key(k):
+            out[vision_key(k)] = v
         elif k.startswith(("text.", "text_m.")):
             root = "text_encoder." if k.startswith("text.") else "text_encoder_m."
             sub = k.split(".", 1)[1]

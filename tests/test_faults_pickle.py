@@ -25,8 +25,8 @@ from engine.checkpoint import ALLOWED_GLOBALS, CheckpointError, load_checkpoint,
 from engine.config import load_config
 from engine.trainer import Trainer
 from tasks.pretrain import PretrainConfig, run as pretrain
-from tests.pretrain_helpers import (DEMO, ROOT, make_world, step_losses,
-                                    tiny_overrides, tiny_pretrain_checkpoint)
+from tests.pretrain_helpers import DEMO, ROOT, step_losses, tiny_overrides
+from tests.pretrain_helpers import pretrained, world  # noqa: F401 (module fixtures)
 from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
 
 
@@ -38,17 +38,6 @@ class Payload:
 
     def __reduce__(self):
         return (exec, (f"open({self.marker!r}, 'w').close()",))
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("shapes_pickle"))
-
-
-@pytest.fixture(scope="module")
-def pretrained(world, tmp_path_factory) -> Path:
-    """A tiny pre-training checkpoint of this project (one epoch, 6 steps)."""
-    return tiny_pretrain_checkpoint(world, tmp_path_factory.mktemp("pre"))
 
 
 @pytest.fixture

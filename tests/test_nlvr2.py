@@ -18,26 +18,13 @@ from engine.config import ConfigError, load_config
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
 from models.vlp import VLPConfig
 from tasks.nlvr2 import NLVR2Config, load_nlvr2_weights
-from tasks.pretrain import PretrainConfig, run as run_pretrain
-from tests.pretrain_helpers import DEMO, ROOT, make_world, tiny_overrides
+from tests.pretrain_helpers import ROOT, tiny_overrides
+from tests.pretrain_helpers import pretrained, world  # noqa: F401 (module fixtures)
 
 NLVR2_DEMO = ROOT / "configs/demo/nlvr2.yaml"
 
 
 # ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("shapes"))
-
-
-@pytest.fixture(scope="module")
-def pretrained(world, tmp_path_factory) -> Path:
-    """A tiny pre-training checkpoint (1 epoch on the tiny world)."""
-    out = tmp_path_factory.mktemp("pretrain")
-    run_pretrain(load_config(PretrainConfig, DEMO, tiny_overrides(world, out, **{"train.epochs": 1})))
-    return out / "checkpoint_last.pth"
-
-
 def model_overrides() -> list[str]:
     return [o for o in tiny_overrides(Path("."), Path(".")) if o.startswith(("model.", "tokenizer."))]
 

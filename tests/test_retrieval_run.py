@@ -13,21 +13,11 @@ import torch
 
 import run_finetune
 from engine.checkpoint import load_checkpoint
-from tests.pretrain_helpers import ROOT, make_world, read_log, tiny_overrides, tiny_pretrain_checkpoint
+from tests.pretrain_helpers import ROOT, read_log, tiny_overrides
+from tests.pretrain_helpers import pretrained, world  # noqa: F401 (module fixtures)
 from tests.pretrain_helpers import one_thread  # noqa: F401 (autouse fixture: one thread per test)
 
 MODEL_KEYS = ("model.vision.", "model.text.", "model.embed_dim", "loss.queue_size")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("shapes_rr"))
-
-
-@pytest.fixture(scope="module")
-def pretrained(world, tmp_path_factory) -> Path:
-    """A tiny pre-training checkpoint (one epoch on the tiny world)."""
-    return tiny_pretrain_checkpoint(world, tmp_path_factory.mktemp("pre"))
 
 
 def rt_overrides(world: Path, out: Path, **extra) -> list[str]:

@@ -18,14 +18,10 @@ from datasets.shards import (INDEX_NAME, ShardPretrainDataset, expand_shard_patt
                              plan_epoch, read_shard_infos, write_shards)
 from datasets.text import pre_caption, train_wordpiece_tokenizer
 from datasets.transforms import TransformConfig, build_transform
-from tests.pretrain_helpers import DEMO, make_world, step_losses, tiny_overrides
+from tests.pretrain_helpers import DEMO, step_losses, tiny_overrides
+from tests.pretrain_helpers import world  # noqa: F401 (module fixture: the tiny shapes world)
 
 PER_SHARD = 10  # 48 pairs -> shards of 10, 10, 10, 10, 8
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("shapes"))
 
 
 @pytest.fixture(scope="module")

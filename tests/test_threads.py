@@ -97,11 +97,16 @@ def _advance(clock: _Clock, seconds: float, own_threads: float, others: float):
     clock.busy += seconds * (own_threads + others)
 
 
-def test_auto_threads_follow_other_programs_during_training(monkeypatch):
+def _auto_threads(monkeypatch, interval_s: float):
+    """``(clock, AutoThreads(interval_s))`` on a fake clock, this process at 4 threads."""
     clock = _Clock()
     _fake_running(monkeypatch, clock)
     torch.set_num_threads(4)
-    auto = T.AutoThreads(interval_s=10.0)
+    return clock, T.AutoThreads(interval_s=interval_s)
+
+
+def test_auto_threads_follow_other_programs_during_training(monkeypatch):
+    clock, auto = _auto_threads(monkeypatch, 10.0)
     _advance(clock, 5, own_threads=4, others=0)
     assert auto.maybe_update() is None                       # not yet due
     _advance(clock, 5, own_threads=3, others=1)              # a program took a CPU: 10 s, others 0.5 on average
@@ -117,9 +122,6 @@ def test_auto_threads_follow_other_programs_during_training(monkeypatch):
 
 
 def test_auto_threads_off_with_zero_interval(monkeypatch):
-    clock = _Clock()
-    _fake_running(monkeypatch, clock)
-    torch.set_num_threads(4)
-    auto = T.AutoThreads(interval_s=0.0)
+    clock, auto = _auto_threads(monkeypatch, 0.0)
     _advance(clock, 100, own_threads=1, others=4)
     assert auto.maybe_update() is None and torch.get_num_threads() == 4

@@ -24,7 +24,8 @@ from models.text import TextConfig
 from models.vqa import VQAModel, pad_vocab_rows
 from tasks.vqa import VQAConfig, main, run
 from tasks.vqa_metrics import evaluate_vqa
-from tests.pretrain_helpers import make_world
+from tests.pretrain_helpers import TINY_MODEL
+from tests.pretrain_helpers import world  # noqa: F401 (module fixture: the tiny shapes world)
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs/demo/vqa.yaml"
@@ -152,17 +153,9 @@ def test_reader_errors(tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    return make_world(tmp_path_factory.mktemp("shapes"))
-
-
 def tiny_vqa_overrides(world: Path, out: Path, **extra) -> list[str]:
     o = {
-        "model.vision.img_size": 32, "model.vision.patch_size": 8, "model.vision.width": 32,
-        "model.vision.depth": 1, "model.vision.num_heads": 2,
-        "model.text.hidden_size": 32, "model.text.num_text_layers": 1, "model.text.num_fusion_layers": 1,
-        "model.text.num_heads": 2, "model.text.intermediate_size": 64, "model.embed_dim": 16,
+        **TINY_MODEL,
         "data.train_files": f"[{world / 'vqa_train.json'}]", "data.image_root": str(world),
         "data.val_file": str(world / "vqa_val.json"), "data.test_file": str(world / "vqa_test.json"),
         "data.test_gt_file": str(world / "vqa_test_gt.json"), "data.answer_list": str(world / "answer_list.json"),
