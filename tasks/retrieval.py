@@ -25,8 +25,6 @@ import logging
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import torch
-
 from datasets.retrieval_data import (RETRIEVAL_HINT, RetrievalEvalData, RetrievalTrainCollator, RetrievalTrainDataset,
                                      read_eval_split)
 from datasets.transforms import TransformConfig, build_transform
