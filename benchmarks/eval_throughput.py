@@ -31,7 +31,7 @@ retrieval model with its own random initialisation, loads the same weights into 
 compares the re-ranked scores and rankings, and times the body of ALBEF's re-ranking loop:
 
     python benchmarks/eval_throughput.py --rerank-compare --rerank-k-test 128 256 --rounds 3 --threads 1 \
-        --albef-root ../albef   # run with the Python that can import ALBEF's code
+        --albef-root /path/to/ALBEF   # a checkout of salesforce/ALBEF; run with the Python that can import ALBEF's code
 """
 from __future__ import annotations
 

@@ -146,21 +146,6 @@ def open_stream(path: str, retries: int = 5, timeout_s: float = 60.0) -> IO[byte
     return io.BufferedReader(raw, buffer_size=1 << 20)
 
 
-def exists(path: str, timeout_s: float = 60.0) -> bool:
-    if not is_url(path):
-        return os.path.isfile(path)
-    if path.startswith(("http://", "https://")):
-        try:
-            with urllib.request.urlopen(urllib.request.Request(path, method="HEAD"), timeout=timeout_s):
-                return True
-        except urllib.error.HTTPError as err:
-            if err.code in (403, 404, 405, 410):
-                return False
-            raise OSError(f"{path}: HTTP {err.code} {err.reason}") from None
-    fs, inner = _fsspec(path)
-    return fs.exists(inner)
-
-
 def read_json(path: str) -> Optional[Any]:
     """The JSON file ``path`` (local or remote), or None when it does not exist; ``ValueError``
     naming it when it is not JSON."""

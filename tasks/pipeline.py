@@ -240,7 +240,7 @@ def from_run(task: str, run, model: torch.nn.Module, checkpoint: str, answer_lis
     model.eval()
     transform = build_transform(run.cfg.model.vision.img_size, False, run.cfg.data.transform)
     return Pipeline(task, model, transform, run.tokenizer, run.cfg, run.dist.device, checkpoint, answer_list,
-                    batch_size=getattr(run.cfg.data, "eval_batch_size", 32))
+                    batch_size=run.cfg.eval.batch_size if task == "retrieval" else run.cfg.data.eval_batch_size)
 
 
 __all__ = ["Pipeline", "InferenceError", "ABILITIES", "from_run"]
