@@ -20,8 +20,8 @@ Parts (every variant alternates with the others in each round; each keeps its fa
   the reduced decode for the shard reader (the JSON reader's decode is ``load_image``; the
   reduced variant swaps it for the same decode with ``draft``).
 - ``loader``: a DataLoader with ``--workers`` workers: time to the first batch of an epoch with new
-  workers (``persistent_workers=False``, as pre-training builds its loader each epoch) and with
-  persistent workers, and pinned memory on/off where a CUDA device exists.
+  workers per epoch and with persistent workers (``train.persistent_workers``, the default), through
+  the training loader itself (``tasks.train_data.SampledTrainData``).
 
 Per-worker rates assume one torch thread per worker (DataLoader workers use 1) and one core per
 worker. The table of workers needed per GPU rate (``--rates``) divides by the measured per-worker
@@ -299,36 +299,40 @@ def readers(data: dict, img_size: int, tcfg: TransformConfig, tokenizer, batch: 
 
 def loader(data: dict, img_size: int, tcfg: TransformConfig, tokenizer, batch: int, workers: int,
            rounds: int, epochs: int) -> dict:
-    """DataLoader with ``workers`` workers over the largest size: first-batch latency and epoch time,
-    new workers per epoch vs persistent; pinned memory on/off where CUDA exists."""
-    from torch.utils.data import DataLoader
+    """The training loader itself (``tasks.train_data.SampledTrainData``: sampler, workers, collation)
+    with ``workers`` workers over the largest size: first-batch latency per epoch and images/s over
+    ``epochs`` epochs, new workers per epoch vs persistent workers (``train.persistent_workers``);
+    pinned memory where CUDA exists (the loader pins on a CUDA device)."""
+    from engine import distributed as D
+    from engine.trainer import TrainConfig
+    from tasks.train_data import SampledTrainData
 
     key = list(data)[-1]
     d = data[key]
     transform = build_transform(img_size, True, tcfg)
     collator = PretrainCollator(tokenizer, 30, 0.15)
     ds = _json_dataset(d, transform, False)
-    variants = [("new_workers", False, False), ("persistent", True, False)]
-    if torch.cuda.is_available():
-        variants += [("new_workers_pinned", False, True), ("persistent_pinned", True, True)]
-    res = {name: [] for name, _, _ in variants}
+    dist = D.DistInfo(device=torch.device("cuda")) if torch.cuda.is_available() else D.DistInfo()
+    variants = [("new_workers", False), ("persistent", True)]
+    res = {name: [] for name, _ in variants}
     for _ in range(rounds):
-        for name, persistent, pin in variants:
-            dl = DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers, collate_fn=collator,
-                            persistent_workers=persistent, pin_memory=pin, drop_last=True)
+        for name, persistent in variants:
+            train = TrainConfig(batch_size=batch, seed=0, persistent_workers=persistent)
+            loader = SampledTrainData(ds, collator, train, dist, workers, loader_seed=0)
             firsts, t0, n = [], time.perf_counter(), 0
-            for _e in range(epochs):
+            for epoch in range(epochs):
                 te = time.perf_counter()
-                for i, b in enumerate(dl):
+                for i, (b,) in enumerate(loader.batches(epoch, 0)):
                     if i == 0:
                         firsts.append(time.perf_counter() - te)
                     n += b["image"].shape[0]
             total = time.perf_counter() - t0
-            res[name].append({"first_batch_s": firsts, "images_per_s": n / total, "epochs": epochs})
-            del dl
+            res[name].append({"first_batch_s": firsts, "images_per_s": n / total, "epochs": epochs,
+                              "batches_per_epoch": loader.steps_per_epoch()})
+            del loader
     best = {k: max(v, key=lambda r: r["images_per_s"]) for k, v in res.items()}
     return {"size": key, "workers": workers, "batch": batch, "best": best, "all_rounds": res,
-            "pinned_memory": "measured" if torch.cuda.is_available() else "not measurable here (no CUDA device)"}
+            "pinned_memory": "on (CUDA device)" if torch.cuda.is_available() else "off (no CUDA device)"}
 
 
 def workers_needed(stage_res: dict, reader_res: dict, rates: list[int]) -> list[dict]:

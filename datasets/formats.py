@@ -21,7 +21,7 @@ import math
 import os
 import random
 import warnings
-from typing import IO, Any, Callable, Optional, Sequence
+from typing import IO, Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from PIL import ExifTags, Image, ImageOps
@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from .text import mask_tokens, pre_caption
 from .transforms import apply_seeded
 
-__all__ = ["sample_seed", "derive_seed", "DataError", "TooManyBadImagesError", "read_json", "read_annotations",
+__all__ = ["sample_seed", "EpochIndex", "epoch_and_index", "derive_seed", "DataError", "TooManyBadImagesError", "read_json", "read_annotations",
            "DEFAULT_MAX_IMAGE_PIXELS", "ImageLoadError", "load_image", "load_image_or_substitute", "placeholder_image",
            "PretrainDataset", "PretrainCollator"]
 
@@ -43,6 +43,24 @@ def sample_seed(base_seed: int, epoch: int, index: int) -> int:
     on every machine, process and Python version."""
     digest = hashlib.blake2b(f"{int(base_seed)}/{int(epoch)}/{int(index)}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1
+
+
+class EpochIndex(NamedTuple):
+    """A training sample's index with the epoch whose augmentation, caption choice and masking it
+    gets: what the training batch sampler (``engine.trainer.EpochBatchSampler``) yields, so that
+    loader workers that live on from one epoch to the next (``train.persistent_workers``), each with
+    its own copy of the dataset made when it started, still produce the current epoch's samples."""
+
+    epoch: int
+    index: int
+
+
+def epoch_and_index(index: "int | EpochIndex", default_epoch: int) -> tuple[int, int]:
+    """``(epoch, index)`` of a training dataset's ``__getitem__`` argument: an :class:`EpochIndex`
+    names both; a plain index is of ``default_epoch`` (the dataset's ``set_epoch``)."""
+    if isinstance(index, EpochIndex):
+        return int(index.epoch), int(index.index)
+    return int(default_epoch), int(index)
 
 
 def derive_seed(seed: int, purpose: str) -> int:
@@ -347,15 +365,15 @@ class PretrainDataset(Dataset):
         """Every cleaned caption, in record order (e.g. to train a tokenizer)."""
         return [c for _, captions, _ in self.items for c in captions]
 
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
+    def __getitem__(self, index: "int | EpochIndex") -> dict:
+        epoch, index = epoch_and_index(index, self.epoch)
         if not 0 <= index < len(self.items):
             raise IndexError(f"index {index} out of range for {len(self.items)} records")
         image, used, failures = load_image_or_substitute(index, len(self.items), self.image_path,
-                                                         sample_seed(self.seed, self.epoch, index),
+                                                         sample_seed(self.seed, epoch, index),
                                                          self.max_failures, **self.load_kwargs)
         _, captions, image_idx = self.items[used]
-        seed = sample_seed(self.seed, self.epoch, used)
+        seed = sample_seed(self.seed, epoch, used)
         caption = captions[random.Random(derive_seed(seed, "caption")).randrange(len(captions))]
         failed = image is None
         if failed:

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .formats import ImageLoadError, derive_seed, load_image, read_annotations, sample_seed
+from .formats import EpochIndex, ImageLoadError, derive_seed, epoch_and_index, load_image, read_annotations, sample_seed
 from .text import pre_caption
 from .transforms import apply_seeded
 
@@ -122,12 +122,12 @@ class NLVR2Dataset(Dataset):
             raise ImageLoadError(path, f"{err.reason} (NLVR2 example {index} of {rec['_source']}; "
                                        f"check data.image_root={self.image_root})") from None
 
-    def __getitem__(self, index: int) -> dict:
-        index = int(index)
+    def __getitem__(self, index: "int | EpochIndex") -> dict:
+        epoch, index = epoch_and_index(index, self.epoch)
         if not 0 <= index < len(self.records):
             raise IndexError(f"index {index} out of range for {len(self.records)} NLVR2 examples")
         left_path, right_path = self.image_paths(index)
-        seed = sample_seed(self.seed, self.epoch, index)
+        seed = sample_seed(self.seed, epoch, index)
         left = apply_seeded(self.transform, self._load(left_path, index), derive_seed(seed, "augment_left"))
         right = apply_seeded(self.transform, self._load(right_path, index), derive_seed(seed, "augment_right"))
         return {"image_left": left, "image_right": right, "sentence": self.sentences[index],

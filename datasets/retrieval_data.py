@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
-from .formats import ImageLoadError, load_image, read_annotations, sample_seed
+from .formats import EpochIndex, ImageLoadError, epoch_and_index, load_image, read_annotations, sample_seed
 from .text import pre_caption
 from .transforms import apply_seeded
 
@@ -172,15 +172,16 @@ class RetrievalTrainDataset(Dataset):
         """Every cleaned caption in record order (e.g. to train a tokenizer)."""
         return [c for _, c, _, _, _ in self.items]
 
-    def __getitem__(self, index: int) -> dict:
-        path, caption, image_idx, src, rec = self.items[int(index)]
+    def __getitem__(self, index: "int | EpochIndex") -> dict:
+        epoch, index = epoch_and_index(index, self.epoch)
+        path, caption, image_idx, src, rec = self.items[index]
         try:
             image = load_image(path)
         except ImageLoadError as e:
             raise ValueError(f"{src!r} record {rec}: {e}") from None
-        seed = sample_seed(self.seed, self.epoch, int(index))
+        seed = sample_seed(self.seed, epoch, index)
         return {"image": apply_seeded(self.transform, image, seed), "caption": caption, "image_idx": image_idx,
-                "index": int(index)}
+                "index": index}
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .formats import (DEFAULT_MAX_IMAGE_PIXELS, DataError, ImageLoadError, load_image, load_image_or_substitute,
-                      placeholder_image, read_annotations, read_json, sample_seed)
+                      EpochIndex, epoch_and_index, placeholder_image, read_annotations, read_json, sample_seed)
 from .text import pre_question, tokenizer_from_state, tokenizer_state
 from .transforms import apply_seeded
 
@@ -130,14 +130,15 @@ class VQATrainDataset(_VQADatasetBase):
         """Every question and answer (e.g. to train or extend a tokenizer)."""
         return self.questions + [a for ans, _ in self.targets for a in ans]
 
-    def __getitem__(self, index: int) -> dict:
-        image, used, failures = load_image_or_substitute(int(index), len(self.records), self.image_path,
-                                                         sample_seed(self.seed, self.epoch, int(index)),
+    def __getitem__(self, index: "int | EpochIndex") -> dict:
+        epoch, index = epoch_and_index(index, self.epoch)
+        image, used, failures = load_image_or_substitute(index, len(self.records), self.image_path,
+                                                         sample_seed(self.seed, epoch, index),
                                                          self.max_failures, **self.load_kwargs)
         failed = image is None
         if failed:
             image = placeholder_image(self.placeholder_size)
-        seed = sample_seed(self.seed, self.epoch, used)
+        seed = sample_seed(self.seed, epoch, used)
         answers, weights = self.targets[used]
         return {"image": apply_seeded(self.transform, image, seed), "question": self.questions[used],
                 "answers": answers, "weights": weights, "index": used, "bad_images": failures,

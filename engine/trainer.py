@@ -81,6 +81,7 @@ class TrainConfig:
                               "set it (> 0) for bitwise-reproducible CPU runs and resumes")
     threads_recheck_s: float = opt(60.0, "with num_threads 0 on CPU: seconds between re-choosing the thread count from "
                                          "other programs' CPU use during training (0 = choose once at the start)")
+    persistent_workers: bool = opt(True, "keep the training loader's worker processes (data.num_workers) from one epoch to the next instead of starting new ones per epoch (a streamed shard dataset starts new ones); the samples are the same either way")
     log_every: int = opt(50, "optimiser steps between log.jsonl lines")
     loggers: list[str] = opt(["jsonl"], "where every log line goes (engine/loggers.py): jsonl (always), tensorboard (event files in output_dir/tensorboard; the tensorboard package), wandb (output_dir/wandb; the wandb package)")
     wandb_project: str = opt("srcl-vlp", "with loggers wandb: the W&B project")

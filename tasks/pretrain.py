@@ -30,7 +30,7 @@ from objectives.pretrain import PretrainObjective, load_objective_from_checkpoin
 from tasks.common import check_vocab_coverage, make_tokenizer, to_device
 from tasks.pretrain_config import PretrainConfig
 from tasks.pretrain_data import build_dataset, prepare_data
-from tasks.train_data import BadImageCheck
+from tasks.train_data import BadImageCheck, EpochLoader
 from tasks.resume import check_resume_config
 from tasks.srcl_measures import QueueTexts, training_diagnostics
 from tasks.zero_shot import load_vlp_checkpoint
@@ -46,12 +46,14 @@ class PretrainTask:
         self.cfg, self.dist, self.dataset, self.tokenizer = cfg, dist, dataset, tokenizer
         self.helper, self.world = helper, world
         self.sampler: Optional[EpochBatchSampler] = None
+        self.collator = PretrainCollator(tokenizer, cfg.tokenizer.max_length, cfg.loss.mlm_prob)
         if isinstance(dataset, ShardPretrainDataset):  # streamed: the dataset plans its own batches
             dataset.configure(cfg.train.batch_size, cfg.train.grad_accum, dist.rank, dist.world_size)
         else:
             self.sampler = EpochBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.grad_accum,
                                              dist.rank, dist.world_size, cfg.train.seed)
-        self.collator = PretrainCollator(tokenizer, cfg.tokenizer.max_length, cfg.loss.mlm_prob)
+            self.loader = EpochLoader(dataset, self.sampler, self.collator, cfg.data.num_workers,
+                                      cfg.train.persistent_workers, dist, torch.Generator().manual_seed(0))
         # diagnostics of the queue: the captions behind the model's text queue
         self.queue_texts = QueueTexts(cfg.loss.queue_size) if cfg.diagnostics.every and world is not None else None
         n_images = len(dataset.image_ids) if isinstance(dataset, PretrainDataset) else len(dataset)
@@ -61,17 +63,14 @@ class PretrainTask:
         return self.sampler.steps_per_epoch() if self.sampler is not None else self.dataset.steps_per_epoch()
 
     def train_batches(self, epoch: int, start_step: int):
-        self.dataset.set_epoch(epoch)
-        if self.sampler is None:
+        if self.sampler is None:  # a streamed dataset: its iteration state lives in the workers' copies
+            self.dataset.set_epoch(epoch)
             self.dataset.set_position(epoch, start_step)
-            batching = {"batch_size": self.dataset.micro_batch()}
+            loader = SafeDataLoader(self.dataset, collate_fn=self.collator, batch_size=self.dataset.micro_batch(),
+                                    num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
+                                    generator=torch.Generator().manual_seed(0), persistent_workers=False)
         else:
-            self.sampler.set_position(epoch, start_step)
-            batching = {"batch_sampler": self.sampler}
-        loader = SafeDataLoader(self.dataset, collate_fn=self.collator, **batching,
-                                num_workers=self.cfg.data.num_workers, pin_memory=self.dist.device.type == "cuda",
-                                generator=torch.Generator().manual_seed(0),
-                                persistent_workers=False)
+            loader = self.loader.epoch(epoch, start_step)
         for group in grouped(loader, self.cfg.train.grad_accum):
             for b in group:
                 self._count_bad(b)

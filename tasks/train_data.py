@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch.utils.data import Dataset
 
-from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS, TooManyBadImagesError
+from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS, EpochIndex, TooManyBadImagesError
 from engine import distributed as D
 from engine.config import opt
 from engine.loader import SafeDataLoader
@@ -20,7 +20,7 @@ from tasks.common import to_device
 log = logging.getLogger("tasks")
 
 __all__ = ["require_fraction", "require_positive", "validate_image_data", "ImageChecks", "BadImageCheck",
-           "SampledTrainData"]
+           "EpochLoader", "SampledTrainData"]
 
 
 def require_fraction(key: str, value: float) -> None:
@@ -111,11 +111,49 @@ class BadImageCheck:
         return {"data/bad_images": self.bad, "data/images_tried": self.tried}
 
 
+class EpochLoader:
+    """The training ``DataLoader`` of a map-style dataset over an
+    :class:`~engine.trainer.EpochBatchSampler`, built once per run: :meth:`epoch` gives an epoch's
+    batches from a step on. Its batches carry their epoch (:class:`~datasets.formats.EpochIndex`),
+    so with ``persistent`` workers (``train.persistent_workers``), which keep the copy of the dataset
+    made when they started, the workers started for the first epoch serve every later one; the
+    samples are the same as with new workers per epoch."""
+
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, collate_fn: Callable[[list], Any],
+                 num_workers: int, persistent: bool, dist: D.DistInfo, generator: Optional[torch.Generator]) -> None:
+        self.dataset, self.sampler = dataset, sampler
+        self.loader = SafeDataLoader(dataset, batch_sampler=_EpochTagged(sampler), collate_fn=collate_fn,
+                                     num_workers=num_workers, pin_memory=dist.device.type == "cuda",
+                                     generator=generator, persistent_workers=persistent and num_workers > 0)
+
+    def epoch(self, epoch: int, start_step: int) -> Iterator:
+        """The micro-batches of ``epoch`` from optimiser step ``start_step`` on (``set_epoch`` too, for
+        a loader without workers and anything reading the dataset in this process)."""
+        self.dataset.set_epoch(epoch)
+        self.sampler.set_position(epoch, start_step)
+        return iter(self.loader)
+
+
+class _EpochTagged:
+    """A batch sampler yielding ``sampler``'s batches as :class:`~datasets.formats.EpochIndex` lists."""
+
+    def __init__(self, sampler: EpochBatchSampler) -> None:
+        self.sampler = sampler
+
+    def __iter__(self) -> Iterator[list[EpochIndex]]:
+        epoch = self.sampler.epoch
+        for batch in self.sampler:
+            yield [EpochIndex(epoch, i) for i in batch]
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
 class SampledTrainData:
     """The training batches of a map-style dataset (with ``set_epoch``): an
     :class:`~engine.trainer.EpochBatchSampler` (deterministic, exact resume) over ``train.batch_size``,
-    a ``DataLoader`` with ``collator``, micro-batches grouped per optimiser step (``train.grad_accum``),
-    each passed to ``bad_images`` (when given) and moved to the device.
+    an :class:`EpochLoader` with ``collator``, micro-batches grouped per optimiser step
+    (``train.grad_accum``), each passed to ``bad_images`` (when given) and moved to the device.
 
     ``loader_seed``: seed of the loader's own generator (then the global RNG is left alone); ``None``
     lets the loader draw its worker seed from the global RNG."""
@@ -123,10 +161,12 @@ class SampledTrainData:
     def __init__(self, dataset: Dataset, collator: Callable[[list], dict], train: TrainConfig, dist: D.DistInfo,
                  num_workers: int, bad_images: Optional[BadImageCheck] = None,
                  loader_seed: Optional[int] = None) -> None:
-        self.dataset, self.collator, self.dist, self.num_workers = dataset, collator, dist, num_workers
-        self.grad_accum, self.bad_images, self.loader_seed = train.grad_accum, bad_images, loader_seed
+        self.dataset, self.dist = dataset, dist
+        self.grad_accum, self.bad_images = train.grad_accum, bad_images
         self.sampler = EpochBatchSampler(len(dataset), train.batch_size, train.grad_accum,
                                          dist.rank, dist.world_size, train.seed)
+        generator = None if loader_seed is None else torch.Generator().manual_seed(loader_seed)
+        self.loader = EpochLoader(dataset, self.sampler, collator, num_workers, train.persistent_workers, dist, generator)
 
     def steps_per_epoch(self) -> int:
         """Optimiser steps per epoch."""
@@ -134,13 +174,7 @@ class SampledTrainData:
 
     def batches(self, epoch: int, start_step: int) -> Iterator[list[dict]]:
         """The micro-batches of each optimiser step of ``epoch`` from ``start_step`` on, on the device."""
-        self.dataset.set_epoch(epoch)
-        self.sampler.set_position(epoch, start_step)
-        generator = None if self.loader_seed is None else torch.Generator().manual_seed(self.loader_seed)
-        loader = SafeDataLoader(self.dataset, batch_sampler=self.sampler, collate_fn=self.collator,
-                                num_workers=self.num_workers, pin_memory=self.dist.device.type == "cuda",
-                                generator=generator)
-        for group in grouped(loader, self.grad_accum):
+        for group in grouped(self.loader.epoch(epoch, start_step), self.grad_accum):
             if self.bad_images is not None:
                 for b in group:
                     self.bad_images(b)

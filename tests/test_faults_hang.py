@@ -274,9 +274,14 @@ def test_an_error_in_a_training_worker_of_a_finetuning_task_shuts_the_workers_do
     from engine.trainer import TrainConfig
     from tasks.train_data import SampledTrainData
 
-    class Epochs(Numbers):
+    from datasets.formats import epoch_and_index
+
+    class Epochs(Numbers):  # a training dataset: its indices carry their epoch
         def set_epoch(self, epoch: int) -> None:
             pass
+
+        def __getitem__(self, index):
+            return super().__getitem__(epoch_and_index(index, 0)[1])
 
     data = SampledTrainData(Epochs(bad=13), lambda items: {"x": torch.stack(items)}, TrainConfig(batch_size=2, seed=0),
                             D.DistInfo(), num_workers=2)

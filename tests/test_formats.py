@@ -168,6 +168,36 @@ def test_sample_reproducible_and_epoch_dependent(tmp_path, world):
     assert len(picked) > 2
 
 
+def test_persistent_training_workers_give_every_epoch_its_own_samples(tmp_path, world):
+    """The same workers serve every epoch (their dataset copy keeps the epoch they started with), yet
+    each epoch's samples are those of a loader without workers."""
+    from engine import distributed as D
+    from engine.loader import live_worker_pids
+    from engine.trainer import TrainConfig
+    from tasks.train_data import SampledTrainData
+
+    ann = _json(tmp_path / "a.json", [{"image": f"ok{i}.png", "caption": ["one", "two", "three", "four"]} for i in range(4)])
+    ds = PretrainDataset(ann, world, TRAIN, seed=3)
+    collate = lambda items: {"image": torch.stack([s["image"] for s in items]), "seed": [s["seed"] for s in items]}  # noqa: E731
+
+    def epochs(num_workers: int, persistent: bool) -> tuple[list, list]:
+        data = SampledTrainData(ds, collate, TrainConfig(batch_size=2, seed=0, persistent_workers=persistent),
+                                D.DistInfo(), num_workers=num_workers)
+        out, pids = [], []
+        for epoch in range(3):
+            out.append([b for (b,) in data.batches(epoch, 0)])
+            pids.append(live_worker_pids())
+        return out, pids
+
+    plain, _ = epochs(0, False)
+    kept, pids = epochs(2, True)
+    assert len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]  # started once, used for all 3 epochs
+    assert plain[0][0]["seed"] != plain[1][0]["seed"]  # the epochs differ
+    for a, b in zip(plain, kept):
+        assert [x["seed"] for x in a] == [x["seed"] for x in b]
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+
+
 def test_apply_seeded_restores_rng():
     import random
     img = Image.new("RGB", (32, 32), (10, 200, 30))
