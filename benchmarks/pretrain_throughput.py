@@ -296,7 +296,7 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
     if threads > 0:
         torch.set_num_threads(threads)
     elif threads < 0:  # the trainer's default (train.num_threads=0)
-        from engine.trainer import apply_num_threads
+        from engine.threads import apply_num_threads
         apply_num_threads(0, torch.device("cpu"))
     flag = str(ckpt == "torch").lower()
     overrides = ["model.vision_weights=null", "model.text_weights=null", "tokenizer.path=null",
@@ -512,13 +512,13 @@ THREAD_POLICIES = {  # name: (threads argument of one(), extra environment)
     "default": (0, {}),                                  # torch's default: one thread per core
     "passive": (0, {"OMP_WAIT_POLICY": "PASSIVE"}),      # the same, waiting threads sleep instead of spinning
     "1": (1, {}),
-    "auto": (-1, {}),                                    # train.num_threads=0 (engine.trainer.auto_num_threads)
+    "auto": (-1, {}),                                    # train.num_threads=0 (engine.threads.auto_num_threads)
 }
 
 
 def _busy_cpus(sample_s: float = 0.5) -> float:
     """How many of this process's CPUs other programs kept busy over ``sample_s`` seconds."""
-    from engine.trainer import _cpu_times
+    from engine.threads import _cpu_times
 
     cpus = os.sched_getaffinity(0)
     t0 = _cpu_times(cpus)

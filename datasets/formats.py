@@ -47,7 +47,7 @@ def sample_seed(base_seed: int, epoch: int, index: int) -> int:
 
 class EpochIndex(NamedTuple):
     """A training sample's index with the epoch whose augmentation, caption choice and masking it
-    gets: what the training batch sampler (``engine.trainer.EpochBatchSampler``) yields, so that
+    gets: what the training batch sampler (``engine.batching.EpochBatchSampler``) yields, so that
     loader workers that live on from one epoch to the next (``train.persistent_workers``), each with
     its own copy of the dataset made when it started, still produce the current epoch's samples."""
 

@@ -57,7 +57,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from engine.trainer import check_batch_size
+from engine.batching import check_batch_size
 
 from . import shard_io
 from .shard_io import is_url

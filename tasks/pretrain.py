@@ -21,7 +21,8 @@ from engine.checkpoint import find_resume, load_checkpoint
 from engine.config import save_config
 from engine.loader import SafeDataLoader
 from engine.rundir import OutputDir
-from engine.trainer import EpochBatchSampler, Trainer, TrainState, grouped, setup_logging
+from engine.batching import EpochBatchSampler, grouped
+from engine.trainer import Trainer, TrainState, setup_logging
 from models import losses as L
 from models.loading import load_checkpoint_into, load_encoder_weights
 from models.vlp import VLPModel

@@ -14,7 +14,8 @@ from datasets.formats import DEFAULT_MAX_IMAGE_PIXELS, EpochIndex, TooManyBadIma
 from engine import distributed as D
 from engine.config import opt
 from engine.loader import SafeDataLoader
-from engine.trainer import EpochBatchSampler, TrainConfig, grouped
+from engine.batching import EpochBatchSampler, grouped
+from engine.trainer import TrainConfig
 from tasks.common import to_device
 
 log = logging.getLogger("tasks")
@@ -113,7 +114,7 @@ class BadImageCheck:
 
 class EpochLoader:
     """The training ``DataLoader`` of a map-style dataset over an
-    :class:`~engine.trainer.EpochBatchSampler`, built once per run: :meth:`epoch` gives an epoch's
+    :class:`~engine.batching.EpochBatchSampler`, built once per run: :meth:`epoch` gives an epoch's
     batches from a step on. Its batches carry their epoch (:class:`~datasets.formats.EpochIndex`),
     so with ``persistent`` workers (``train.persistent_workers``), which keep the copy of the dataset
     made when they started, the workers started for the first epoch serve every later one; the
@@ -151,7 +152,7 @@ class _EpochTagged:
 
 class SampledTrainData:
     """The training batches of a map-style dataset (with ``set_epoch``): an
-    :class:`~engine.trainer.EpochBatchSampler` (deterministic, exact resume) over ``train.batch_size``,
+    :class:`~engine.batching.EpochBatchSampler` (deterministic, exact resume) over ``train.batch_size``,
     an :class:`EpochLoader` with ``collator``, micro-batches grouped per optimiser step
     (``train.grad_accum``), each passed to ``bad_images`` (when given) and moved to the device.
 

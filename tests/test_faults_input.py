@@ -301,7 +301,7 @@ def _epochs_through_check(ann, root, epochs: int, max_bad_fraction: float = 0.01
     from torchvision import transforms as T
     from datasets.formats import PretrainCollator, PretrainDataset
     from datasets.text import train_wordpiece_tokenizer
-    from engine.trainer import EpochBatchSampler
+    from engine.batching import EpochBatchSampler
     from tasks.train_data import BadImageCheck
     ds = PretrainDataset([ann], root, T.ToTensor(), max_bad_fraction=max_bad_fraction)
     collate = PretrainCollator(train_wordpiece_tokenizer([f"picture {i}" for i in range(7)], 40), 8)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import engine.trainer as T
+import engine.threads as T
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from engine import distributed as D
 from engine.config import ConfigError, load_config
-from engine.trainer import EpochBatchSampler, OptimConfig, ScheduleConfig, Trainer, TrainConfig, check_batch_size
+from engine.batching import EpochBatchSampler, check_batch_size
+from engine.trainer import OptimConfig, ScheduleConfig, Trainer, TrainConfig
 from tests.pretrain_helpers import ROOT
 
 
