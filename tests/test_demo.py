@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import socket
 import shutil
 import sys
 import threading
+import urllib.error
+import urllib.request
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -169,6 +173,15 @@ def test_requests_the_checkpoint_cannot_serve_and_bad_uploads_are_messages(serve
     png = (Path(app.world) / "images/test").glob("*.png").__next__().read_bytes()
     with pytest.raises(demo.DemoError, match=r"too large: .* MB \(limit 0.0001 MB\)"):
         small.handle("rank", {"image": {"data": base64.b64encode(png).decode()}, "texts": "a"})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), demo.make_handler(small))  # the upload limit before reading
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    body = json.dumps({"image": {"data": base64.b64encode(png).decode()}, "texts": "a" * 100_000}).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{httpd.server_address[1]}/api/rank", data=body)
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=30)
+    assert err.value.code == 413 and "the upload is too large" in json.loads(err.value.read())["error"]
+    httpd.shutdown()
+    httpd.server_close()
     with pytest.raises(demo.DemoError, match="type one or more captions"):
         app.handle("rank", {"image": {"demo": "shapes 1"}, "texts": "  \n"})
     with pytest.raises(demo.DemoError, match="unknown request"):
@@ -181,6 +194,13 @@ def test_command_line_errors_are_one_line(tmp_path, capsys, checkpoints):
     assert err == f"error: --checkpoint {tmp_path / 'missing.pth'}: no such file"
     assert demo.main(["--checkpoint", checkpoints["pretrain"], "--gallery", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --gallery {tmp_path / 'nowhere'}: no such folder"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert demo.main(["--checkpoint", checkpoints["pretrain"], "--port", str(port)]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot serve on 127.0.0.1:{port}: ") and "--port" in line
     notckpt = tmp_path / "notes.pth"
     notckpt.write_text("not a checkpoint")
     assert demo.main(["--checkpoint", str(notckpt)]) == 2
