@@ -1,7 +1,7 @@
 """The inference pipeline of a loaded checkpoint (``Pipeline``): the model, its image transform and its
 tokenizer, and what the model can do on PIL images or files (``caption``, ``answer``, ``rank``,
-``retrieve``, ``nlvr2``, ``encode_image``, ``encode_text``, ``gradcam``: tasks/pipeline_gradcam.py). Users get one from
-``inference.load_model_and_preprocess``; ``run_finetune.py --predict`` builds one over the model the
+``retrieve``, ``nlvr2``, ``encode_image``, ``encode_text``, and ``gradcam`` from
+tasks/pipeline_gradcam.py). Users get one from ``inference.load_model_and_preprocess``; ``run_finetune.py --predict`` builds one over the model the
 fine-tuning driver loaded (:func:`from_run`)."""
 from __future__ import annotations
 
