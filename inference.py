@@ -8,6 +8,7 @@
     m.rank(img, ["a cat", "a dog"])                         # pre-training / retrieval: ITC + ITM scores
     m.retrieve(["a cat"], gallery_images, k=5)              # the top-k images of a gallery per text
     m.encode_image([img]), m.encode_text(["a cat"])         # L2-normalised embeddings for your own search
+    m.gradcam(img, "a cat on a mat").word_maps             # pre-training / retrieval: Grad-CAM per word
 
 Images are PIL images or paths. The checkpoint decides what the model can do: a pre-training or retrieval
 checkpoint ranks and retrieves (zero-shot is a pre-training checkpoint used as it is), a VQA checkpoint

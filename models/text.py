@@ -94,6 +94,11 @@ class Attention(nn.Module):
         self.output.dense = nn.Linear(hidden, hidden)
         self.output.LayerNorm = nn.LayerNorm(hidden, eps=layer_norm_eps)
         self.output.dropout = nn.Dropout(hidden_dropout)
+        # ``record_probs = True`` makes forward() compute the attention probabilities explicitly and keep
+        # them, in the autograd graph, as ``probs`` (B, heads, Q, K): Grad-CAM reads them and their
+        # gradients (models/gradcam.py). Off, attention runs through SDPA and nothing is kept.
+        self.record_probs = False
+        self.probs: Optional[Tensor] = None
 
     def forward(self, x: Tensor, kv: Tensor, mask: Optional[Tensor] = None,
                 kv_index: Optional[Tensor] = None, layout: Optional["QueryLayout"] = None) -> Tensor:
@@ -118,13 +123,25 @@ class Attention(nn.Module):
         q, k, v = split(q), split(self.self.key(kv)), split(self.self.value(kv))
         if kv_index is not None:
             k, v = k[kv_index], v[kv_index]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask,
-            dropout_p=self.attention_dropout if self.training else 0.0)
+        if self.record_probs:
+            out = self._explicit_attention(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask,
+                dropout_p=self.attention_dropout if self.training else 0.0)
         out = out.transpose(1, 2).reshape(B, Q, H)
         if layout is not None:
             out = layout.unpad(out)
         return self.output.LayerNorm(x + self.output.dropout(self.output.dense(out)))
+
+
+    def _explicit_attention(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """SDPA's result with the probabilities kept as ``self.probs``: softmax(q k^T / sqrt(d)) v."""
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        self.probs = scores.softmax(dim=-1)
+        return F.dropout(self.probs, self.attention_dropout, self.training) @ v
 
 
 @dataclass

@@ -23,6 +23,7 @@ Modules:
   annotate    captions, VQA questions, NLVR2 pairs, false-negative statistics
   record      the record of the files the generator wrote, the manifest, the folder lock
   write       writing a world into a folder (:func:`ensure_shapes`, :func:`generate_shapes`)
+  grounding   phrases naming one object each, with its box (the Grad-CAM grounding benchmark)
   preset      a run config's ``x-synthetic`` section: the world a preset asks for (:func:`prepare`)
 
 Command line: ``python -m shapesworld --out DIR [--seed 0 --num-train-images 1500 ...]``.

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Tuple
 
 GENERATOR = "shapesworld"
-GENERATOR_VERSION = "shapes-1.0"
+GENERATOR_VERSION = "shapes-1.1"  # 1.1: every object of scenes.json has its pixel box
 DEFAULT_ROOT = "data/shapes"
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string",

@@ -52,6 +52,14 @@ class SceneObject:
     def cell(self) -> Tuple[int, int]:
         return ROWS.index(self.row), COLS.index(self.col)
 
+    @property
+    def box(self) -> Tuple[int, int, int, int]:
+        """The object's box in pixels of the written image, ``(x0, y0, x1, y1)`` with ``x1``, ``y1``
+        exclusive: the bounding box of the pixels :func:`render_scene` paints for it (drawn alone)."""
+        canvas = Image.new("L", (self.x + self.radius + 2, self.y + self.radius + 2), 0)
+        _draw_shape(ImageDraw.Draw(canvas), self, fill=255)
+        return canvas.getbbox()
+
 
 @dataclass(frozen=True)
 class Scene:
@@ -69,7 +77,7 @@ class Scene:
             "background": self.background,
             "background_color": list(self.background_color),
             "texture": dict(self.texture),
-            "objects": [dataclasses.asdict(o) for o in self.objects],
+            "objects": [{**dataclasses.asdict(o), "box": list(o.box)} for o in self.objects],
         }
 
     @classmethod
@@ -126,9 +134,9 @@ def sample_scene(rng: np.random.Generator, cfg: ShapesConfig, image_id: int = 0,
 
 
 # --------------------------------------------------------------------------------- rendering
-def _draw_shape(draw: ImageDraw.ImageDraw, o: SceneObject) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, o: SceneObject, fill=None) -> None:
     x, y, r = o.x, o.y, o.radius
-    fill = COLORS[o.color]
+    fill = COLORS[o.color] if fill is None else fill
     if o.shape == "circle":
         draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
     elif o.shape == "square":

@@ -2,7 +2,8 @@
 the manifest, into one folder (the ``image_root``; every ``image`` path is relative to it)::
 
     images/{train,val,test}/NNNNNN.png    NNNNNN = the global integer image id
-    scenes.json                           {image_path: scene}, with the captions and their kinds
+    scenes.json                           {image_path: scene}, with the captions and their kinds and
+                                          each object's box in pixels ([x0, y0, x1, y1], ends exclusive)
     pretrain.json                         [{"image", "caption": [captions]}]           (train)
     retrieval_train.json                  [{"image", "caption": str, "image_id": int}] (train)
     retrieval_{val,test}.json             [{"image", "caption": [captions]}]

@@ -1,7 +1,7 @@
 """The inference pipeline of a loaded checkpoint (``Pipeline``): the model, its image transform and its
 tokenizer, and what the model can do on PIL images or files (``caption``, ``answer``, ``rank``,
-``retrieve``, ``nlvr2``, ``encode_image``, ``encode_text``). Users get one from
-``inference.load_model_and_preprocess``; ``run_finetune.py --predict`` builds one over the model the
+``retrieve``, ``nlvr2``, ``encode_image``, ``encode_text``, and ``gradcam`` from
+tasks/pipeline_gradcam.py). Users get one from ``inference.load_model_and_preprocess``; ``run_finetune.py --predict`` builds one over the model the
 fine-tuning driver loaded (:func:`from_run`)."""
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ from datasets.text import pre_caption, pre_question
 from datasets.transforms import build_transform
 from engine import distributed as D
 from engine.config import ConfigError
+from tasks.pipeline_gradcam import GradCAMMethods
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 # what each kind of checkpoint can do (the methods of Pipeline)
-ABILITIES = {"retrieval": ("rank", "retrieve", "encode_image", "encode_text"),
+ABILITIES = {"retrieval": ("rank", "retrieve", "encode_image", "encode_text", "gradcam"),
              "vqa": ("answer", "encode_image", "encode_text"),
              "nlvr2": ("nlvr2", "encode_image", "encode_text"),
              "caption": ("caption", "encode_image")}
@@ -32,7 +33,7 @@ class InferenceError(ConfigError):
 
 
 @dataclass
-class Pipeline:
+class Pipeline(GradCAMMethods):
     """A loaded checkpoint: ``model`` (eval mode, on ``device``), ``transform`` (PIL image -> tensor),
     ``tokenizer``, and ``cfg`` (the run config the checkpoint was trained with, or the task's
     defaults with the checkpoint's model for a pre-training checkpoint)."""

@@ -488,12 +488,12 @@ PINNED = {
         "retrieval_test.json": "2a3176a8855e386e0ffa909d6ea8f01c7fc67704fb8189edcdf7e78b08786b07",
         "retrieval_train.json": "b615e6ee4da4ce4c0c96dd48ad9102150a053ef25009e42acd8e7c49a5076a15",
         "retrieval_val.json": "ee3ba96bd03a458d3da1cec215733c59717409e2f0ca07d76d6922ea7f134832",
-        "scenes.json": "5c9d028e75622690414d3979666ec4ebf4fc92014857dc4a5511e246d9784a5e",
+        "scenes.json": "ca911cb79159bf1029e9651f787c7a2420b3427b08278484d24d6d967c76442d",
         "vqa_test.json": "66778f25162084b982eb46bb9aa623f126fcbda9549bb4efe6fc9ff9f5b50b65",
         "vqa_test_gt.json": "ed28b84198fbcaea931306d9f11872314e528ec9231d6845c493f36419a01379",
         "vqa_train.json": "35a27f5c25f5f45c3d4af3231ccf37d1fdc889e28cd87407443ba943adfbf163",
         "vqa_val.json": "75a999226fabd907a0e152f0640e4faa50406e1ef188cb66d6f451218f87aa41",
-    }, "520c0b0c6a27c5ae341c639f52e8fa53932c38e0aaa570ad979c0affd07514bc",
+    }, "82e651a2501ebec270b4afa460b30b9d3b08af2f0382845950225a11b91972ef",
         "8bdfd23080171b22788171b7b018668126b5cb399418c5c57b0cbdc2a2f55cf6"),
     "jpg_nopos": (dict(seed=1, image_size=40, num_train_images=8, num_val_images=3, num_test_images=3,
                        captions_per_image=2, vqa_questions_per_image=2, nlvr2_pairs=(4, 2, 2), image_format="jpg",
@@ -512,12 +512,12 @@ PINNED = {
         "retrieval_test.json": "b56a3284745134f47ca02f8241009a7b47218fbb5e34ef1510b771942e5c0cea",
         "retrieval_train.json": "5e78369ae6a3e940f8d51339f3dabfc3faaca8ed6443ea64c2c623bed32ced54",
         "retrieval_val.json": "8b3943b1a3960f3febabd2b0d843187d055cfdfba725cfb83230b1845d10c64a",
-        "scenes.json": "a6117fe6c37af6d54407050c377ef78cec71f91f10c79e695dd67926c9e31ae7",
+        "scenes.json": "c0c665e61057837e2f4858e11a5baa4e7437139f4d86e36ac920032b6ca6dff5",
         "vqa_test.json": "83e3f15397c7483de5ae68ff280ec4e89915ea2315d70afe31e2bf899e21f433",
         "vqa_test_gt.json": "954dc18cf5030d7b8ecad892300677e5502f143aca252a41d28f55b811e7b166",
         "vqa_train.json": "2bc0dd530d7bc14f521bbb6e051600ae2f4e0308f314ca1f93d355d7032b132c",
         "vqa_val.json": "9892912408463efa3a066c4e7ed967122f9bea3cbcac7f30ede98b58ba5f5a53",
-    }, "1abb0125870398ed6196af81547476ef5ffece50a18f5b763cb67daf7dc6fd5d", None),
+    }, "693c6d7784c0feeae0795beb3a3600cce95188b404cb7aad0d877821968d3ee4", None),
 }
 
 
@@ -531,7 +531,8 @@ def test_generated_bytes_are_pinned(name, tmp_path):
     generate_shapes(tmp_path, ShapesConfig(**options))
     assert sorted(digests) == sorted(record.ANNOTATION_FILES)
     assert {f: sha256(tmp_path / f) for f in digests} == digests
-    # the manifest differs from the one the generator's first release wrote only by its generator name
+    # the manifest, with the generator name of the first release (its version is the current one: 1.1 added the
+    # objects' boxes to scenes.json)
     manifest = (tmp_path / "manifest.json").read_bytes()
     assert json.loads(manifest)["generator"] == GENERATOR
     first = manifest.replace(f'"generator": "{GENERATOR}"'.encode(), f'"generator": "{record.FIRST_GENERATOR}"'.encode())
