@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partialmethod
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -18,12 +19,13 @@ from datasets.text import pre_caption, pre_question
 from datasets.transforms import build_transform
 from engine import distributed as D
 from engine.config import ConfigError
+from tasks.snli_ve_eval import entail as _entail
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 # what each kind of checkpoint can do (the methods of Pipeline)
 ABILITIES = {"retrieval": ("rank", "retrieve", "encode_image", "encode_text"),
              "vqa": ("answer", "encode_image", "encode_text"),
-             "nlvr2": ("nlvr2", "encode_image", "encode_text"),
+             "nlvr2": ("nlvr2", "encode_image", "encode_text"), "snli_ve": ("entail", "encode_image", "encode_text"),
              "caption": ("caption", "encode_image")}
 
 
@@ -233,6 +235,8 @@ class Pipeline:
             for p in F.softmax(logits.float(), dim=-1)[:, 1].cpu():
                 out.append((int_to_label(int(p >= 0.5)), float(p)))
         return out
+
+    entail = partialmethod(_entail, error=InferenceError)  # SNLI-VE: tasks/snli_ve_eval.py
 
 
 def from_run(task: str, run, model: torch.nn.Module, checkpoint: str, answer_list: Optional[list[str]] = None) -> Pipeline:
