@@ -41,7 +41,7 @@ class SNLIVEDataConfig:
     train_files: list[str] = opt(["data/snli_ve/ve_train.json"], "training annotation JSONs [{image, sentence, label: entailment | neutral | contradiction}]")
     dev_files: list[str] = opt(["data/snli_ve/ve_dev.json"], "dev annotation JSONs (checkpoint selection); [] = none (the last checkpoint is evaluated)")
     test_files: list[str] = opt(["data/snli_ve/ve_test.json"], "test annotation JSONs; [] = none")
-    image_root: str = opt("data/flickr30k/images", "directory the 'image' names are relative to (a name without an extension gets .jpg, ALBEF's Flickr30K ids)")
+    image_root: str = opt("data/images/flickr30k/flickr30k-images", "directory the 'image' names are relative to (a name without an extension gets .jpg, ALBEF's Flickr30K ids)")
     max_words: int = opt(30, "sentences are cut to this many words after cleaning")
     clean_style: Literal["albef", "blip"] = opt("albef", "sentence cleaning rules")
     transform: TransformConfig = opt(TransformConfig, "training image augmentation")
