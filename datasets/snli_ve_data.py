@@ -21,11 +21,10 @@ import os
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from .formats import DataError, ImageLoadError, load_image, read_annotations, sample_seed
 from .retrieval_data import tokenize_texts
-from .text import pre_caption
+from .sentences import LabelledSentences
 from .transforms import apply_seeded
 
 __all__ = ["LABELS", "CLASS_NAMES", "label_to_int", "read_snli_ve", "SNLIVEDataset", "SNLIVECollator"]
@@ -68,42 +67,17 @@ def read_snli_ve(paths: str | os.PathLike | Sequence[str | os.PathLike], hint: s
     return records
 
 
-class SNLIVEDataset(Dataset):
-    """SNLI-VE examples: ``__getitem__`` returns ``image`` (a tensor), ``sentence`` (cleaned),
-    ``label`` (the class index) and ``index``.
-
-    Args:
-        files: annotation JSON file(s).
-        image_root: directory the ``image`` names are relative to.
-        transform: PIL image -> tensor (training augmentation or the evaluation resize).
-        max_words, clean_style: sentence cleaning (``pre_caption``).
-        seed: base seed of the per-sample augmentation (with :meth:`set_epoch`).
-        hint: appended to the error for a missing annotation file (where to get the data).
-    """
+class SNLIVEDataset(LabelledSentences):
+    """SNLI-VE examples of the annotation ``files`` (``hint``: where to get a missing one), images under
+    ``image_root`` through ``transform`` (seeded from ``seed`` and the epoch), sentences cleaned as
+    ``max_words`` and ``clean_style`` say: ``__getitem__`` returns ``image`` (a tensor), ``sentence``,
+    ``label`` (the class index) and ``index``."""
 
     def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], image_root: str | os.PathLike,
                  transform: Callable, max_words: int = 30, clean_style: str = "albef", seed: int = 0,
                  hint: str = "") -> None:
-        self.records = read_snli_ve(files, hint)
-        if not self.records:
-            raise DataError(f"no SNLI-VE records in {files!r}")
-        self.image_root = os.fspath(image_root)
-        self.transform, self.seed, self.epoch = transform, seed, 0
-        self.sentences = [pre_caption(r["sentence"], max_words, clean_style) for r in self.records]
-        for rec, s in zip(self.records, self.sentences):
-            if not s:
-                raise DataError(f"{rec['_where']}: key 'sentence' ({rec['sentence']!r}) is empty after cleaning")
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose augmentation ``__getitem__`` produces."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def labels(self) -> list[int]:
-        """Every example's class index, in order."""
-        return [r["_label"] for r in self.records]
+        super().__init__(read_snli_ve(files, hint), "SNLI-VE", files, image_root, transform, max_words, clean_style,
+                         seed)
 
     def image_path(self, index: int) -> str:
         """The image file of example ``index``."""

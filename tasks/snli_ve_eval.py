@@ -7,16 +7,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
-from torch.utils.data import Subset
-from tqdm import tqdm
 
 from datasets.snli_ve_data import CLASS_NAMES, SNLIVECollator, SNLIVEDataset
 from datasets.transforms import build_transform
 from engine import distributed as D
-from engine.loader import SafeDataLoader
 from models.snli_ve import VEModel
-from tasks.common import to_device
-from tasks.spec import Run, autocast_for, write_json
+from tasks.classify_eval import DevAccuracy, class_probabilities
+from tasks.spec import Run, write_json
 
 if TYPE_CHECKING:
     from tasks.snli_ve import SNLIVEConfig, SNLIVEData
@@ -40,29 +37,13 @@ def eval_sets(cfg: SNLIVEConfig) -> dict[str, SNLIVEDataset]:
             for split, files in (("dev", d.dev_files), ("test", d.test_files)) if files}
 
 
-@torch.no_grad()
 def predict(model: VEModel, dataset: SNLIVEDataset, collator: SNLIVECollator, dist: D.DistInfo, batch_size: int,
             num_workers: int = 0, precision: str = "fp32", progress: bool = True,
             desc: str = "eval") -> dict[int, list[float]]:
-    """``{example index: [P(class) for each class index]}`` for every example of ``dataset``; each
-    process scores every ``world_size``-th example and the results are gathered to all processes."""
-    was_training = model.training
-    model.eval()
-    indices = list(range(dist.rank, len(dataset), dist.world_size))
-    loader = SafeDataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collator,
-                            num_workers=num_workers, pin_memory=dist.device.type == "cuda")
-    autocast = autocast_for(precision, dist.device)
-    local: list[tuple[int, list[float]]] = []
-    for batch in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), dynamic_ncols=True, leave=False):
-        b = to_device(batch, dist.device)
-        with autocast():
-            logits = model(b["image"], b["input_ids"], b["attention_mask"]).float()
-        local.extend(zip(batch["index"].tolist(), logits.softmax(dim=1).cpu().tolist()))
-    model.train(was_training)
-    out = {int(i): [float(p) for p in probs] for part in D.all_gather_object(local) for i, probs in part}
-    if len(out) != len(dataset):
-        raise RuntimeError(f"evaluation covered {len(out)} of {len(dataset)} examples")
-    return out
+    """``{example index: [P(class) for each class index]}`` for every example of ``dataset``, gathered
+    from all processes (``tasks.classify_eval.class_probabilities``)."""
+    return class_probabilities(model, lambda m, b: m(b["image"], b["input_ids"], b["attention_mask"]), dataset,
+                               collator, dist, batch_size, num_workers, precision, progress, desc)
 
 
 def _argmax(probs: list[float]) -> int:
@@ -121,7 +102,7 @@ def evaluate_and_write(model: VEModel, sets: dict[str, SNLIVEDataset], cfg: SNLI
     return results
 
 
-class SNLIVERunEvaluator:
+class SNLIVERunEvaluator(DevAccuracy):
     """An SNLI-VE run's evaluation (``tasks.spec.Evaluator``): dev accuracy after every epoch, then
     the metrics of every split and the predictions written."""
 
@@ -129,17 +110,11 @@ class SNLIVERunEvaluator:
         self.run, self.sets = run, data.eval_sets
         self.collator = SNLIVECollator(run.tokenizer, run.cfg.tokenizer.max_length)
 
-    def validate(self, model: VEModel, epoch: int) -> Optional[dict]:
-        dev = self.sets.get("dev")
-        if dev is None:
-            return None
+    def accuracy(self, model: VEModel, dataset: SNLIVEDataset, desc: str) -> float:
         r, d = self.run, self.run.cfg.data
-        preds = predict(model, dev, self.collator, r.dist, d.eval_batch_size, d.num_workers, r.cfg.train.precision,
-                        r.cfg.train.progress, desc=f"dev (epoch {epoch})")
-        acc = metrics(preds, dev.labels())["accuracy"]
-        if r.dist.is_main:
-            print(f"epoch {epoch}: dev accuracy {acc:.2f}%", flush=True)
-        return {"dev_acc": acc}
+        preds = predict(model, dataset, self.collator, r.dist, d.eval_batch_size, d.num_workers, r.cfg.train.precision,
+                        r.cfg.train.progress, desc=desc)
+        return metrics(preds, dataset.labels())["accuracy"]
 
     def test(self, model: VEModel, checkpoint: Optional[str], extra: dict) -> dict:
         return evaluate_and_write(model, self.sets, self.run.cfg, self.run.dist, self.run.tokenizer, checkpoint, extra)
