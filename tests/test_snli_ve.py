@@ -369,3 +369,30 @@ def test_the_classifier_learns_a_label_that_only_image_and_text_together_decide(
             if acc >= 0.9:
                 break
     assert acc >= 0.9, acc
+
+
+def test_the_snli_ve_part_is_deterministic_restored_and_never_written_over_a_foreign_file(tmp_path):
+    from shapesworld.write import ensure_shapes
+    cfg = ShapesConfig(seed=4, image_size=24, num_train_images=5, num_val_images=2, num_test_images=2,
+                       captions_per_image=1, vqa_questions_per_image=1, nlvr2_pairs=(2, 1, 1))
+    a, b = tmp_path / "a", tmp_path / "b"
+    ensure_shapes(a, cfg)
+    ensure_shapes(b, cfg)
+    part = sorted(p.relative_to(a) for p in a.rglob("*") if "snli_ve" in str(p.relative_to(a)) and p.is_file())
+    assert len(part) == 3 + 1 + 9  # the three splits, the manifest, one covered image per scene
+    assert all((a / p).read_bytes() == (b / p).read_bytes() for p in part)
+    # a world written before the part existed (here: the part removed) gets it on the next use
+    for p in part:
+        (b / p).unlink()
+    _, created = ensure_shapes(b, cfg)
+    assert not created and all((a / p).read_bytes() == (b / p).read_bytes() for p in part)
+    # a file the generator did not write is never written over
+    (b / "snli_ve_manifest.json").unlink()
+    (b / "snli_ve_dev.json").write_text("mine")
+    with pytest.raises(FileExistsError, match="snli_ve_dev.json"):
+        ensure_shapes(b, cfg)
+    assert (b / "snli_ve_dev.json").read_text() == "mine"
+    # no positions, no SNLI-VE part
+    c = tmp_path / "c"
+    ensure_shapes(c, dataclasses.replace(cfg, use_positions=False))
+    assert not list(c.glob("snli_ve*"))
