@@ -5,6 +5,7 @@
     m.caption([Image.open("cat.jpg")])                       # ["a cat ..."]
     m.answer([img], ["what color is the cat?"])             # VQA checkpoints
     m.nlvr2([left], [right], ["both images show a cat"])    # NLVR2: [("True", 0.93)]
+    m.entail([img], ["a cat is sleeping"])                  # SNLI-VE: [("neutral", {"entailment": 0.2, ...})]
     m.rank(img, ["a cat", "a dog"])                         # pre-training / retrieval: ITC + ITM scores
     m.retrieve(["a cat"], gallery_images, k=5)              # the top-k images of a gallery per text
     m.encode_image([img]), m.encode_text(["a cat"])         # L2-normalised embeddings for your own search
@@ -13,7 +14,8 @@
 Images are PIL images or paths. The checkpoint decides what the model can do: a pre-training or retrieval
 checkpoint ranks and retrieves (zero-shot is a pre-training checkpoint used as it is), a VQA checkpoint
 answers (ranked over the answer list saved with it; ``open_ended=True`` generates), an NLVR2 checkpoint
-judges statements about image pairs, a caption checkpoint captions. Asking for what the checkpoint cannot
+judges statements about image pairs, an SNLI-VE checkpoint tells whether an image entails a statement, a
+caption checkpoint captions. Asking for what the checkpoint cannot
 do raises :class:`InferenceError` (one line). ``run_finetune.py --predict`` prints the same as JSON lines.
 """
 from __future__ import annotations
@@ -27,7 +29,8 @@ import torch
 from engine.checkpoint import load_checkpoint
 from tasks.pipeline import ABILITIES, InferenceError, Pipeline, from_run
 
-TASK_MODULES = {"retrieval": "tasks.retrieval", "vqa": "tasks.vqa", "nlvr2": "tasks.nlvr2", "caption": "tasks.caption"}
+TASK_MODULES = {"retrieval": "tasks.retrieval", "vqa": "tasks.vqa", "nlvr2": "tasks.nlvr2", "snli_ve": "tasks.snli_ve",
+                "caption": "tasks.caption"}
 
 
 def checkpoint_task(ckpt: dict) -> str:
@@ -38,9 +41,11 @@ def checkpoint_task(ckpt: dict) -> str:
         return task
     from tasks.caption import is_caption_state
     from tasks.nlvr2 import is_nlvr2_state
+    from tasks.snli_ve import is_snli_ve_state
     from tasks.vqa import is_vqa_state
     state = ckpt["model"]
-    for name, test in (("vqa", is_vqa_state), ("nlvr2", is_nlvr2_state), ("caption", is_caption_state)):
+    for name, test in (("vqa", is_vqa_state), ("snli_ve", is_snli_ve_state), ("nlvr2", is_nlvr2_state),
+                       ("caption", is_caption_state)):
         if test(state):
             return name
     return "retrieval"

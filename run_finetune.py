@@ -34,6 +34,8 @@ TASKS: dict[str, tuple[str, str]] = {
     "vqa_shapes": ("tasks.vqa", "configs/demo/vqa.yaml"),
     "nlvr2": ("tasks.nlvr2", "configs/nlvr2.yaml"),
     "nlvr2_shapes": ("tasks.nlvr2", "configs/demo/nlvr2.yaml"),
+    "snli_ve": ("tasks.snli_ve", "configs/snli_ve.yaml"),
+    "snli_ve_shapes": ("tasks.snli_ve", "configs/demo/snli_ve.yaml"),
     "caption_coco": ("tasks.caption", "configs/caption_coco.yaml"),
     "caption_shapes": ("tasks.caption", "configs/demo/caption.yaml"),
 }

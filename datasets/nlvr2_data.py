@@ -8,7 +8,7 @@ Format (docs/datasets.md; ALBEF's ``nlvr_{train,dev,test}.json``)::
 ``images`` are relative to ``image_root``; ``label`` is the string ``"True"`` or ``"False"`` (JSON
 ``true`` / ``false`` are accepted too). Other keys (e.g. NLVR2's ``identifier``) are kept and copied
 into the predictions file. Sentences are cleaned like captions (``pre_caption``, ALBEF style by
-default). Every problem is a ``ValueError`` / ``FileNotFoundError`` naming the file and the record.
+default). Every problem is a ``DataError`` (a ``ValueError``) / ``FileNotFoundError`` naming the file and the record.
 
 Augmentation is per image and seeded from ``(seed, epoch, index)`` (:func:`~datasets.formats.sample_seed`),
 with independent streams for the left and the right image. An unreadable image is an error naming
@@ -20,10 +20,9 @@ import os
 from typing import Any, Callable, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
-from .formats import EpochIndex, ImageLoadError, derive_seed, epoch_and_index, load_image, read_annotations, sample_seed
-from .text import pre_caption
+from .formats import DataError, EpochIndex, ImageLoadError, derive_seed, epoch_and_index, load_image, read_annotations, sample_seed
+from .sentences import LabelledSentences
 from .transforms import apply_seeded
 
 __all__ = ["LABELS", "label_to_int", "int_to_label", "read_nlvr2", "NLVR2Dataset", "NLVR2Collator"]
@@ -63,15 +62,15 @@ def read_nlvr2(paths: str | os.PathLike | Sequence[str | os.PathLike], hint: str
         where = f"{rec['_source']!r} record {i}"
         images = rec["images"]
         if len(images) != 2 or not all(isinstance(p, str) and p for p in images):
-            raise ValueError(f"{where}: 'images' must be a list of two image paths [left, right]; got {images!r}")
+            raise DataError(f"{where}: 'images' must be a list of two image paths [left, right]; got {images!r}")
         try:
             rec["_label"] = label_to_int(rec["label"])
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise DataError(f"{where}: {err}") from None
     return records
 
 
-class NLVR2Dataset(Dataset):
+class NLVR2Dataset(LabelledSentences):
     """NLVR2 examples: ``__getitem__`` returns ``image_left``, ``image_right`` (tensors),
     ``sentence`` (cleaned), ``label`` (0/1) and ``index``.
 
@@ -87,26 +86,7 @@ class NLVR2Dataset(Dataset):
     def __init__(self, files: str | os.PathLike | Sequence[str | os.PathLike], image_root: str | os.PathLike,
                  transform: Callable, max_words: int = 30, clean_style: str = "albef", seed: int = 0,
                  hint: str = "") -> None:
-        self.records = read_nlvr2(files, hint)
-        if not self.records:
-            raise ValueError(f"no NLVR2 records in {files!r}")
-        self.image_root = os.fspath(image_root)
-        self.transform, self.seed, self.epoch = transform, seed, 0
-        self.sentences = [pre_caption(r["sentence"], max_words, clean_style) for r in self.records]
-        for rec, s in zip(self.records, self.sentences):
-            if not s:
-                raise ValueError(f"{rec['_source']!r}: the sentence {rec['sentence']!r} is empty after cleaning")
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose augmentation ``__getitem__`` produces."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def labels(self) -> list[int]:
-        """Every example's label (0/1), in order."""
-        return [r["_label"] for r in self.records]
+        super().__init__(read_nlvr2(files, hint), "NLVR2", files, image_root, transform, max_words, clean_style, seed)
 
     def image_paths(self, index: int) -> tuple[str, str]:
         """The (left, right) image files of example ``index``."""

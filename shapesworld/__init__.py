@@ -21,6 +21,8 @@ Modules:
   statements  NLVR2 statements about an image pair: writing and parsing
   truth       the truth oracle (:class:`ShapesWorld`, loaded from a world's ``scenes.json``)
   annotate    captions, VQA questions, NLVR2 pairs, false-negative statistics
+  entailment  SNLI-VE: a covered grid cell, statements true, unknown or false of the image, their oracle
+  entailment_write  the SNLI-VE part of a world's folder (written by :func:`ensure_shapes`)
   record      the record of the files the generator wrote, the manifest, the folder lock
   write       writing a world into a folder (:func:`ensure_shapes`, :func:`generate_shapes`)
   grounding   phrases naming one object each, with its box (the Grad-CAM grounding benchmark)

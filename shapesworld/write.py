@@ -13,6 +13,7 @@ the manifest, into one folder (the ``image_root``; every ``image`` path is relat
     vqa_test_gt.json                      vqa_test.json with the answers, for local scoring
     answer_list.json                      every answer that can occur (most frequent first)
     nlvr2_{train,dev,test}.json           [{"images": [left, right], "sentence", "label"}]
+    snli_ve_{train,dev,test}.json, images/snli_ve/   visual entailment (shapesworld/entailment_write.py)
     caption_train.json                    [{"image", "caption": str, "image_id": int}]
     caption_{val,test}.json               [{"image", "caption": [refs], "image_id": int}]
     caption_{val,test}_gt.json            COCO ground truth that pycocotools reads
@@ -36,6 +37,7 @@ import numpy as np
 from shapesworld.annotate import (CAPTION_KINDS, CaptionSample, annotate_answers, false_negative_stats, make_captions,
                                   make_nlvr2, make_questions)
 from shapesworld.config import GENERATOR, GENERATOR_VERSION, ShapesConfig
+from shapesworld.entailment_write import ensure_entailment
 from shapesworld.record import (ANNOTATION_FILES, check_not_foreign, file_entry, is_complete, is_ours, locked,
                                 read_written, save_written, write_json)
 from shapesworld.scene import (BACKGROUNDS, COLOR_NAMES, COLS, ROWS, SHAPES, SIZES, SPLITS, Scene, image_path,
@@ -233,8 +235,11 @@ def ensure_shapes(out_dir: Union[str, os.PathLike], cfg: Optional[ShapesConfig] 
         if not force:
             man = is_complete(out_dir, cfg)
             if man is not None:
+                ensure_entailment(out_dir, cfg)  # the SNLI-VE part, also into a world written before it existed
                 return man, False
-        return _generate(out_dir, cfg, max(1, int(workers)), progress), True
+        man = _generate(out_dir, cfg, max(1, int(workers)), progress)
+        ensure_entailment(out_dir, cfg, force=True)
+        return man, True
 
 
 def generate_shapes(out_dir: Union[str, os.PathLike], cfg: Optional[ShapesConfig] = None, *,

@@ -5,17 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-import torch
-from torch.utils.data import Subset
-from tqdm import tqdm
-
 from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset, int_to_label
 from datasets.transforms import build_transform
 from engine import distributed as D
-from engine.loader import SafeDataLoader
 from models.nlvr2 import NLVR2Model
-from tasks.common import to_device
-from tasks.spec import Run, autocast_for, write_json
+from tasks.classify_eval import DevAccuracy, class_probabilities
+from tasks.spec import Run, write_json
 
 if TYPE_CHECKING:
     from tasks.nlvr2 import NLVR2Config, NLVR2Data
@@ -42,34 +37,15 @@ def eval_sets(cfg: NLVR2Config) -> dict[str, NLVR2Dataset]:
     return out
 
 
-@torch.no_grad()
 def predict(model: NLVR2Model, dataset: NLVR2Dataset, collator: NLVR2Collator, dist: D.DistInfo,
             batch_size: int, num_workers: int = 0, precision: str = "fp32", progress: bool = True,
             desc: str = "eval") -> dict[int, tuple[int, float]]:
-    """``{example index: (predicted class, P(True))}`` for every example of ``dataset``; each process
-    scores every ``world_size``-th example and the results are gathered to all processes."""
-    was_training = model.training
-    model.eval()
-    indices = list(range(dist.rank, len(dataset), dist.world_size))
-    loader = SafeDataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collator,
-                            num_workers=num_workers, pin_memory=dist.device.type == "cuda")
-    autocast = autocast_for(precision, dist.device)
-    local: list[tuple[int, int, float]] = []
-    for batch in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), dynamic_ncols=True, leave=False):
-        b = to_device(batch, dist.device)
-        with autocast():
-            logits = model(b["image_left"], b["image_right"], b["input_ids"], b["attention_mask"]).float()
-        pred = logits.argmax(dim=1).cpu().tolist()
-        prob = logits.softmax(dim=1)[:, 1].cpu().tolist()
-        local.extend(zip(batch["index"].tolist(), pred, prob))
-    model.train(was_training)
-    out: dict[int, tuple[int, float]] = {}
-    for part in D.all_gather_object(local):
-        for i, p, q in part:
-            out[int(i)] = (int(p), float(q))
-    if len(out) != len(dataset):
-        raise RuntimeError(f"evaluation covered {len(out)} of {len(dataset)} examples")
-    return out
+    """``{example index: (predicted class, P(True))}`` for every example of ``dataset``, gathered from
+    all processes (``tasks.classify_eval.class_probabilities``)."""
+    probs = class_probabilities(model, lambda m, b: m(b["image_left"], b["image_right"], b["input_ids"],
+                                                      b["attention_mask"]),
+                                dataset, collator, dist, batch_size, num_workers, precision, progress, desc)
+    return {i: (int(p[1] > p[0]), p[1]) for i, p in probs.items()}
 
 
 def accuracy(preds: dict[int, tuple[int, float]], labels: list[int]) -> float:
@@ -113,7 +89,7 @@ def evaluate_and_write(model: NLVR2Model, sets: dict[str, NLVR2Dataset], cfg: NL
     return results
 
 
-class NLVR2RunEvaluator:
+class NLVR2RunEvaluator(DevAccuracy):
     """An NLVR2 run's evaluation (``tasks.spec.Evaluator``): dev accuracy after every epoch, then
     the accuracy of every split and the predictions written."""
 
@@ -121,17 +97,11 @@ class NLVR2RunEvaluator:
         self.run, self.sets = run, data.eval_sets
         self.collator = NLVR2Collator(run.tokenizer, run.cfg.tokenizer.max_length)
 
-    def validate(self, model: NLVR2Model, epoch: int) -> Optional[dict]:
-        dev = self.sets.get("dev")
-        if dev is None:
-            return None
+    def accuracy(self, model: NLVR2Model, dataset: NLVR2Dataset, desc: str) -> float:
         r, d = self.run, self.run.cfg.data
-        preds = predict(model, dev, self.collator, r.dist, d.eval_batch_size, d.num_workers, r.cfg.train.precision,
-                        r.cfg.train.progress, desc=f"dev (epoch {epoch})")
-        acc = accuracy(preds, dev.labels())
-        if r.dist.is_main:
-            print(f"epoch {epoch}: dev accuracy {acc:.2f}%", flush=True)
-        return {"dev_acc": acc}
+        preds = predict(model, dataset, self.collator, r.dist, d.eval_batch_size, d.num_workers, r.cfg.train.precision,
+                        r.cfg.train.progress, desc=desc)
+        return accuracy(preds, dataset.labels())
 
     def test(self, model: NLVR2Model, checkpoint: Optional[str], extra: dict) -> dict:
         return evaluate_and_write(model, self.sets, self.run.cfg, self.run.dist, self.run.tokenizer, checkpoint, extra)

@@ -1,12 +1,13 @@
 """The inference pipeline of a loaded checkpoint (``Pipeline``): the model, its image transform and its
-tokenizer, and what the model can do on PIL images or files (``caption``, ``answer``, ``rank``,
-``retrieve``, ``nlvr2``, ``encode_image``, ``encode_text``, and ``gradcam`` from
-tasks/pipeline_gradcam.py). Users get one from ``inference.load_model_and_preprocess``; ``run_finetune.py --predict`` builds one over the model the
-fine-tuning driver loaded (:func:`from_run`)."""
+tokenizer, and what the model can do on PIL images or files (``caption``, ``answer``, ``rank``, ``retrieve``,
+``nlvr2``, ``encode_image``, ``encode_text``; ``gradcam`` from tasks/pipeline_gradcam.py, ``entail`` from
+tasks/snli_ve_eval.py). Users get one from ``inference.load_model_and_preprocess``; ``run_finetune.py
+--predict`` builds one over the model the fine-tuning driver loaded (:func:`from_run`)."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import partialmethod
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch
@@ -19,12 +20,13 @@ from datasets.transforms import build_transform
 from engine import distributed as D
 from engine.config import ConfigError
 from tasks.pipeline_gradcam import GradCAMMethods
+from tasks.snli_ve_eval import entail as _entail
 
 ImageLike = Union[str, os.PathLike, Image.Image]
 # what each kind of checkpoint can do (the methods of Pipeline)
 ABILITIES = {"retrieval": ("rank", "retrieve", "encode_image", "encode_text", "gradcam"),
              "vqa": ("answer", "encode_image", "encode_text"),
-             "nlvr2": ("nlvr2", "encode_image", "encode_text"),
+             "nlvr2": ("nlvr2", "encode_image", "encode_text"), "snli_ve": ("entail", "encode_image", "encode_text"),
              "caption": ("caption", "encode_image")}
 
 
@@ -48,7 +50,6 @@ class Pipeline(GradCAMMethods):
     answer_list: Optional[list[str]] = None
     batch_size: int = 32
 
-    # ------------------------------------------------------------------ inputs
     def _require(self, ability: str) -> None:
         if ability not in ABILITIES[self.task]:
             can = ", ".join(ABILITIES[self.task])
@@ -234,6 +235,8 @@ class Pipeline(GradCAMMethods):
             for p in F.softmax(logits.float(), dim=-1)[:, 1].cpu():
                 out.append((int_to_label(int(p >= 0.5)), float(p)))
         return out
+
+    entail = partialmethod(_entail, error=InferenceError)  # SNLI-VE: tasks/snli_ve_eval.py
 
 
 def from_run(task: str, run, model: torch.nn.Module, checkpoint: str, answer_list: Optional[list[str]] = None) -> Pipeline:

@@ -1,9 +1,10 @@
-"""``run_finetune.py --predict`` for VQA, NLVR2 and retrieval: each prints one JSON object per
+"""``run_finetune.py --predict`` for VQA, NLVR2, SNLI-VE and retrieval: each prints one JSON object per
 prediction, through the Python API (``inference.Pipeline``). Captioning's predictor is in
 ``tasks/caption_generate.py``.
 
     --task vqa --checkpoint C --predict IMG [IMG ...] --question "Q" [--question ...] [--open-ended]
     --task nlvr2 --checkpoint C --predict LEFT RIGHT [LEFT RIGHT ...] --text "S" [--text ...]
+    --task snli_ve --checkpoint C --predict IMG [IMG ...] --text "S" [--text ...]
     --task retrieval_* --checkpoint C --predict IMG [IMG ...] --text T [--text T ...]   # every pair
     --task retrieval_* --checkpoint C --predict DIR_OR_JSON --text T [--top-k K]         # a gallery
 """
@@ -73,6 +74,26 @@ def _predict_nlvr2(pipeline, inputs: list[str], args) -> list[dict]:
 NLVR2 = Predictor(help="judge --text about each LEFT RIGHT image pair (JSON {images, text, label, prob}) with a "
                        "fine-tuned NLVR2 --checkpoint", metavar="IMAGE", predict=_predict_nlvr2, check=_check_nlvr2,
                   flags={"--text": {"action": "append", "metavar": "S", "help": "the statement (repeat: one per pair)"}})
+
+
+# ---------------------------------------------------------------------- SNLI-VE
+def _check_snli_ve(inputs: list[str], args) -> None:
+    _files_exist(inputs)
+    if not getattr(args, "text", None):
+        raise ConfigError("--predict for SNLI-VE needs --text \"statement\" (one for all images, or one per image)")
+
+
+def _predict_snli_ve(pipeline, inputs: list[str], args) -> list[dict]:
+    texts = _paired("text", args.text, len(inputs), "images")
+    return [{"image": i, "text": t, "label": label, "probs": probs}
+            for i, t, (label, probs) in zip(inputs, texts, pipeline.entail(inputs, texts))]
+
+
+SNLI_VE = Predictor(help="judge --text against each image file: entailment, neutral or contradiction (JSON {image, "
+                         "text, label, probs}) with a fine-tuned SNLI-VE --checkpoint", metavar="IMAGE",
+                    predict=_predict_snli_ve, check=_check_snli_ve,
+                    flags={"--text": {"action": "append", "metavar": "S",
+                                      "help": "the statement (repeat: one per image)"}})
 
 
 # ---------------------------------------------------------------------- retrieval

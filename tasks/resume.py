@@ -73,6 +73,7 @@ TASK_EXTRA: dict[str, dict[str, str]] = {
                   "eval.progress": "progress bar", "eval.save_ranked": "output files", "eval.save_scores": "output files"},
     "vqa": {"eval.rank_chunk": "speed", "generation.use_cache": "speed (same output)"},
     "nlvr2": {},
+    "snli_ve": {},
     "caption": {"eval.test_metrics": "evaluated after training", "eval.java_mem": "metric tool memory",
                 "eval.spice_models_dir": "metric tool files", "eval.val_metrics": "what is reported (eval.select_metric may not change)",
                 "generation.use_cache": "speed (same output)"},

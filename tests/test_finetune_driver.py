@@ -12,7 +12,7 @@ from tasks.spec import TaskSpec
 def test_each_task_has_its_own_mode_flags():
     flags = {t: set(mode_flags(run_finetune.task_spec(t))) for t in run_finetune.TASKS}
     own = {"retrieval": {"--zero-shot", "--predict", "--text", "--top-k"}, "vqa": {"--predict", "--question", "--open-ended"},
-           "nlvr2": {"--predict", "--text"}, "caption": {"--predict"}}
+           "nlvr2": {"--predict", "--text"}, "snli_ve": {"--predict", "--text"}, "caption": {"--predict"}}
     for task, got in flags.items():
         assert got == {"--evaluate"} | own[run_finetune.task_spec(task).name], task
     args = run_finetune.parse_args(["--task", "caption_shapes", "--predict", "a.png", "b.png"])
@@ -35,6 +35,6 @@ def test_a_flag_the_task_does_not_have_is_one_line(capsys):
 def test_every_task_module_is_a_spec_of_the_driver():
     specs = {run_finetune.task_spec(t) for t in run_finetune.TASKS}
     assert all(isinstance(s, TaskSpec) for s in specs)
-    assert {s.name for s in specs} == {"retrieval", "vqa", "nlvr2", "caption"}
+    assert {s.name for s in specs} == {"retrieval", "vqa", "nlvr2", "snli_ve", "caption"}
     from tasks.resume import TASK_EXTRA  # every task has its resume allow-list under its name
     assert {s.name for s in specs} <= set(TASK_EXTRA)

@@ -1,0 +1,65 @@
+"""What the classification tasks (NLVR2, SNLI-VE) evaluate alike: the class probabilities of every
+example of a split, split over the processes and gathered (:func:`class_probabilities`), and the
+dev accuracy after every epoch (:class:`DevAccuracy`)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+from tqdm import tqdm
+
+from engine import distributed as D
+from engine.loader import SafeDataLoader
+from tasks.common import to_device
+from tasks.spec import Run, autocast_for
+
+__all__ = ["class_probabilities", "DevAccuracy"]
+
+
+@torch.no_grad()
+def class_probabilities(model: nn.Module, forward: Callable[[nn.Module, dict], torch.Tensor], dataset: Dataset,
+                        collator: Callable, dist: D.DistInfo, batch_size: int, num_workers: int = 0,
+                        precision: str = "fp32", progress: bool = True, desc: str = "eval") -> dict[int, list[float]]:
+    """``{example index: [P(class) for each class index]}`` for every example of ``dataset``
+    (``forward(model, batch)`` gives the logits of a collated batch on the device; the batch has
+    ``index``); each process scores every ``world_size``-th example and the results are gathered to all
+    processes."""
+    was_training = model.training
+    model.eval()
+    indices = list(range(dist.rank, len(dataset), dist.world_size))
+    loader = SafeDataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, collate_fn=collator,
+                            num_workers=num_workers, pin_memory=dist.device.type == "cuda")
+    autocast = autocast_for(precision, dist.device)
+    local: list[tuple[int, list[float]]] = []
+    for batch in tqdm(loader, desc=desc, disable=not (progress and dist.is_main), dynamic_ncols=True, leave=False):
+        with autocast():
+            logits = forward(model, to_device(batch, dist.device)).float()
+        local.extend(zip(batch["index"].tolist(), logits.softmax(dim=1).cpu().tolist()))
+    model.train(was_training)
+    out = {int(i): [float(p) for p in probs] for part in D.all_gather_object(local) for i, probs in part}
+    if len(out) != len(dataset):
+        raise RuntimeError(f"evaluation covered {len(out)} of {len(dataset)} examples")
+    return out
+
+
+class DevAccuracy:
+    """``validate`` of a classification task's evaluator (``tasks.spec.Evaluator``): the accuracy of
+    its ``dev`` split (``self.sets``) after every epoch, ``{"dev_acc": %}`` (None without a dev split).
+    A subclass sets ``run`` and ``sets`` and gives :meth:`accuracy`."""
+
+    run: Run
+    sets: dict
+
+    def accuracy(self, model: nn.Module, dataset: Dataset, desc: str) -> float:
+        raise NotImplementedError
+
+    def validate(self, model: nn.Module, epoch: int) -> Optional[dict]:
+        dev = self.sets.get("dev")
+        if dev is None:
+            return None
+        acc = self.accuracy(model, dev, f"dev (epoch {epoch})")
+        if self.run.dist.is_main:
+            print(f"epoch {epoch}: dev accuracy {acc:.2f}%", flush=True)
+        return {"dev_acc": acc}
