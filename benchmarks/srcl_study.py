@@ -473,6 +473,48 @@ def plot_diagnostics(results: list[dict], probs: list[float], path: Path, window
     plt.close(fig)
 
 
+def plot_heatmaps(ckpts: dict[str, str], world: str, path: Path, batch_size: int = 32, seed: int = 0) -> dict:
+    """The paper's App. F figure: for one batch of ``world``'s test pairs (``batch_size`` pairs,
+    shuffled with ``seed``), the ground truth (captions true of each anchor image; the false
+    negatives marked) beside each checkpoint's SRCL weights (``tasks.srcl_diagnostics``). Returns
+    the weight AUC of that batch per label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from tasks.srcl_diagnostics import diagnose_checkpoint
+
+    batches = {label: diagnose_checkpoint(ck, world, "test", batch_size=batch_size, seed=seed, progress=False,
+                                          keep_batch=True)["batch"] for label, ck in ckpts.items()}
+    first = next(iter(batches.values()))
+    truth, neg = np.array(first["truth"], dtype=bool), np.array(first["neg"], dtype=bool)
+    fn = truth & neg
+    fig, axes = plt.subplots(1, 1 + len(batches), figsize=(4.2 * (1 + len(batches)), 4.4))
+    axes[0].imshow(np.where(~neg, 1.0, np.where(truth, 0.5, 0.0)), cmap="Greys", vmin=0, vmax=1)
+    axes[0].set_title("ground truth: positives (black),\nfalse negatives (grey, x)", fontsize=9)
+    ys, xs = np.nonzero(fn)
+    aucs = {}
+    from models.losses import roc_auc
+    for ax, (label, b) in zip(axes[1:], batches.items()):
+        w = np.array(b["weights"], dtype=float)
+        im = ax.imshow(np.where(neg, w, np.nan), cmap="viridis", vmin=0.0, vmax=max(1.5, float(np.nanmax(w[neg]))))
+        ax.scatter(xs, ys, marker="x", s=14, c="red", linewidths=0.8)
+        aucs[label] = roc_auc(-w[neg], truth[neg])
+        ax.set_title(f"{label}: weights (positives blank)\nFN mean w {w[fn].mean():.2f}, TN {w[neg & ~truth].mean():.2f}, "
+                     f"AUC {aucs[label]:.2f}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax in axes:
+        ax.set_xlabel("caption of the batch")
+        ax.set_ylabel("anchor image (row = pair)")
+    axes[0].scatter(xs, ys, marker="x", s=14, c="red", linewidths=0.8)
+    fig.suptitle(f"One {batch_size}-pair test batch of {Path(world).name}: SRCL weights vs the true false negatives (red x)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return aucs
+
+
 # --------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -497,6 +539,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="results JSON (default benchmarks/results/srcl_study.json; quick: <work-dir>/srcl_study.json)")
     p.add_argument("--no-reuse", action="store_true", help="redo finished runs")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every study run's checkpoint_last.pth")
+    p.add_argument("--heatmap", nargs="+", default=None, metavar="METHOD",
+                   help="also draw one test batch's weights of these methods (seed = the first, world = --heatmap-prob) "
+                        "beside the ground truth: <out stem>_heatmap.png (implies --keep-checkpoints)")
+    p.add_argument("--heatmap-prob", type=float, default=0.5, help="the world of the heat-map (default 0.5)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--keep-checkpoint", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -518,6 +564,13 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     methods += [v for v in variants if v not in methods]
+    if args.heatmap:
+        missing = [m for m in args.heatmap if m not in methods]
+        if missing or args.heatmap_prob not in (args.probs or ([0.0, 1.0] if quick else [0.0, 0.5, 1.0])):
+            print(f"error: --heatmap {args.heatmap} at --heatmap-prob {args.heatmap_prob}: every method must be one "
+                  "of the study's methods and the probability one of its worlds", file=sys.stderr)
+            return 2
+        args.keep_checkpoints = True
     steps = args.steps or (20 if quick else 300)
     base_steps = args.base_steps or (40 if quick else 1200)
     work = Path(args.work_dir or ("output/srcl_study_quick" if quick else "output/srcl_study"))
@@ -588,6 +641,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     plot_recall(summary, methods, Path(plots["recall"]), fn_rates, chance)
     plot_diagnostics(results, probs, Path(plots["diagnostics"]))
     Path(str(stem) + "_table.md").write_text(table + "\n", encoding="utf-8")
+    heatmap = None
+    if args.heatmap:
+        hk = _fmt_prob(args.heatmap_prob)
+        plots["heatmap"] = str(stem) + "_heatmap.png"
+        ck = {METHOD_LABELS.get(m, m): str(work / "runs" / f"p{hk}_{m}_s{seeds[0]}" / "checkpoint_last.pth")
+              for m in args.heatmap}
+        heatmap = {"prob": hk, "seed": seeds[0], "batch_auc": plot_heatmaps(ck, str(worlds[hk]), Path(plots["heatmap"]))}
     report = {
         "command": "python benchmarks/srcl_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {"seeds": seeds, "probs": probs, "methods": methods, "variants": variants, "steps": steps,
@@ -605,6 +665,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                     "final_diagnostics", "curves")} for r in results],
         "table_markdown": table,
         "plots": plots,
+        "heatmap": heatmap,
     }
     _write_json(out_json, report)
     print(table)

@@ -95,6 +95,7 @@ def regulation_evidence(
     sim_intra: Tensor | None = None,
     intra_weight: float = 1.0,
     standardise: bool = False,
+    generality_weight: float = 0.0,
 ) -> Tensor:
     """The similarity ``e_ij`` from which the SRCL weights of anchor ``i``'s negatives are computed
     (``regulation_weights(e, ...)``): the higher, the more likely negative ``j`` is a false one.
@@ -104,8 +105,14 @@ def regulation_evidence(
         source "cross":        e_ij = sim_cross_ij                        (the paper's form)
         source "intra":        e_ij = sim_intra_ij
         source "cross+intra":  e_ij = sim_cross_ij + intra_weight * sim_intra_ij
+        generality:            e_ij <- e_ij + generality_weight * g_j,
+                               g_j = mean_{k : neg_mask_kj} sim_cross_kj   (0 without such k)
         standardise:           e_ij <- (e_ij - mean_i) / std_i   over anchor i's negatives
                                (population std; a row whose std is 0 becomes 0)
+
+    ``g_j`` is how similar candidate ``j`` is to all the anchors it is a negative of: a caption
+    that describes little ("there is a circle") is close to many images and is true of many of
+    them, so it is a likely false negative of every anchor.
 
     ``sim_cross`` is the anchor's similarity to the candidate (image-text); ``sim_intra`` the
     similarity of the candidate to the anchor's own item of the candidate's modality (an image
@@ -122,6 +129,7 @@ def regulation_evidence(
         sim_intra: (B, K) cosine similarities; required unless ``source == "cross"``.
         intra_weight: factor of ``sim_intra`` in ``"cross+intra"``.
         standardise: per-anchor standardisation.
+        generality_weight: factor of the candidate's mean similarity to the anchors (0 = off).
 
     Returns:
         (B, K) evidence without gradient, float32 (float64 for float64 input).
@@ -134,8 +142,9 @@ def regulation_evidence(
         if sim_intra is None:
             raise ValueError(f"source {source!r} needs sim_intra (the similarity to the anchor's own item)")
         _check_same_shape("sim_intra", sim_intra, sim_cross.shape)
-    if not math.isfinite(float(intra_weight)):
-        raise ValueError(f"intra_weight must be finite, got {intra_weight}")
+    for name, value in (("intra_weight", intra_weight), ("generality_weight", generality_weight)):
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be finite, got {value}")
     dtype = _float_dtype(sim_cross)
     with torch.no_grad():
         if source == "cross":
@@ -144,8 +153,12 @@ def regulation_evidence(
             e = sim_intra.detach().to(dtype)  # type: ignore[union-attr]
         else:
             e = sim_cross.detach().to(dtype) + float(intra_weight) * sim_intra.detach().to(dtype)  # type: ignore[union-attr]
+        zero = torch.zeros((), dtype=dtype, device=e.device)
+        if generality_weight != 0.0:
+            n_col = neg_mask.sum(dim=0, keepdim=True).clamp_min(1).to(dtype)
+            g = torch.where(neg_mask, sim_cross.detach().to(dtype), zero).sum(dim=0, keepdim=True) / n_col
+            e = e + float(generality_weight) * g
         if standardise:
-            zero = torch.zeros((), dtype=dtype, device=e.device)
             n = neg_mask.sum(dim=1, keepdim=True).clamp_min(1).to(dtype)
             ez = torch.where(neg_mask, e, zero)  # garbage outside the negatives must not enter the statistics
             mean = ez.sum(dim=1, keepdim=True) / n

@@ -49,6 +49,7 @@ class ContrastiveConfig:
     similarity_source: Literal["momentum", "online"] = opt("momentum", "model similarity used for the weights: momentum (EMA) model or the online model (detached)")
     evidence: Literal["cross", "intra", "cross+intra"] = opt("cross", "what the weights are computed from (models.losses.regulation_evidence): cross: the anchor's image-text similarity to the negative (the paper's form); intra: the negative's similarity to the anchor's own item of the same modality (an image anchor: its caption vs the negative caption; a caption anchor: its image vs the negative image); cross+intra: cross + intra_weight * intra")
     intra_weight: float = opt(1.0, "factor of the intra-modal similarity in evidence cross+intra")
+    generality_weight: float = opt(0.0, "add this factor times the negative's mean similarity to all the anchors it is a negative of (a candidate close to many anchors, e.g. a caption that describes little, is a likely false negative of each); 0 = off")
     standardise: bool = opt(False, "divide each anchor's evidence by its standard deviation over the anchor's negatives (after centring), so that delta is in units of that spread for every anchor")
     use_queue: bool = opt(True, "queued momentum features also serve as (weighted) negatives")
     queue_start_step: int = opt(0, "optimiser step from which the queued features join the loss (the queue fills from step 0); "
@@ -75,8 +76,9 @@ class ContrastiveConfig:
                 raise ValueError(f"loss.contrastive.{name} must be in [0, 1]; got {v}")
         if self.delta < 0:
             raise ValueError(f"loss.contrastive.delta must be >= 0; got {self.delta}")
-        if not math.isfinite(self.intra_weight):
-            raise ValueError(f"loss.contrastive.intra_weight must be a finite number; got {self.intra_weight}")
+        for name in ("intra_weight", "generality_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"loss.contrastive.{name} must be a finite number; got {getattr(self, name)}")
         if self.queue_start_step < 0:
             raise ValueError(f"loss.contrastive.queue_start_step must be >= 0; got {self.queue_start_step}")
 
@@ -160,8 +162,8 @@ def regulation_evidence(ccfg: ContrastiveConfig, neg: torch.Tensor, feats: tuple
     candidate images."""
     image_a, text_a, image_all, text_all = feats
     intra = (None, None) if ccfg.evidence == "cross" else (text_a @ text_all.T, image_a @ image_all.T)
-    return tuple(L.regulation_evidence(c, neg, ccfg.evidence, i, ccfg.intra_weight, ccfg.standardise)
-                 for c, i in zip(cross, intra))
+    return tuple(L.regulation_evidence(c, neg, ccfg.evidence, i, ccfg.intra_weight, ccfg.standardise,
+                                       ccfg.generality_weight) for c, i in zip(cross, intra))
 
 
 # ---------------------------------------------------------------------------------- the objective

@@ -525,11 +525,17 @@ def test_mean_offdiag_cosine_is_one_for_collapsed_features_and_nan_for_one_row()
 # ----------------------------------------------------------------------------------------------
 # the regulating evidence
 # ----------------------------------------------------------------------------------------------
-def ref_evidence(cross, neg, source, intra, intra_weight, standardise):
-    """Plain loops: cross / intra / cross + w * intra, then (e - mean) / std over each row's negatives."""
+def ref_evidence(cross, neg, source, intra, intra_weight, standardise, generality_weight=0.0):
+    """Plain loops: cross / intra / cross + w * intra, plus the generality term (the column's mean
+    cross similarity over the rows it is a negative of), then (e - mean) / std over each row's negatives."""
     B, K = len(cross), len(cross[0])
     e = [[cross[i][j] if source == "cross" else intra[i][j] if source == "intra"
           else cross[i][j] + intra_weight * intra[i][j] for j in range(K)] for i in range(B)]
+    for j in range(K):
+        rows = [cross[k][j] for k in range(B) if neg[k][j]]
+        g = sum(rows) / len(rows) if rows else 0.0
+        for i in range(B):
+            e[i][j] += generality_weight * g
     if not standardise:
         return e
     out = []
@@ -543,14 +549,17 @@ def ref_evidence(cross, neg, source, intra, intra_weight, standardise):
 
 @pytest.mark.parametrize("source", ["cross", "intra", "cross+intra"])
 @pytest.mark.parametrize("standardise", [False, True])
-def test_regulation_evidence_matches_loop_reference(source, standardise):
+@pytest.mark.parametrize("generality", [0.0, 1.5])
+def test_regulation_evidence_matches_loop_reference(source, standardise, generality):
     sim, pos, valid = make_batch(B=5, Q=6, n_invalid=2, seed=11)
     neg = valid & ~pos
     g = torch.Generator().manual_seed(12)
     intra = torch.rand(sim.shape, generator=g, dtype=torch.float64) * 2 - 1
     cross = sim.double().masked_fill(~valid, float("nan"))  # garbage outside the negatives is ignored
-    e = regulation_evidence(cross, neg, source, intra, 0.7, standardise)
-    ref = torch.tensor(ref_evidence(tl(cross), neg.tolist(), source, tl(intra), 0.7, standardise), dtype=torch.float64)
+    cross = torch.where(neg, cross, torch.full_like(cross, float("nan")))  # only the negatives' entries may count
+    e = regulation_evidence(cross, neg, source, intra, 0.7, standardise, generality)
+    ref = torch.tensor(ref_evidence(tl(cross), neg.tolist(), source, tl(intra), 0.7, standardise, generality),
+                       dtype=torch.float64)
     assert e.dtype == torch.float64
     torch.testing.assert_close(e[neg], ref[neg], rtol=1e-12, atol=1e-12)
     if standardise:  # delta now acts per anchor in units of its spread: the weights differ from the raw ones
