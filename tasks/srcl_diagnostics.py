@@ -37,6 +37,7 @@ Used three ways:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -70,7 +71,8 @@ def _pairs(world, split: str, max_words: int, clean_style: str, seed: int) -> li
 def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test", batch_size: int = 64,
                         delta: Optional[float] = None, helper: Optional[str] = None, alpha: Optional[float] = None,
                         similarity_source: Optional[str] = None, seed: int = 0, device: str = "cpu",
-                        progress: bool = True, keep_batch: bool = False) -> dict[str, Any]:
+                        progress: bool = True, keep_batch: bool = False,
+                        regulation: Optional[dict] = None) -> dict[str, Any]:
     """The SRCL diagnostics of a pre-training checkpoint on a split of a shapes world.
 
     Every (image, caption) pair of ``split`` (from ``<data_root>/scenes.json``) is shuffled with
@@ -94,6 +96,9 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
         similarity_source: ``momentum`` or ``online``; default the checkpoint's setting.
         seed: pair order.
         device: where to run the encoders.
+        regulation: ``loss.contrastive`` settings that replace the checkpoint's for the weights
+            (e.g. ``{"evidence": "intra", "standardise": True}``: what that regulation would make of
+            this checkpoint's similarities).
         keep_batch: also return the first batch's matrices as ``batch`` (lists: ``truth``, ``neg``,
             ``weights``, ``sim``; rows = the anchors' images, columns = the batch's captions).
 
@@ -109,7 +114,8 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
         raise ValueError(f"similarity_source must be 'momentum' or 'online', got {similarity_source!r}")
     # the momentum encoders are the checkpoint's objective's
     model, tokenizer, cfg = load_vlp_checkpoint(checkpoint_path, device, objective=similarity_source != "online")
-    ccfg = cfg.loss.contrastive
+    ccfg = dataclasses.replace(cfg.loss.contrastive, **(regulation or {}))
+    ccfg.validate()
     delta = float(ccfg.delta if delta is None else delta)
     source = similarity_source or ccfg.similarity_source
     if source == "online" and isinstance(model, PretrainObjective):
@@ -177,7 +183,7 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     res.update({"n_pairs": len(pairs), "n_batches": n_batches, "batch_size": batch_size, "delta": delta,
                 "alpha": alpha, "similarity_source": source, "split": split, "checkpoint": checkpoint_path,
                 "helper": helper, "evidence": ccfg.evidence, "intra_weight": ccfg.intra_weight,
-                "standardise": ccfg.standardise})
+                "standardise": ccfg.standardise, "generality_weight": ccfg.generality_weight})
     if keep_batch:
         res["batch"] = first
     return res
