@@ -228,9 +228,9 @@ def worker(spec: dict, keep_checkpoint: bool) -> dict:
     return res
 
 
-def launch(spec: dict, keep_checkpoint: bool, reuse: bool) -> dict:
+def launch(spec: dict, keep_checkpoint: bool, reuse: bool, finished_only: bool = False) -> Optional[dict]:
     """Run ``spec`` in a subprocess (a crash or hang stays contained) unless a result for the same
-    spec exists; returns the result."""
+    spec exists; returns the result (None with ``finished_only`` when there is none yet)."""
     out = Path(spec["out_dir"])
     done = _load_json(out / "result.json")
     # a result is stale when a checkpoint it started from or used as helper is newer
@@ -242,6 +242,9 @@ def launch(spec: dict, keep_checkpoint: bool, reuse: bool) -> dict:
     if reuse and fresh and done.get("spec") == spec and (not keep_checkpoint or (out / "checkpoint_last.pth").is_file()):
         print(f"[study] {spec['name']}: reused", flush=True)
         return done
+    if finished_only:
+        print(f"[study] {spec['name']}: not finished, left out", flush=True)
+        return None
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
     _write_json(spec_path, spec)
@@ -538,6 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="results JSON (default benchmarks/results/srcl_study.json; quick: <work-dir>/srcl_study.json)")
     p.add_argument("--no-reuse", action="store_true", help="redo finished runs")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: summarise the runs of the grid that have finished (the others are left out)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every study run's checkpoint_last.pth")
     p.add_argument("--heatmap", nargs="+", default=None, metavar="METHOD",
                    help="also draw one test batch's weights of these methods (seed = the first, world = --heatmap-prob) "
@@ -616,10 +621,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"[study] {len(specs)} runs of {steps} steps, {args.jobs} at a time", flush=True)
     results = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [(pk, m, s, pool.submit(launch, spec, args.keep_checkpoints, reuse)) for pk, m, s, spec in specs]
+        futures = [(pk, m, s, pool.submit(launch, spec, args.keep_checkpoints, reuse, args.finished_only))
+                   for pk, m, s, spec in specs]
         for pk, m, s, fut in futures:
             res = fut.result()
-            results.append({"prob": pk, "method": m, "seed": s, **res})
+            if res is not None:
+                results.append({"prob": pk, "method": m, "seed": s, **res})
 
     # stage 5: results
     fn_rates, chance, manifests = {}, {}, {}
@@ -650,7 +657,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         heatmap = {"prob": hk, "seed": seeds[0], "batch_auc": plot_heatmaps(ck, str(worlds[hk]), Path(plots["heatmap"]))}
     report = {
         "command": "python benchmarks/srcl_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {"seeds": seeds, "probs": probs, "methods": methods, "variants": variants, "steps": steps,
+        "settings": {"seeds": seeds, "finished_only": args.finished_only, "probs": probs, "methods": methods, "variants": variants, "steps": steps,
                      "base_steps": base_steps, "from_scratch": args.from_scratch, "jobs": args.jobs,
                      "threads": args.threads, "quick": quick, "study_overrides": STUDY_OVERRIDES,
                      "base_overrides": BASE_OVERRIDES,
