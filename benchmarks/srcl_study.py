@@ -597,7 +597,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                          args.base_threads or args.threads * args.jobs,
                          {**BASE_OVERRIDES, "tokenizer.path": str(tok_dir)}, None, {"own": clean}, model_over)
     print(f"[study] base model: InfoNCE on clean captions, {base_steps} steps", flush=True)
-    base = launch(base_spec, keep_checkpoint=True, reuse=reuse)
+    base = launch(base_spec, keep_checkpoint=True, reuse=reuse, finished_only=args.finished_only)
+    if base is None:
+        print("error: --finished-only: the base run has no result for these settings (its spec, e.g. "
+              "--base-threads, must be the one the grid was trained with)", file=sys.stderr)
+        return 2
     base_ckpt = str(base_dir / "checkpoint_last.pth")
 
     # stage 4: the grid

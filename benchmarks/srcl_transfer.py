@@ -59,11 +59,11 @@ TASKS: dict[str, tuple[str, str, dict, dict, str, str, Callable[[dict], float]]]
     "retrieval": ("retrieval_shapes", "configs/demo/retrieval.yaml",
                   {"data.train_files": "[{w}/retrieval_train.json]", "data.val_file": "{w}/retrieval_val.json",
                    "data.test_file": "{w}/retrieval_test.json"},
-                  {"train.max_steps": 120}, "test R_mean (ITM re-ranked)", "results_finetuned_test.json", _retrieval),
+                  {"train.max_steps": 60}, "test R_mean (ITM re-ranked)", "results_finetuned_test.json", _retrieval),
     "vqa": ("vqa_shapes", "configs/demo/vqa.yaml",
             {"data.train_files": "[{w}/vqa_train.json]", "data.val_file": "{w}/vqa_val.json",
              "data.test_file": "{w}/vqa_test_gt.json", "data.answer_list": "{w}/answer_list.json"},
-            {"train.epochs": 1}, "test accuracy", "results.json", _vqa),
+            {"train.max_steps": 80}, "test accuracy", "results.json", _vqa),
     "nlvr2": ("nlvr2_shapes", "configs/demo/nlvr2.yaml",
               {"data.train_files": "[{w}/nlvr2_train.json]", "data.dev_files": "[{w}/nlvr2_dev.json]",
                "data.test_files": "[{w}/nlvr2_test.json]"},
@@ -71,7 +71,7 @@ TASKS: dict[str, tuple[str, str, dict, dict, str, str, Callable[[dict], float]]]
     "caption": ("caption_shapes", "configs/demo/caption.yaml",
                 {"data.train_files": "[{w}/caption_train.json]", "data.val_file": "{w}/caption_val.json",
                  "data.test_file": "{w}/caption_test.json", "eval.test_metrics": "[bleu,rouge,cider]"},
-                {"train.max_steps": 120}, "test CIDEr", "results.json", _caption),
+                {"train.max_steps": 60, "generation.num_beams": 1}, "test CIDEr", "results.json", _caption),
 }
 COMMON = {"x-synthetic": "null", "data.num_workers": 0, "train.progress": "false", "train.log_every": 50,
           "train.save_every": 100000}
