@@ -126,6 +126,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
 
 
+def _newer(path: Path, than: str) -> Optional[bool]:
+    """Whether ``path`` was written after ``than`` (None when either is missing)."""
+    if not path.is_file() or not os.path.exists(than):
+        return None
+    return os.path.getmtime(path) >= os.path.getmtime(than)
+
+
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME:key=value,key=value`` -> (name, overrides)."""
     if ":" not in text:
@@ -239,6 +246,9 @@ def launch(spec: dict, keep_checkpoint: bool, reuse: bool, finished_only: bool =
     fresh = done is not None and all(
         not d or d == "null" or not os.path.exists(d) or os.path.getmtime(d) <= os.path.getmtime(out / "result.json")
         for d in deps)
+    # --finished-only trains nothing, so a result for the same spec counts even when a checkpoint it
+    # started from was re-made since (the report's runs[].from_current_base says which did)
+    fresh = fresh or (finished_only and done is not None)
     if reuse and fresh and done.get("spec") == spec and (not keep_checkpoint or (out / "checkpoint_last.pth").is_file()):
         print(f"[study] {spec['name']}: reused", flush=True)
         return done
@@ -476,6 +486,9 @@ def plot_diagnostics(results: list[dict], probs: list[float], path: Path, window
     plt.close(fig)
 
 
+HEATMAP_VMAX = 2.0  # one colour scale for every panel (the weights average 1 per anchor)
+
+
 def plot_heatmaps(ckpts: dict[str, str], world: str, path: Path, batch_size: int = 32, seed: int = 0) -> dict:
     """The paper's App. F figure: for one batch of ``world``'s test pairs (``batch_size`` pairs,
     shuffled with ``seed``), the ground truth (captions true of each anchor image; the false
@@ -500,10 +513,10 @@ def plot_heatmaps(ckpts: dict[str, str], world: str, path: Path, batch_size: int
     from models.losses import roc_auc
     for ax, (label, b) in zip(axes[1:], batches.items()):
         w = np.array(b["weights"], dtype=float)
-        im = ax.imshow(np.where(neg, w, np.nan), cmap="viridis", vmin=0.0, vmax=max(1.5, float(np.nanmax(w[neg]))))
+        im = ax.imshow(np.where(neg, w, np.nan), cmap="viridis", vmin=0.0, vmax=HEATMAP_VMAX)
         ax.scatter(xs, ys, marker="x", s=14, c="red", linewidths=0.8)
         aucs[label] = roc_auc(-w[neg], truth[neg])
-        ax.set_title(f"{label}: weights (positives blank)\nFN mean w {w[fn].mean():.2f}, TN {w[neg & ~truth].mean():.2f}, "
+        ax.set_title(f"{label}: weights (positives blank, colours clipped at {HEATMAP_VMAX:g})\nFN mean w {w[fn].mean():.2f}, TN {w[neg & ~truth].mean():.2f}, "
                      f"AUC {aucs[label]:.2f}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     for ax in axes:
@@ -599,9 +612,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"[study] base model: InfoNCE on clean captions, {base_steps} steps", flush=True)
     base = launch(base_spec, keep_checkpoint=True, reuse=reuse, finished_only=args.finished_only)
     if base is None:
-        print("error: --finished-only: the base run has no result for these settings (its spec, e.g. "
-              "--base-threads, must be the one the grid was trained with)", file=sys.stderr)
-        return 2
+        print("[study] --finished-only: the base run has no result for these settings; the report has none",
+              flush=True)
     base_ckpt = str(base_dir / "checkpoint_last.pth")
 
     # stage 4: the grid
@@ -670,10 +682,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         "wall_seconds": time.time() - t_start,
         "false_negatives": {"in_batch_rate": fn_rates, "generator_statistics": manifests},
         "semantic_chance": chance,
-        "base": {k: base[k] for k in ("eval", "final_diagnostics", "steps", "train_seconds", "pairs_per_s")},
+        "base": {k: base[k] for k in ("eval", "final_diagnostics", "steps", "train_seconds", "pairs_per_s")} if base else None,
         "summary": summary,
-        "runs": [{k: r[k] for k in ("prob", "method", "seed", "steps", "train_seconds", "pairs_per_s", "eval",
-                                    "final_diagnostics", "curves")} for r in results],
+        "runs": [{**{k: r[k] for k in ("prob", "method", "seed", "steps", "train_seconds", "pairs_per_s", "eval",
+                                       "final_diagnostics", "curves")},
+                  "from_current_base": _newer(Path(r["spec"]["out_dir"]) / "result.json", base_ckpt)}
+                 for r in results],
         "table_markdown": table,
         "plots": plots,
         "heatmap": heatmap,
