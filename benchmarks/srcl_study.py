@@ -366,6 +366,27 @@ def markdown_table(summary: dict, methods: list[str], fn_rates: dict[str, float]
     return "\n".join(lines)
 
 
+def auc_table(summary: dict, methods: list[str]) -> str:
+    """How well the trained checkpoints' weights find the false negatives (``final_diagnostics``)."""
+    cols = [("final_diag/weight_auc", "weight AUC"), ("final_diag/weight_w_false_neg", "mean w of false negatives"),
+            ("final_diag/weight_w_true_neg", "of true negatives"), ("final_diag/w_top1", "of the most similar negative")]
+    lines = ["| partial captions | method | " + " | ".join(c[1] for c in cols) + " | lowest AUC of a seed |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for pk, per_method in summary.items():
+        for m in methods:
+            entry = per_method.get(m)
+            if not entry or "final_diag/weight_auc" not in entry:
+                continue
+            cells = [f"{entry[k]['mean']:.3f} ± {entry[k]['std']:.3f}" if k in entry else "-" for k, _ in cols]
+            lines.append(f"| {pk} | {METHOD_LABELS.get(m, m)} | " + " | ".join(cells)
+                         + f" | {min(entry['final_diag/weight_auc']['per_seed']):.3f} |")
+    lines.append("")
+    lines.append("The trained checkpoints on each world's test split (tasks/srcl_diagnostics.py, batches of 64 pairs, "
+                 "image anchors): the ROC AUC with which a low weight picks out the true false negatives among the "
+                 "negatives, and the mean weights; mean ± std over seeds.")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------- plots
 def _smooth(points: list[tuple[int, float]], window: int) -> tuple[list[int], list[float]]:
     xs = [p[0] for p in points]
@@ -663,7 +684,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     plot_recall(summary, methods, Path(plots["recall"]), fn_rates, chance)
     plot_diagnostics(results, probs, Path(plots["diagnostics"]))
-    Path(str(stem) + "_table.md").write_text(table + "\n", encoding="utf-8")
+    aucs = auc_table(summary, methods)
+    Path(str(stem) + "_table.md").write_text(table + "\n\n" + aucs + "\n", encoding="utf-8")
     heatmap = None
     if args.heatmap:
         hk = _fmt_prob(args.heatmap_prob)
@@ -689,6 +711,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "from_current_base": _newer(Path(r["spec"]["out_dir"]) / "result.json", base_ckpt)}
                  for r in results],
         "table_markdown": table,
+        "auc_table_markdown": aucs,
         "plots": plots,
         "heatmap": heatmap,
     }
