@@ -63,7 +63,7 @@ TASKS: dict[str, tuple[str, str, dict, dict, str, str, Callable[[dict], float]]]
     "vqa": ("vqa_shapes", "configs/demo/vqa.yaml",
             {"data.train_files": "[{w}/vqa_train.json]", "data.val_file": "{w}/vqa_val.json",
              "data.test_file": "{w}/vqa_test_gt.json", "data.answer_list": "{w}/answer_list.json"},
-            {"train.max_steps": 80}, "test accuracy", "results.json", _vqa),
+            {"train.epochs": 2}, "test accuracy", "results.json", _vqa),
     "nlvr2": ("nlvr2_shapes", "configs/demo/nlvr2.yaml",
               {"data.train_files": "[{w}/nlvr2_train.json]", "data.dev_files": "[{w}/nlvr2_dev.json]",
                "data.test_files": "[{w}/nlvr2_test.json]"},
