@@ -28,7 +28,14 @@ Stages (all under ``--work-dir``; finished stages are reused when their settings
 
 ``--variant NAME:key=value,...`` adds a method given by config overrides (``@base`` stands for the
 base checkpoint). Results: ``--out`` (JSON), ``<out stem>_recall.png``, ``<out stem>_diagnostics.png``,
-``<out stem>_table.md``.
+``<out stem>_table.md`` (recall and the trained checkpoints' weight AUC), with ``--heatmap METHOD ...``
+``<out stem>_heatmap.png`` (one test batch's weights beside the ground truth, the paper's App. F).
+``--finished-only`` trains nothing and summarises the runs of the grid that have a result (runs
+made in parts, e.g. on a shared machine). The study with the generality evidence (docs/srcl_study.md):
+
+    python benchmarks/srcl_study.py --base-threads 1 --methods infonce srcl srcl_g \
+        --variant srcl_g:loss.contrastive.generality_weight=1.5,loss.contrastive.standardise=true,loss.contrastive.delta=1 \
+        --keep-checkpoints --heatmap srcl srcl_g
 """
 from __future__ import annotations
 
