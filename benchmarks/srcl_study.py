@@ -417,6 +417,8 @@ def plot_recall(summary: dict, methods: list[str], path: Path, fn_rates: dict[st
     probs = sorted(summary, key=float)
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(15, 3.6))
     colors = {"infonce": "tab:gray", "srcl": "tab:blue", "srcl_helper": "tab:orange"}
+    spare = iter(["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 10)
+    colors.update({m: next(spare) for m in methods if m not in colors})  # --variant methods
     for ax, (key, title) in zip(axes, panels):
         for j, m in enumerate(methods):
             xs, mus = [], []
@@ -475,6 +477,9 @@ def plot_diagnostics(results: list[dict], probs: list[float], path: Path, window
              ("srcl", "diag/sim_auc", "momentum similarity, raw", "tab:green", ":"),
              ("srcl", "diag/sim_centred_auc", "momentum similarity, centred per anchor", "tab:green", "--"),
              ("srcl_helper", "diag/helper_sim_auc", "helper similarity, raw", "tab:red", ":")]
+    spare = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 10)
+    lines += [(m, "diag/weight_auc", f"{m} weight", next(spare), "-")  # --variant methods
+              for m in sorted({r["method"] for r in results} - set(METHODS))]
     rows = [("in-batch negatives", ""), ("queued negatives", "queue_")]
     pks = [_fmt_prob(p) for p in sorted(probs)]
     fig, axes = plt.subplots(len(rows), len(pks), figsize=(4 * len(pks), 3.2 * len(rows)), squeeze=False)
