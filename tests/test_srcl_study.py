@@ -2,24 +2,18 @@
 --finished-only summarising the same runs without training."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
+from tests.pretrain_helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _study_module():
-    spec = importlib.util.spec_from_file_location("srcl_study", ROOT / "benchmarks" / "srcl_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_study_heatmap_auc_table_and_finished_only(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    study = _study_module()
+    study = load_benchmark("srcl_study")
     args = ["--quick", "--work-dir", str(tmp_path / "work"), "--methods", "infonce", "srcl", "--base-threads", "1"]
     out = tmp_path / "study.json"
     assert study.main(args + ["--heatmap", "srcl", "--heatmap-prob", "1.0", "--out", str(out)]) == 0

@@ -2,24 +2,18 @@
 the four shapes tasks, rows and summary as the full benchmark writes them."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
+from tests.pretrain_helpers import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _transfer_module():
-    spec = importlib.util.spec_from_file_location("srcl_transfer", ROOT / "benchmarks" / "srcl_transfer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_transfer_writes_rows_table_and_paired_summary(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
-    transfer = _transfer_module()
+    transfer = load_benchmark("srcl_transfer")
     out = tmp_path / "transfer.json"
     assert transfer.main(["--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out)]) == 0
     report = json.loads(out.read_text())
