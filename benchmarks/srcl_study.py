@@ -28,7 +28,14 @@ Stages (all under ``--work-dir``; finished stages are reused when their settings
 
 ``--variant NAME:key=value,...`` adds a method given by config overrides (``@base`` stands for the
 base checkpoint). Results: ``--out`` (JSON), ``<out stem>_recall.png``, ``<out stem>_diagnostics.png``,
-``<out stem>_table.md``.
+``<out stem>_table.md`` (recall and the trained checkpoints' weight AUC), with ``--heatmap METHOD ...``
+``<out stem>_heatmap.png`` (one test batch's weights beside the ground truth, the paper's App. F).
+``--finished-only`` trains nothing and summarises the runs of the grid that have a result (runs
+made in parts, e.g. on a shared machine). The study with the generality evidence (docs/srcl_study.md):
+
+    python benchmarks/srcl_study.py --base-threads 1 --methods infonce srcl srcl_g \
+        --variant srcl_g:loss.contrastive.generality_weight=1.5,loss.contrastive.standardise=true,loss.contrastive.delta=1 \
+        --keep-checkpoints --heatmap srcl srcl_g
 """
 from __future__ import annotations
 
@@ -124,6 +131,13 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     if not vals:
         return float("nan"), float("nan")
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _newer(path: Path, than: str) -> Optional[bool]:
+    """Whether ``path`` was written after ``than`` (None when either is missing)."""
+    if not path.is_file() or not os.path.exists(than):
+        return None
+    return os.path.getmtime(path) >= os.path.getmtime(than)
 
 
 def parse_variant(text: str) -> tuple[str, dict]:
@@ -228,9 +242,9 @@ def worker(spec: dict, keep_checkpoint: bool) -> dict:
     return res
 
 
-def launch(spec: dict, keep_checkpoint: bool, reuse: bool) -> dict:
+def launch(spec: dict, keep_checkpoint: bool, reuse: bool, finished_only: bool = False) -> Optional[dict]:
     """Run ``spec`` in a subprocess (a crash or hang stays contained) unless a result for the same
-    spec exists; returns the result."""
+    spec exists; returns the result (None with ``finished_only`` when there is none yet)."""
     out = Path(spec["out_dir"])
     done = _load_json(out / "result.json")
     # a result is stale when a checkpoint it started from or used as helper is newer
@@ -239,9 +253,15 @@ def launch(spec: dict, keep_checkpoint: bool, reuse: bool) -> dict:
     fresh = done is not None and all(
         not d or d == "null" or not os.path.exists(d) or os.path.getmtime(d) <= os.path.getmtime(out / "result.json")
         for d in deps)
+    # --finished-only trains nothing, so a result for the same spec counts even when a checkpoint it
+    # started from was re-made since (the report's runs[].from_current_base says which did)
+    fresh = fresh or (finished_only and done is not None)
     if reuse and fresh and done.get("spec") == spec and (not keep_checkpoint or (out / "checkpoint_last.pth").is_file()):
         print(f"[study] {spec['name']}: reused", flush=True)
         return done
+    if finished_only:
+        print(f"[study] {spec['name']}: not finished, left out", flush=True)
+        return None
     out.mkdir(parents=True, exist_ok=True)
     spec_path = out / "spec.json"
     _write_json(spec_path, spec)
@@ -353,6 +373,27 @@ def markdown_table(summary: dict, methods: list[str], fn_rates: dict[str, float]
     return "\n".join(lines)
 
 
+def auc_table(summary: dict, methods: list[str]) -> str:
+    """How well the trained checkpoints' weights find the false negatives (``final_diagnostics``)."""
+    cols = [("final_diag/weight_auc", "weight AUC"), ("final_diag/weight_w_false_neg", "mean w of false negatives"),
+            ("final_diag/weight_w_true_neg", "of true negatives"), ("final_diag/w_top1", "of the most similar negative")]
+    lines = ["| partial captions | method | " + " | ".join(c[1] for c in cols) + " | lowest AUC of a seed |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for pk, per_method in summary.items():
+        for m in methods:
+            entry = per_method.get(m)
+            if not entry or "final_diag/weight_auc" not in entry:
+                continue
+            cells = [f"{entry[k]['mean']:.3f} ± {entry[k]['std']:.3f}" if k in entry else "-" for k, _ in cols]
+            lines.append(f"| {pk} | {METHOD_LABELS.get(m, m)} | " + " | ".join(cells)
+                         + f" | {min(entry['final_diag/weight_auc']['per_seed']):.3f} |")
+    lines.append("")
+    lines.append("The trained checkpoints on each world's test split (tasks/srcl_diagnostics.py, batches of 64 pairs, "
+                 "image anchors): the ROC AUC with which a low weight picks out the true false negatives among the "
+                 "negatives, and the mean weights; mean ± std over seeds.")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------- plots
 def _smooth(points: list[tuple[int, float]], window: int) -> tuple[list[int], list[float]]:
     xs = [p[0] for p in points]
@@ -376,6 +417,8 @@ def plot_recall(summary: dict, methods: list[str], path: Path, fn_rates: dict[st
     probs = sorted(summary, key=float)
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(15, 3.6))
     colors = {"infonce": "tab:gray", "srcl": "tab:blue", "srcl_helper": "tab:orange"}
+    spare = iter(["tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 10)
+    colors.update({m: next(spare) for m in methods if m not in colors})  # --variant methods
     for ax, (key, title) in zip(axes, panels):
         for j, m in enumerate(methods):
             xs, mus = [], []
@@ -434,6 +477,9 @@ def plot_diagnostics(results: list[dict], probs: list[float], path: Path, window
              ("srcl", "diag/sim_auc", "momentum similarity, raw", "tab:green", ":"),
              ("srcl", "diag/sim_centred_auc", "momentum similarity, centred per anchor", "tab:green", "--"),
              ("srcl_helper", "diag/helper_sim_auc", "helper similarity, raw", "tab:red", ":")]
+    spare = iter(["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"] * 10)
+    lines += [(m, "diag/weight_auc", f"{m} weight", next(spare), "-")  # --variant methods
+              for m in sorted({r["method"] for r in results} - set(METHODS))]
     rows = [("in-batch negatives", ""), ("queued negatives", "queue_")]
     pks = [_fmt_prob(p) for p in sorted(probs)]
     fig, axes = plt.subplots(len(rows), len(pks), figsize=(4 * len(pks), 3.2 * len(rows)), squeeze=False)
@@ -473,6 +519,51 @@ def plot_diagnostics(results: list[dict], probs: list[float], path: Path, window
     plt.close(fig)
 
 
+HEATMAP_VMAX = 2.0  # one colour scale for every panel (the weights average 1 per anchor)
+
+
+def plot_heatmaps(ckpts: dict[str, str], world: str, path: Path, batch_size: int = 32, seed: int = 0) -> dict:
+    """The paper's App. F figure: for one batch of ``world``'s test pairs (``batch_size`` pairs,
+    shuffled with ``seed``), the ground truth (captions true of each anchor image; the false
+    negatives marked) beside each checkpoint's SRCL weights (``tasks.srcl_diagnostics``). Returns
+    the weight AUC of that batch per label."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from tasks.srcl_diagnostics import diagnose_checkpoint
+
+    batches = {label: diagnose_checkpoint(ck, world, "test", batch_size=batch_size, seed=seed, progress=False,
+                                          keep_batch=True)["batch"] for label, ck in ckpts.items()}
+    first = next(iter(batches.values()))
+    truth, neg = np.array(first["truth"], dtype=bool), np.array(first["neg"], dtype=bool)
+    fn = truth & neg
+    fig, axes = plt.subplots(1, 1 + len(batches), figsize=(4.2 * (1 + len(batches)), 4.4))
+    axes[0].imshow(np.where(~neg, 1.0, np.where(truth, 0.5, 0.0)), cmap="Greys", vmin=0, vmax=1)
+    axes[0].set_title("ground truth: positives (black),\nfalse negatives (grey, x)", fontsize=9)
+    ys, xs = np.nonzero(fn)
+    aucs = {}
+    from models.losses import roc_auc
+    for ax, (label, b) in zip(axes[1:], batches.items()):
+        w = np.array(b["weights"], dtype=float)
+        im = ax.imshow(np.where(neg, w, np.nan), cmap="viridis", vmin=0.0, vmax=HEATMAP_VMAX)
+        ax.scatter(xs, ys, marker="x", s=14, c="red", linewidths=0.8)
+        aucs[label] = roc_auc(-w[neg], truth[neg])
+        ax.set_title(f"{label}: weights (positives blank, colours clipped at {HEATMAP_VMAX:g})\nFN mean w {w[fn].mean():.2f}, TN {w[neg & ~truth].mean():.2f}, "
+                     f"AUC {aucs[label]:.2f}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    for ax in axes:
+        ax.set_xlabel("caption of the batch")
+        ax.set_ylabel("anchor image (row = pair)")
+    axes[0].scatter(xs, ys, marker="x", s=14, c="red", linewidths=0.8)
+    fig.suptitle(f"One {batch_size}-pair test batch of {Path(world).name}: SRCL weights vs the true false negatives (red x)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return aucs
+
+
 # --------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -496,7 +587,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="results JSON (default benchmarks/results/srcl_study.json; quick: <work-dir>/srcl_study.json)")
     p.add_argument("--no-reuse", action="store_true", help="redo finished runs")
+    p.add_argument("--finished-only", action="store_true",
+                   help="train nothing: summarise the runs of the grid that have finished (the others are left out)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep every study run's checkpoint_last.pth")
+    p.add_argument("--heatmap", nargs="+", default=None, metavar="METHOD",
+                   help="also draw one test batch's weights of these methods (seed = the first, world = --heatmap-prob) "
+                        "beside the ground truth: <out stem>_heatmap.png (implies --keep-checkpoints)")
+    p.add_argument("--heatmap-prob", type=float, default=0.5, help="the world of the heat-map (default 0.5)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--keep-checkpoint", action="store_true", help=argparse.SUPPRESS)
     return p
@@ -518,6 +615,13 @@ def main(argv: Optional[list[str]] = None) -> int:
               file=sys.stderr)
         return 2
     methods += [v for v in variants if v not in methods]
+    if args.heatmap:
+        missing = [m for m in args.heatmap if m not in methods]
+        if missing or args.heatmap_prob not in (args.probs or ([0.0, 1.0] if quick else [0.0, 0.5, 1.0])):
+            print(f"error: --heatmap {args.heatmap} at --heatmap-prob {args.heatmap_prob}: every method must be one "
+                  "of the study's methods and the probability one of its worlds", file=sys.stderr)
+            return 2
+        args.keep_checkpoints = True
     steps = args.steps or (20 if quick else 300)
     base_steps = args.base_steps or (40 if quick else 1200)
     work = Path(args.work_dir or ("output/srcl_study_quick" if quick else "output/srcl_study"))
@@ -539,7 +643,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                          args.base_threads or args.threads * args.jobs,
                          {**BASE_OVERRIDES, "tokenizer.path": str(tok_dir)}, None, {"own": clean}, model_over)
     print(f"[study] base model: InfoNCE on clean captions, {base_steps} steps", flush=True)
-    base = launch(base_spec, keep_checkpoint=True, reuse=reuse)
+    base = launch(base_spec, keep_checkpoint=True, reuse=reuse, finished_only=args.finished_only)
+    if base is None:
+        print("[study] --finished-only: the base run has no result for these settings; the report has none",
+              flush=True)
     base_ckpt = str(base_dir / "checkpoint_last.pth")
 
     # stage 4: the grid
@@ -563,10 +670,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"[study] {len(specs)} runs of {steps} steps, {args.jobs} at a time", flush=True)
     results = []
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [(pk, m, s, pool.submit(launch, spec, args.keep_checkpoints, reuse)) for pk, m, s, spec in specs]
+        futures = [(pk, m, s, pool.submit(launch, spec, args.keep_checkpoints, reuse, args.finished_only))
+                   for pk, m, s, spec in specs]
         for pk, m, s, fut in futures:
             res = fut.result()
-            results.append({"prob": pk, "method": m, "seed": s, **res})
+            if res is not None:
+                results.append({"prob": pk, "method": m, "seed": s, **res})
 
     # stage 5: results
     fn_rates, chance, manifests = {}, {}, {}
@@ -587,10 +696,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_json.parent.mkdir(parents=True, exist_ok=True)
     plot_recall(summary, methods, Path(plots["recall"]), fn_rates, chance)
     plot_diagnostics(results, probs, Path(plots["diagnostics"]))
-    Path(str(stem) + "_table.md").write_text(table + "\n", encoding="utf-8")
+    aucs = auc_table(summary, methods)
+    Path(str(stem) + "_table.md").write_text(table + "\n\n" + aucs + "\n", encoding="utf-8")
+    heatmap = None
+    if args.heatmap:
+        hk = _fmt_prob(args.heatmap_prob)
+        plots["heatmap"] = str(stem) + "_heatmap.png"
+        ck = {METHOD_LABELS.get(m, m): str(work / "runs" / f"p{hk}_{m}_s{seeds[0]}" / "checkpoint_last.pth")
+              for m in args.heatmap}
+        heatmap = {"prob": hk, "seed": seeds[0], "batch_auc": plot_heatmaps(ck, str(worlds[hk]), Path(plots["heatmap"]))}
     report = {
         "command": "python benchmarks/srcl_study.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {"seeds": seeds, "probs": probs, "methods": methods, "variants": variants, "steps": steps,
+        "settings": {"seeds": seeds, "finished_only": args.finished_only, "probs": probs, "methods": methods, "variants": variants, "steps": steps,
                      "base_steps": base_steps, "from_scratch": args.from_scratch, "jobs": args.jobs,
                      "threads": args.threads, "quick": quick, "study_overrides": STUDY_OVERRIDES,
                      "base_overrides": BASE_OVERRIDES,
@@ -599,12 +716,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         "wall_seconds": time.time() - t_start,
         "false_negatives": {"in_batch_rate": fn_rates, "generator_statistics": manifests},
         "semantic_chance": chance,
-        "base": {k: base[k] for k in ("eval", "final_diagnostics", "steps", "train_seconds", "pairs_per_s")},
+        "base": {k: base[k] for k in ("eval", "final_diagnostics", "steps", "train_seconds", "pairs_per_s")} if base else None,
         "summary": summary,
-        "runs": [{k: r[k] for k in ("prob", "method", "seed", "steps", "train_seconds", "pairs_per_s", "eval",
-                                    "final_diagnostics", "curves")} for r in results],
+        "runs": [{**{k: r[k] for k in ("prob", "method", "seed", "steps", "train_seconds", "pairs_per_s", "eval",
+                                       "final_diagnostics", "curves")},
+                  "from_current_base": _newer(Path(r["spec"]["out_dir"]) / "result.json", base_ckpt)}
+                 for r in results],
         "table_markdown": table,
+        "auc_table_markdown": aucs,
         "plots": plots,
+        "heatmap": heatmap,
     }
     _write_json(out_json, report)
     print(table)

@@ -21,6 +21,8 @@ Shapes: ``B`` anchors, ``K`` candidate columns (in-batch items, optionally follo
 entries). Boolean masks are ``(B, K)``.
 
 Functions:
+    regulation_evidence     the similarity the weights are computed from (cross-modal, intra-modal,
+                            both; optionally standardised per anchor)
     regulation_weights      the SRCL weights (no gradient)
     contrastive_loss        per-anchor SRCL / InfoNCE loss with several positives and soft targets
     srcl_loss               convenience: weights + loss for one direction
@@ -39,6 +41,7 @@ from torch import Tensor
 import torch.nn.functional as F
 
 __all__ = [
+    "regulation_evidence",
     "regulation_weights",
     "contrastive_loss",
     "srcl_loss",
@@ -82,6 +85,89 @@ def _float_dtype(t: Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------
 # SRCL weights
 # ----------------------------------------------------------------------------------------------
+EVIDENCE_SOURCES = ("cross", "intra", "cross+intra")
+
+
+def regulation_evidence(
+    sim_cross: Tensor,
+    neg_mask: Tensor,
+    source: str = "cross",
+    sim_intra: Tensor | None = None,
+    intra_weight: float = 1.0,
+    standardise: bool = False,
+    generality_weight: float = 0.0,
+) -> Tensor:
+    """The similarity ``e_ij`` from which the SRCL weights of anchor ``i``'s negatives are computed
+    (``regulation_weights(e, ...)``): the higher, the more likely negative ``j`` is a false one.
+
+    ::
+
+        source "cross":        e_ij = sim_cross_ij                        (the paper's form)
+        source "intra":        e_ij = sim_intra_ij
+        source "cross+intra":  e_ij = sim_cross_ij + intra_weight * sim_intra_ij
+        generality:            e_ij <- e_ij + generality_weight * g_j,
+                               g_j = mean_{k : neg_mask_kj} sim_cross_kj   (0 without such k)
+        standardise:           e_ij <- (e_ij - mean_i) / std_i   over anchor i's negatives
+                               (population std; a row whose std is 0 becomes 0)
+
+    ``g_j`` is how similar candidate ``j`` is to all the anchors it is a negative of: a caption
+    that describes little ("there is a circle") is close to many images and is true of many of
+    them, so it is a likely false negative of every anchor.
+
+    ``sim_cross`` is the anchor's similarity to the candidate (image-text); ``sim_intra`` the
+    similarity of the candidate to the anchor's own item of the candidate's modality (an image
+    anchor: its caption vs the candidate caption; a caption anchor: its image vs the candidate
+    image). Centring alone would not change the weights (they are normalised per anchor); dividing
+    by the anchor's spread gives every anchor the same sharpness ``delta``, now in units of its
+    standard deviation.
+
+    Args:
+        sim_cross: (B, K) cosine similarities.
+        neg_mask: (B, K) bool, the anchor's negatives (the statistics of ``standardise`` are taken
+            over them; other entries are carried along and ignored by ``regulation_weights``).
+        source: one of ``EVIDENCE_SOURCES``.
+        sim_intra: (B, K) cosine similarities; required unless ``source == "cross"``.
+        intra_weight: factor of ``sim_intra`` in ``"cross+intra"``.
+        standardise: per-anchor standardisation.
+        generality_weight: factor of the candidate's mean similarity to the anchors (0 = off).
+
+    Returns:
+        (B, K) evidence without gradient, float32 (float64 for float64 input).
+    """
+    _check_2d("sim_cross", sim_cross)
+    _check_mask("neg_mask", neg_mask, sim_cross.shape)
+    if source not in EVIDENCE_SOURCES:
+        raise ValueError(f"source must be one of {EVIDENCE_SOURCES}, got {source!r}")
+    if source != "cross":
+        if sim_intra is None:
+            raise ValueError(f"source {source!r} needs sim_intra (the similarity to the anchor's own item)")
+        _check_same_shape("sim_intra", sim_intra, sim_cross.shape)
+    for name, value in (("intra_weight", intra_weight), ("generality_weight", generality_weight)):
+        if not math.isfinite(float(value)):
+            raise ValueError(f"{name} must be finite, got {value}")
+    dtype = _float_dtype(sim_cross)
+    with torch.no_grad():
+        if source == "cross":
+            e = sim_cross.detach().to(dtype)
+        elif source == "intra":
+            e = sim_intra.detach().to(dtype)  # type: ignore[union-attr]
+        else:
+            e = sim_cross.detach().to(dtype) + float(intra_weight) * sim_intra.detach().to(dtype)  # type: ignore[union-attr]
+        zero = torch.zeros((), dtype=dtype, device=e.device)
+        if generality_weight != 0.0:
+            n_col = neg_mask.sum(dim=0, keepdim=True).clamp_min(1).to(dtype)
+            g = torch.where(neg_mask, sim_cross.detach().to(dtype), zero).sum(dim=0, keepdim=True) / n_col
+            e = e + float(generality_weight) * g
+        if standardise:
+            n = neg_mask.sum(dim=1, keepdim=True).clamp_min(1).to(dtype)
+            ez = torch.where(neg_mask, e, zero)  # garbage outside the negatives must not enter the statistics
+            mean = ez.sum(dim=1, keepdim=True) / n
+            var = torch.where(neg_mask, (ez - mean) ** 2, zero).sum(dim=1, keepdim=True) / n
+            std = var.sqrt()
+            e = torch.where(std > 0, (e - mean) / std.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(e))
+    return e
+
+
 def regulation_weights(
     sim_model: Tensor,
     neg_mask: Tensor,

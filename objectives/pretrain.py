@@ -34,7 +34,7 @@ from models.loading import checkpoint_filter_fn, split_objective_state
 from models.text import TextTransformer
 from models.vlp import VLPModel, vit_class_token
 
-__all__ = ["ContrastiveConfig", "AlignmentLossConfig", "PretrainLossConfig", "PretrainObjective",
+__all__ = ["ContrastiveConfig", "AlignmentLossConfig", "PretrainLossConfig", "PretrainObjective", "regulation_evidence",
            "checkpoint_states", "load_objective_from_checkpoint", "moved_config_keys"]
 
 
@@ -47,6 +47,10 @@ class ContrastiveConfig:
     alpha_schedule: Literal["linear", "cosine", "constant"] = opt("linear", "how alpha moves from alpha_start to alpha_end")
     helper_checkpoint: Optional[str] = opt(None, "frozen helper model (an earlier checkpoint of this project); without it alpha is 0")
     similarity_source: Literal["momentum", "online"] = opt("momentum", "model similarity used for the weights: momentum (EMA) model or the online model (detached)")
+    evidence: Literal["cross", "intra", "cross+intra"] = opt("cross", "what the weights are computed from (models.losses.regulation_evidence): cross: the anchor's image-text similarity to the negative (the paper's form); intra: the negative's similarity to the anchor's own item of the same modality (an image anchor: its caption vs the negative caption; a caption anchor: its image vs the negative image); cross+intra: cross + intra_weight * intra")
+    intra_weight: float = opt(1.0, "factor of the intra-modal similarity in evidence cross+intra")
+    generality_weight: float = opt(0.0, "add this factor times the negative's mean similarity to all the anchors it is a negative of (a candidate close to many anchors, e.g. a caption that describes little, is a likely false negative of each); 0 = off")
+    standardise: bool = opt(False, "divide each anchor's evidence by its standard deviation over the anchor's negatives (after centring), so that delta is in units of that spread for every anchor")
     use_queue: bool = opt(True, "queued momentum features also serve as (weighted) negatives")
     queue_start_step: int = opt(0, "optimiser step from which the queued features join the loss (the queue fills from step 0); "
                                    "a model trained from random weights needs in-batch negatives first: while its text features "
@@ -72,6 +76,9 @@ class ContrastiveConfig:
                 raise ValueError(f"loss.contrastive.{name} must be in [0, 1]; got {v}")
         if self.delta < 0:
             raise ValueError(f"loss.contrastive.delta must be >= 0; got {self.delta}")
+        for name in ("intra_weight", "generality_weight"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"loss.contrastive.{name} must be a finite number; got {getattr(self, name)}")
         if self.queue_start_step < 0:
             raise ValueError(f"loss.contrastive.queue_start_step must be >= 0; got {self.queue_start_step}")
 
@@ -144,6 +151,19 @@ def load_objective_from_checkpoint(objective: "PretrainObjective", ckpt: dict) -
     :meth:`PretrainObjective.load_momentum`."""
     state = checkpoint_filter_fn({**ckpt["model"], **ckpt.get("objective", {})}, objective.model)
     return objective.load_momentum(split_objective_state(state)[1])
+
+
+def regulation_evidence(ccfg: ContrastiveConfig, neg: torch.Tensor, feats: tuple, cross: tuple) -> tuple:
+    """The evidence of both directions (``models.losses.regulation_evidence``) that the SRCL weights
+    are computed from. ``feats``: the anchors' normalised (image, text) features and the candidate
+    columns' (image, text) features; ``cross``: the (image-to-text, text-to-image) similarities of
+    the anchors to the candidates. The intra-modal similarity of an image anchor is its own
+    caption's similarity to the candidate captions; of a caption anchor, its own image's to the
+    candidate images."""
+    image_a, text_a, image_all, text_all = feats
+    intra = (None, None) if ccfg.evidence == "cross" else (text_a @ text_all.T, image_a @ image_all.T)
+    return tuple(L.regulation_evidence(c, neg, ccfg.evidence, i, ccfg.intra_weight, ccfg.standardise,
+                                       ccfg.generality_weight) for c, i in zip(cross, intra))
 
 
 # ---------------------------------------------------------------------------------- the objective
@@ -328,13 +348,19 @@ class PretrainObjective(nn.Module):
             elif alpha > 0:
                 raise ValueError("alpha > 0 needs helper features (loss.contrastive.helper_checkpoint)")
             if ccfg.similarity_source == "momentum":
-                sim_i2t_model, sim_t2i_model = image_feat_m @ text_all.T, text_feat_m @ image_all.T
+                image_a, text_a = image_feat_m, text_feat_m
             else:
-                sim_i2t_model, sim_t2i_model = image_feat.detach() @ text_all.T, text_feat.detach() @ image_all.T
+                image_a, text_a = image_feat.detach(), text_feat.detach()
+            sim_i2t_model, sim_t2i_model = image_a @ text_all.T, text_a @ image_all.T
             w_i2t = w_t2i = None
             if ccfg.kind == "srcl":
-                w_i2t = L.regulation_weights(sim_i2t_model, neg, ccfg.delta, helper_i2t, alpha)
-                w_t2i = L.regulation_weights(sim_t2i_model, neg, ccfg.delta, helper_t2i, alpha)
+                e_i2t, e_t2i = regulation_evidence(ccfg, neg, (image_a, text_a, image_all, text_all),
+                                                   (sim_i2t_model, sim_t2i_model))
+                if helper_feats is not None:
+                    helper_i2t, helper_t2i = regulation_evidence(ccfg, neg, (image_h, text_h, image_h_all, text_h_all),
+                                                                 (helper_i2t, helper_t2i))
+                w_i2t = L.regulation_weights(e_i2t, neg, ccfg.delta, helper_i2t, alpha)
+                w_t2i = L.regulation_weights(e_t2i, neg, ccfg.delta, helper_t2i, alpha)
             soft_i2t = soft_t2i = None
             if ccfg.distill:
                 targets = pos.float() / pos.float().sum(1, keepdim=True)

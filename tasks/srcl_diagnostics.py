@@ -37,6 +37,7 @@ Used three ways:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -47,7 +48,7 @@ import torch
 from torch import Tensor
 
 from models import losses as L
-from objectives.pretrain import PretrainObjective
+from objectives.pretrain import PretrainObjective, regulation_evidence
 from tasks.srcl_measures import batch_diagnostics
 from tasks.zero_shot import itc_features, load_vlp_checkpoint
 
@@ -70,14 +71,18 @@ def _pairs(world, split: str, max_words: int, clean_style: str, seed: int) -> li
 def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test", batch_size: int = 64,
                         delta: Optional[float] = None, helper: Optional[str] = None, alpha: Optional[float] = None,
                         similarity_source: Optional[str] = None, seed: int = 0, device: str = "cpu",
-                        progress: bool = True) -> dict[str, Any]:
+                        progress: bool = True, keep_batch: bool = False,
+                        regulation: Optional[dict] = None) -> dict[str, Any]:
     """The SRCL diagnostics of a pre-training checkpoint on a split of a shapes world.
 
     Every (image, caption) pair of ``split`` (from ``<data_root>/scenes.json``) is shuffled with
     ``seed`` and cut into batches of ``batch_size`` pairs, as pre-training sees them; in each batch
     the anchors are the images, the candidates the captions, captions of the same image are
     positives, the rest negatives. The weights are ``regulation_weights`` of the checkpoint's model
-    similarity (its ``similarity_source``: momentum or online encoders) mixed with the helper's.
+    similarity (its ``similarity_source``: momentum or online encoders) mixed with the helper's, made
+    into evidence as the run's ``loss.contrastive`` says (``evidence``, ``intra_weight``,
+    ``standardise``: ``objectives.pretrain.regulation_evidence``; an anchor's own caption is its
+    row's caption).
     The AUCs and means are pooled over all negatives of all batches.
 
     Args:
@@ -91,6 +96,11 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
         similarity_source: ``momentum`` or ``online``; default the checkpoint's setting.
         seed: pair order.
         device: where to run the encoders.
+        regulation: ``loss.contrastive`` settings that replace the checkpoint's for the weights
+            (e.g. ``{"evidence": "intra", "standardise": True}``: what that regulation would make of
+            this checkpoint's similarities).
+        keep_batch: also return the first batch's matrices as ``batch`` (lists: ``truth``, ``neg``,
+            ``weights``, ``sim``; rows = the anchors' images, columns = the batch's captions).
 
     Returns a dict of floats and settings: ``weight_auc``, ``weight_w_false_neg``,
     ``weight_w_true_neg``, ``weight_n_false_neg``, ``weight_n_true_neg``, ``w_top1`` (mean weight
@@ -104,7 +114,8 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
         raise ValueError(f"similarity_source must be 'momentum' or 'online', got {similarity_source!r}")
     # the momentum encoders are the checkpoint's objective's
     model, tokenizer, cfg = load_vlp_checkpoint(checkpoint_path, device, objective=similarity_source != "online")
-    ccfg = cfg.loss.contrastive
+    ccfg = dataclasses.replace(cfg.loss.contrastive, **(regulation or {}))
+    ccfg.validate()
     delta = float(ccfg.delta if delta is None else delta)
     source = similarity_source or ccfg.similarity_source
     if source == "online" and isinstance(model, PretrainObjective):
@@ -137,6 +148,7 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     # with non-negatives), so that the per-anchor quantities stay per anchor and all are pooled
     rows: dict[str, list[Tensor]] = {"neg": [], "truth": [], "sim": [], "w": [], "h": []}
     top1: list[float] = []
+    first: Optional[dict] = None
     for lo in range(0, len(pairs) - 1, batch_size):
         chunk = pairs[lo:lo + batch_size]
         if len(chunk) < 2:
@@ -146,8 +158,16 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
         sim = feats[0][ii] @ feats[1][cc].T
         neg = ii[:, None] != ii[None, :]
         truth = torch.as_tensor(world.truth_matrix([c for _, c in chunk], [p for p, _ in chunk])).T
-        sim_h = h_feats[0][ii] @ h_feats[1][cc].T if h_feats is not None else None
-        w = L.regulation_weights(sim, neg, delta, sim_h, alpha)
+        # the evidence the checkpoint's run regulated by (image anchors: the row's own caption is its intra item)
+        e = regulation_evidence(ccfg, neg, (feats[0][ii], feats[1][cc], feats[0][ii], feats[1][cc]), (sim, sim.T))[0]
+        sim_h = None
+        if h_feats is not None:
+            sim_h = h_feats[0][ii] @ h_feats[1][cc].T
+            sim_h = regulation_evidence(ccfg, neg, (h_feats[0][ii], h_feats[1][cc], h_feats[0][ii], h_feats[1][cc]),
+                                        (sim_h, sim_h.T))[0]
+        w = L.regulation_weights(e, neg, delta, sim_h, alpha)
+        if keep_batch and first is None:
+            first = {"truth": truth.tolist(), "neg": neg.tolist(), "weights": w.tolist(), "sim": sim.tolist()}
         if bool(neg.any()):
             top1.append(L.regulation_summary(w, neg, sim)["w_top1"])
         pad = batch_size - len(chunk)
@@ -162,7 +182,10 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     n_batches = len(rows["neg"])
     res.update({"n_pairs": len(pairs), "n_batches": n_batches, "batch_size": batch_size, "delta": delta,
                 "alpha": alpha, "similarity_source": source, "split": split, "checkpoint": checkpoint_path,
-                "helper": helper})
+                "helper": helper, "evidence": ccfg.evidence, "intra_weight": ccfg.intra_weight,
+                "standardise": ccfg.standardise, "generality_weight": ccfg.generality_weight})
+    if keep_batch:
+        res["batch"] = first
     return res
 
 

@@ -86,3 +86,13 @@ def read_log(out_dir: Path) -> list[dict]:
 
 def step_losses(out_dir: Path, key: str = "loss") -> dict[int, float]:
     return {r["step"]: r[key] for r in read_log(out_dir) if key in r}
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ as a module (an installed package named ``benchmarks`` may shadow the folder)."""
+    import importlib.util
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(name, root / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

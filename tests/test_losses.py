@@ -11,6 +11,7 @@ from models.losses import (
     mean_offdiag_cosine,
     contrastive_loss,
     false_negative_auc,
+    regulation_evidence,
     regulation_summary,
     regulation_weights,
     roc_auc,
@@ -519,3 +520,59 @@ def test_mean_offdiag_cosine_is_one_for_collapsed_features_and_nan_for_one_row()
     assert math.isnan(float(mean_offdiag_cosine(torch.ones(1, 3))))
     with pytest.raises(ValueError):
         mean_offdiag_cosine(torch.ones(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# the regulating evidence
+# ----------------------------------------------------------------------------------------------
+def ref_evidence(cross, neg, source, intra, intra_weight, standardise, generality_weight=0.0):
+    """Plain loops: cross / intra / cross + w * intra, plus the generality term (the column's mean
+    cross similarity over the rows it is a negative of), then (e - mean) / std over each row's negatives."""
+    B, K = len(cross), len(cross[0])
+    e = [[cross[i][j] if source == "cross" else intra[i][j] if source == "intra"
+          else cross[i][j] + intra_weight * intra[i][j] for j in range(K)] for i in range(B)]
+    for j in range(K):
+        rows = [cross[k][j] for k in range(B) if neg[k][j]]
+        g = sum(rows) / len(rows) if rows else 0.0
+        for i in range(B):
+            e[i][j] += generality_weight * g
+    if not standardise:
+        return e
+    out = []
+    for i in range(B):
+        vals = [e[i][j] for j in range(K) if neg[i][j]]
+        mean = sum(vals) / len(vals) if vals else 0.0
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / len(vals)) if vals else 0.0
+        out.append([(e[i][j] - mean) / std if std > 0 else 0.0 for j in range(K)])
+    return out
+
+
+@pytest.mark.parametrize("source", ["cross", "intra", "cross+intra"])
+@pytest.mark.parametrize("standardise", [False, True])
+@pytest.mark.parametrize("generality", [0.0, 1.5])
+def test_regulation_evidence_matches_loop_reference(source, standardise, generality):
+    sim, pos, valid = make_batch(B=5, Q=6, n_invalid=2, seed=11)
+    neg = valid & ~pos
+    g = torch.Generator().manual_seed(12)
+    intra = torch.rand(sim.shape, generator=g, dtype=torch.float64) * 2 - 1
+    cross = sim.double().masked_fill(~valid, float("nan"))  # garbage outside the negatives is ignored
+    cross = torch.where(neg, cross, torch.full_like(cross, float("nan")))  # only the negatives' entries may count
+    e = regulation_evidence(cross, neg, source, intra, 0.7, standardise, generality)
+    ref = torch.tensor(ref_evidence(tl(cross), neg.tolist(), source, tl(intra), 0.7, standardise, generality),
+                       dtype=torch.float64)
+    assert e.dtype == torch.float64
+    torch.testing.assert_close(e[neg], ref[neg], rtol=1e-12, atol=1e-12)
+    if standardise:  # delta now acts per anchor in units of its spread: the weights differ from the raw ones
+        w = regulation_weights(e, neg, 1.0)
+        assert not torch.allclose(w[neg], regulation_weights(regulation_evidence(cross, neg, source, intra, 0.7), neg, 1.0)[neg])
+
+
+def test_regulation_evidence_errors_and_constant_rows():
+    sim, pos, valid = make_batch(B=3, Q=0, seed=13)
+    neg = valid & ~pos
+    with pytest.raises(ValueError, match="needs sim_intra"):
+        regulation_evidence(sim, neg, "intra")
+    with pytest.raises(ValueError, match="source must be one of"):
+        regulation_evidence(sim, neg, "both")
+    flat = torch.full(sim.shape, 0.3)
+    assert torch.equal(regulation_evidence(flat, neg, standardise=True)[neg], torch.zeros(int(neg.sum())))

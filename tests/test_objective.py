@@ -253,3 +253,43 @@ def test_loss_config_holds_momentum_and_queue_and_old_configs_are_read():
     # retrieval fine-tuning: no MLM
     from tasks.retrieval import RetrievalLossConfig
     assert RetrievalLossConfig().mlm == 0.0 and "mlm" not in {f.name for f in dataclasses.fields(RetrievalLossConfig)}
+
+
+@pytest.mark.parametrize("evidence,standardise,generality", [("intra", False, 0.0), ("cross+intra", True, 0.0),
+                                                             ("cross", True, 1.5)])
+def test_srcl_weights_from_the_intra_modal_evidence(evidence, standardise, generality):
+    """The weights of both directions against a plain float64 re-computation from the momentum
+    features: an image anchor's intra-modal evidence is its own caption's similarity to the
+    candidate captions, a caption anchor's its own image's to the candidate images; the generality
+    term a candidate's mean similarity to the anchors it is a negative of."""
+    from models.vlp import vit_class_token
+    from tests.test_losses import ref_evidence, ref_weights
+    torch.manual_seed(0)
+    obj = tiny(queue=0, momentum=0.5)
+    obj.cfg = PretrainLossConfig(contrastive=ContrastiveConfig(kind="srcl", delta=2.0, evidence=evidence, intra_weight=0.5,
+                                                               standardise=standardise, generality_weight=generality), itm=0.0, mlm=0.0, queue_size=0)
+    with torch.no_grad():  # spread the features of the random model apart
+        for p in obj.model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    obj.copy_params_to_momentum()
+    batch = tiny_batch(5, idx=[0, 1, 2, 0, 3])
+    out = obj(batch)
+    with torch.no_grad():  # the momentum encoders after the forward's EMA update
+        img = torch.nn.functional.normalize(obj.vision_proj_m(vit_class_token(obj.visual_m, batch["image"])), dim=-1)
+        cls = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+        cls[:, 0] = True
+        txt = torch.nn.functional.normalize(obj.text_proj_m(obj.text_m.forward_text(batch["input_ids"], batch["attention_mask"],
+                                                                                    select=cls)), dim=-1)
+    img, txt = img.double().tolist(), txt.double().tolist()
+    idx = batch["image_idx"].tolist()
+    neg = [[idx[i] != idx[j] for j in range(5)] for i in range(5)]
+    dot = lambda a, b: sum(x * y for x, y in zip(a, b))  # noqa: E731
+    for a, b, key in ((img, txt, "weights_i2t"), (txt, img, "weights_t2i")):
+        cross = [[dot(a[i], b[j]) for j in range(5)] for i in range(5)]
+        intra = [[dot(b[i], b[j]) for j in range(5)] for i in range(5)]
+        e = ref_evidence(cross, neg, evidence, intra, 0.5, standardise, generality)
+        ref = torch.tensor(ref_weights(e, neg, 2.0), dtype=torch.float64)
+        torch.testing.assert_close(out[key].double(), ref, rtol=1e-4, atol=1e-5)
+        assert float((ref - 1).abs().max()) > 0.05  # the weights regulate
+    with pytest.raises(ValueError, match="intra_weight"):
+        ContrastiveConfig(intra_weight=float("nan")).validate()

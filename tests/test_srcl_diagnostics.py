@@ -332,6 +332,34 @@ def test_diagnose_checkpoint_on_a_tiny_checkpoint(tiny_run, world, tmp_path):
         diagnose_checkpoint(ckpt, str(world), alpha=0.5, progress=False)
 
 
+def test_diagnose_checkpoint_under_another_regulation(tiny_run, world):
+    """``regulation=`` recomputes the weights with other loss.contrastive settings: the first batch's
+    weights against a plain re-computation from the checkpoint's momentum text features (an image
+    anchor's intra-modal evidence: its own caption's similarity to the batch's captions)."""
+    from tasks.srcl_diagnostics import _pairs
+    from tasks.zero_shot import itc_features, load_vlp_checkpoint
+    from tests.test_losses import ref_evidence, ref_weights
+    ckpt = str(tiny_run[0] / "checkpoint_last.pth")
+    # (not standardised: the tiny model's caption features lie close together, and dividing by their
+    # spread would magnify float32 rounding; the standardisation is checked in tests/test_losses.py)
+    reg = {"evidence": "cross+intra", "intra_weight": 3.0, "delta": 20.0}
+    res = diagnose_checkpoint(ckpt, str(world), split="train", batch_size=8, progress=False, keep_batch=True,
+                              regulation=reg)
+    assert (res["evidence"], res["intra_weight"], res["delta"]) == ("cross+intra", 3.0, 20.0)
+    model, tok, cfg = load_vlp_checkpoint(ckpt, objective=True)
+    pairs = _pairs(ShapesWorld.load(world), "train", cfg.data.max_words, cfg.data.clean_style, 0)
+    captions = sorted({c for _, c in pairs})  # encoded as diagnose_checkpoint encodes them (same padding)
+    _, txt = itc_features(model, tok, [], captions, cfg.model.vision.img_size, 8, cfg.tokenizer.max_length,
+                          momentum=True, progress=False, transform_cfg=cfg.data.transform)
+    txt = txt.double()[[captions.index(c) for _, c in pairs[:8]]]
+    neg = res["batch"]["neg"]
+    ref = ref_weights(ref_evidence(res["batch"]["sim"], neg, "cross+intra", (txt @ txt.T).tolist(), 3.0, False), neg, 20.0)
+    assert torch.allclose(torch.tensor(res["batch"]["weights"], dtype=torch.float64),
+                          torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    paper = diagnose_checkpoint(ckpt, str(world), split="train", batch_size=8, progress=False, keep_batch=True)
+    assert not torch.allclose(torch.tensor(paper["batch"]["weights"]), torch.tensor(res["batch"]["weights"]), atol=1e-3)
+
+
 def test_zero_shot_retrieval_semantic_counts_every_true_item(tiny_run, world):
     model, tok, cfg = load_vlp_checkpoint(str(tiny_run[0] / "checkpoint_last.pth"))
     res = zero_shot_retrieval(model, tok, str(world), "test", transform_cfg=cfg.data.transform, progress=False)
