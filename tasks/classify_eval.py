@@ -1,6 +1,6 @@
 """What the classification tasks (NLVR2, SNLI-VE) evaluate alike: the class probabilities of every
 example of a split, split over the processes and gathered (:func:`class_probabilities`), and the
-dev accuracy after every epoch (:class:`DevAccuracy`)."""
+dev accuracy after every epoch (:class:`ClassifierRunEvaluator`)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -15,7 +15,7 @@ from engine.loader import SafeDataLoader
 from tasks.common import to_device
 from tasks.spec import Run, autocast_for
 
-__all__ = ["class_probabilities", "DevAccuracy"]
+__all__ = ["class_probabilities", "ClassifierRunEvaluator"]
 
 
 @torch.no_grad()
@@ -44,16 +44,23 @@ def class_probabilities(model: nn.Module, forward: Callable[[nn.Module, dict], t
     return out
 
 
-class DevAccuracy:
-    """``validate`` of a classification task's evaluator (``tasks.spec.Evaluator``): the accuracy of
-    its ``dev`` split (``self.sets``) after every epoch, ``{"dev_acc": %}`` (None without a dev split).
-    A subclass sets ``run`` and ``sets`` and gives :meth:`accuracy`."""
+class ClassifierRunEvaluator:
+    """A classification task's evaluation (``tasks.spec.Evaluator``): the accuracy of its ``dev``
+    split after every epoch, ``{"dev_acc": %}`` (None without a dev split), then every split's metrics
+    and predictions written by the task's ``write``. The task gives its ``predict`` (model, dataset,
+    collator, dist, batch size, workers, precision, progress, desc -> predictions), ``accuracy``
+    (predictions, labels -> %) and ``write`` (model, sets, cfg, dist, tokenizer, checkpoint, extra)."""
 
-    run: Run
-    sets: dict
+    def __init__(self, run: Run, sets: dict, collator: Callable, predict: Callable, accuracy: Callable,
+                 write: Callable) -> None:
+        self.run, self.sets, self.collator = run, sets, collator
+        self.predict, self.score, self.write = predict, accuracy, write
 
     def accuracy(self, model: nn.Module, dataset: Dataset, desc: str) -> float:
-        raise NotImplementedError
+        r, d = self.run, self.run.cfg.data
+        preds = self.predict(model, dataset, self.collator, r.dist, d.eval_batch_size, d.num_workers,
+                             r.cfg.train.precision, r.cfg.train.progress, desc=desc)
+        return self.score(preds, dataset.labels())
 
     def validate(self, model: nn.Module, epoch: int) -> Optional[dict]:
         dev = self.sets.get("dev")
@@ -63,3 +70,6 @@ class DevAccuracy:
         if self.run.dist.is_main:
             print(f"epoch {epoch}: dev accuracy {acc:.2f}%", flush=True)
         return {"dev_acc": acc}
+
+    def test(self, model: nn.Module, checkpoint: Optional[str], extra: dict) -> dict:
+        return self.write(model, self.sets, self.run.cfg, self.run.dist, self.run.tokenizer, checkpoint, extra)

@@ -9,7 +9,7 @@ from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset, int_to_label
 from datasets.transforms import build_transform
 from engine import distributed as D
 from models.nlvr2 import NLVR2Model
-from tasks.classify_eval import DevAccuracy, class_probabilities
+from tasks.classify_eval import ClassifierRunEvaluator, class_probabilities
 from tasks.spec import Run, write_json
 
 if TYPE_CHECKING:
@@ -89,19 +89,8 @@ def evaluate_and_write(model: NLVR2Model, sets: dict[str, NLVR2Dataset], cfg: NL
     return results
 
 
-class NLVR2RunEvaluator(DevAccuracy):
-    """An NLVR2 run's evaluation (``tasks.spec.Evaluator``): dev accuracy after every epoch, then
-    the accuracy of every split and the predictions written."""
-
-    def __init__(self, run: Run, data: NLVR2Data) -> None:
-        self.run, self.sets = run, data.eval_sets
-        self.collator = NLVR2Collator(run.tokenizer, run.cfg.tokenizer.max_length)
-
-    def accuracy(self, model: NLVR2Model, dataset: NLVR2Dataset, desc: str) -> float:
-        r, d = self.run, self.run.cfg.data
-        preds = predict(model, dataset, self.collator, r.dist, d.eval_batch_size, d.num_workers, r.cfg.train.precision,
-                        r.cfg.train.progress, desc=desc)
-        return accuracy(preds, dataset.labels())
-
-    def test(self, model: NLVR2Model, checkpoint: Optional[str], extra: dict) -> dict:
-        return evaluate_and_write(model, self.sets, self.run.cfg, self.run.dist, self.run.tokenizer, checkpoint, extra)
+def NLVR2RunEvaluator(run: Run, data: NLVR2Data) -> ClassifierRunEvaluator:  # noqa: N802 - the spec's evaluator
+    """An NLVR2 run's evaluation: dev accuracy after every epoch, then the accuracy of every split and
+    the predictions written."""
+    return ClassifierRunEvaluator(run, data.eval_sets, NLVR2Collator(run.tokenizer, run.cfg.tokenizer.max_length),
+                                  predict, accuracy, evaluate_and_write)

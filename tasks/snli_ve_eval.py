@@ -12,7 +12,7 @@ from datasets.snli_ve_data import CLASS_NAMES, SNLIVECollator, SNLIVEDataset
 from datasets.transforms import build_transform
 from engine import distributed as D
 from models.snli_ve import VEModel
-from tasks.classify_eval import DevAccuracy, class_probabilities
+from tasks.classify_eval import ClassifierRunEvaluator, class_probabilities
 from tasks.spec import Run, write_json
 
 if TYPE_CHECKING:
@@ -102,22 +102,11 @@ def evaluate_and_write(model: VEModel, sets: dict[str, SNLIVEDataset], cfg: SNLI
     return results
 
 
-class SNLIVERunEvaluator(DevAccuracy):
-    """An SNLI-VE run's evaluation (``tasks.spec.Evaluator``): dev accuracy after every epoch, then
-    the metrics of every split and the predictions written."""
-
-    def __init__(self, run: Run, data: SNLIVEData) -> None:
-        self.run, self.sets = run, data.eval_sets
-        self.collator = SNLIVECollator(run.tokenizer, run.cfg.tokenizer.max_length)
-
-    def accuracy(self, model: VEModel, dataset: SNLIVEDataset, desc: str) -> float:
-        r, d = self.run, self.run.cfg.data
-        preds = predict(model, dataset, self.collator, r.dist, d.eval_batch_size, d.num_workers, r.cfg.train.precision,
-                        r.cfg.train.progress, desc=desc)
-        return metrics(preds, dataset.labels())["accuracy"]
-
-    def test(self, model: VEModel, checkpoint: Optional[str], extra: dict) -> dict:
-        return evaluate_and_write(model, self.sets, self.run.cfg, self.run.dist, self.run.tokenizer, checkpoint, extra)
+def SNLIVERunEvaluator(run: Run, data: SNLIVEData) -> ClassifierRunEvaluator:  # noqa: N802 - the spec's evaluator
+    """An SNLI-VE run's evaluation: dev accuracy after every epoch, then the metrics of every split and
+    the predictions written."""
+    return ClassifierRunEvaluator(run, data.eval_sets, SNLIVECollator(run.tokenizer, run.cfg.tokenizer.max_length),
+                                  predict, lambda preds, labels: metrics(preds, labels)["accuracy"], evaluate_and_write)
 
 
 @torch.no_grad()
