@@ -96,6 +96,8 @@ def regulation_evidence(
     intra_weight: float = 1.0,
     standardise: bool = False,
     generality_weight: float = 0.0,
+    pair_sim: Tensor | None = None,
+    pair_weight: float = 0.0,
 ) -> Tensor:
     """The similarity ``e_ij`` from which the SRCL weights of anchor ``i``'s negatives are computed
     (``regulation_weights(e, ...)``): the higher, the more likely negative ``j`` is a false one.
@@ -107,12 +109,17 @@ def regulation_evidence(
         source "cross+intra":  e_ij = sim_cross_ij + intra_weight * sim_intra_ij
         generality:            e_ij <- e_ij + generality_weight * g_j,
                                g_j = mean_{k : neg_mask_kj} sim_cross_kj   (0 without such k)
+        pair:                  e_ij <- e_ij - pair_weight * pair_sim_j
         standardise:           e_ij <- (e_ij - mean_i) / std_i   over anchor i's negatives
                                (population std; a row whose std is 0 becomes 0)
 
     ``g_j`` is how similar candidate ``j`` is to all the anchors it is a negative of: a caption
     that describes little ("there is a circle") is close to many images and is true of many of
-    them, so it is a likely false negative of every anchor.
+    them, so it is a likely false negative of every anchor. ``pair_sim_j`` is candidate ``j``'s
+    similarity to its own pair (a candidate caption's own image, a candidate image's own caption):
+    an anchor that matches the candidate about as well as the candidate's own pair does is likely
+    one it is true of; subtracting it removes how high the candidate's similarities run in general
+    (a caption that says little never matches any image as closely as a full description does).
 
     ``sim_cross`` is the anchor's similarity to the candidate (image-text); ``sim_intra`` the
     similarity of the candidate to the anchor's own item of the candidate's modality (an image
@@ -130,6 +137,8 @@ def regulation_evidence(
         intra_weight: factor of ``sim_intra`` in ``"cross+intra"``.
         standardise: per-anchor standardisation.
         generality_weight: factor of the candidate's mean similarity to the anchors (0 = off).
+        pair_sim: (K,) each candidate's similarity to its own pair; required when ``pair_weight`` != 0.
+        pair_weight: factor of ``pair_sim`` subtracted from each column (0 = off).
 
     Returns:
         (B, K) evidence without gradient, float32 (float64 for float64 input).
@@ -142,9 +151,15 @@ def regulation_evidence(
         if sim_intra is None:
             raise ValueError(f"source {source!r} needs sim_intra (the similarity to the anchor's own item)")
         _check_same_shape("sim_intra", sim_intra, sim_cross.shape)
-    for name, value in (("intra_weight", intra_weight), ("generality_weight", generality_weight)):
+    for name, value in (("intra_weight", intra_weight), ("generality_weight", generality_weight),
+                        ("pair_weight", pair_weight)):
         if not math.isfinite(float(value)):
             raise ValueError(f"{name} must be finite, got {value}")
+    if pair_weight != 0.0:
+        if pair_sim is None:
+            raise ValueError(f"pair_weight={pair_weight} needs pair_sim (each candidate's similarity to its own pair)")
+        if pair_sim.shape != sim_cross.shape[1:]:
+            raise ValueError(f"pair_sim must have shape ({sim_cross.shape[1]},), got {tuple(pair_sim.shape)}")
     dtype = _float_dtype(sim_cross)
     with torch.no_grad():
         if source == "cross":
@@ -158,6 +173,8 @@ def regulation_evidence(
             n_col = neg_mask.sum(dim=0, keepdim=True).clamp_min(1).to(dtype)
             g = torch.where(neg_mask, sim_cross.detach().to(dtype), zero).sum(dim=0, keepdim=True) / n_col
             e = e + float(generality_weight) * g
+        if pair_weight != 0.0:
+            e = e - float(pair_weight) * pair_sim.detach().to(dtype)[None, :]  # type: ignore[union-attr]
         if standardise:
             n = neg_mask.sum(dim=1, keepdim=True).clamp_min(1).to(dtype)
             ez = torch.where(neg_mask, e, zero)  # garbage outside the negatives must not enter the statistics

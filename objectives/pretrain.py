@@ -50,6 +50,7 @@ class ContrastiveConfig:
     evidence: Literal["cross", "intra", "cross+intra"] = opt("cross", "what the weights are computed from (models.losses.regulation_evidence): cross: the anchor's image-text similarity to the negative (the paper's form); intra: the negative's similarity to the anchor's own item of the same modality (an image anchor: its caption vs the negative caption; a caption anchor: its image vs the negative image); cross+intra: cross + intra_weight * intra")
     intra_weight: float = opt(1.0, "factor of the intra-modal similarity in evidence cross+intra")
     generality_weight: float = opt(0.0, "add this factor times the negative's mean similarity to all the anchors it is a negative of (a candidate close to many anchors, e.g. a caption that describes little, is a likely false negative of each); 0 = off")
+    pair_weight: float = opt(0.0, "subtract this factor times the negative's similarity to its own pair (a negative caption's own image, a negative image's own caption): a negative that the anchor matches about as well as its own pair does is a likely false negative; 0 = off")
     standardise: bool = opt(False, "divide each anchor's evidence by its standard deviation over the anchor's negatives (after centring), so that delta is in units of that spread for every anchor")
     use_queue: bool = opt(True, "queued momentum features also serve as (weighted) negatives")
     queue_start_step: int = opt(0, "optimiser step from which the queued features join the loss (the queue fills from step 0); "
@@ -76,7 +77,7 @@ class ContrastiveConfig:
                 raise ValueError(f"loss.contrastive.{name} must be in [0, 1]; got {v}")
         if self.delta < 0:
             raise ValueError(f"loss.contrastive.delta must be >= 0; got {self.delta}")
-        for name in ("intra_weight", "generality_weight"):
+        for name in ("intra_weight", "generality_weight", "pair_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"loss.contrastive.{name} must be a finite number; got {getattr(self, name)}")
         if self.queue_start_step < 0:
@@ -159,11 +160,13 @@ def regulation_evidence(ccfg: ContrastiveConfig, neg: torch.Tensor, feats: tuple
     columns' (image, text) features; ``cross``: the (image-to-text, text-to-image) similarities of
     the anchors to the candidates. The intra-modal similarity of an image anchor is its own
     caption's similarity to the candidate captions; of a caption anchor, its own image's to the
-    candidate images."""
+    candidate images. Column ``j``'s image and text are a pair (the batch's and the queue's), so
+    ``image_all[j] . text_all[j]`` is candidate ``j``'s similarity to its own pair, in both directions."""
     image_a, text_a, image_all, text_all = feats
     intra = (None, None) if ccfg.evidence == "cross" else (text_a @ text_all.T, image_a @ image_all.T)
+    pair = (image_all * text_all).sum(-1) if ccfg.pair_weight != 0.0 else None
     return tuple(L.regulation_evidence(c, neg, ccfg.evidence, i, ccfg.intra_weight, ccfg.standardise,
-                                       ccfg.generality_weight) for c, i in zip(cross, intra))
+                                       ccfg.generality_weight, pair, ccfg.pair_weight) for c, i in zip(cross, intra))
 
 
 # ---------------------------------------------------------------------------------- the objective

@@ -183,7 +183,8 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     res.update({"n_pairs": len(pairs), "n_batches": n_batches, "batch_size": batch_size, "delta": delta,
                 "alpha": alpha, "similarity_source": source, "split": split, "checkpoint": checkpoint_path,
                 "helper": helper, "evidence": ccfg.evidence, "intra_weight": ccfg.intra_weight,
-                "standardise": ccfg.standardise, "generality_weight": ccfg.generality_weight})
+                "standardise": ccfg.standardise, "generality_weight": ccfg.generality_weight,
+                "pair_weight": ccfg.pair_weight})
     if keep_batch:
         res["batch"] = first
     return res

@@ -525,9 +525,10 @@ def test_mean_offdiag_cosine_is_one_for_collapsed_features_and_nan_for_one_row()
 # ----------------------------------------------------------------------------------------------
 # the regulating evidence
 # ----------------------------------------------------------------------------------------------
-def ref_evidence(cross, neg, source, intra, intra_weight, standardise, generality_weight=0.0):
+def ref_evidence(cross, neg, source, intra, intra_weight, standardise, generality_weight=0.0, pair=None, pair_weight=0.0):
     """Plain loops: cross / intra / cross + w * intra, plus the generality term (the column's mean
-    cross similarity over the rows it is a negative of), then (e - mean) / std over each row's negatives."""
+    cross similarity over the rows it is a negative of), minus pair_weight x the column's similarity
+    to its own pair, then (e - mean) / std over each row's negatives."""
     B, K = len(cross), len(cross[0])
     e = [[cross[i][j] if source == "cross" else intra[i][j] if source == "intra"
           else cross[i][j] + intra_weight * intra[i][j] for j in range(K)] for i in range(B)]
@@ -535,7 +536,7 @@ def ref_evidence(cross, neg, source, intra, intra_weight, standardise, generalit
         rows = [cross[k][j] for k in range(B) if neg[k][j]]
         g = sum(rows) / len(rows) if rows else 0.0
         for i in range(B):
-            e[i][j] += generality_weight * g
+            e[i][j] += generality_weight * g - (pair_weight * pair[j] if pair_weight else 0.0)
     if not standardise:
         return e
     out = []
@@ -550,16 +551,18 @@ def ref_evidence(cross, neg, source, intra, intra_weight, standardise, generalit
 @pytest.mark.parametrize("source", ["cross", "intra", "cross+intra"])
 @pytest.mark.parametrize("standardise", [False, True])
 @pytest.mark.parametrize("generality", [0.0, 1.5])
-def test_regulation_evidence_matches_loop_reference(source, standardise, generality):
+@pytest.mark.parametrize("pair_weight", [0.0, 0.8])
+def test_regulation_evidence_matches_loop_reference(source, standardise, generality, pair_weight):
     sim, pos, valid = make_batch(B=5, Q=6, n_invalid=2, seed=11)
     neg = valid & ~pos
     g = torch.Generator().manual_seed(12)
     intra = torch.rand(sim.shape, generator=g, dtype=torch.float64) * 2 - 1
+    pair = torch.rand(sim.shape[1], generator=g, dtype=torch.float64) * 2 - 1
     cross = sim.double().masked_fill(~valid, float("nan"))  # garbage outside the negatives is ignored
     cross = torch.where(neg, cross, torch.full_like(cross, float("nan")))  # only the negatives' entries may count
-    e = regulation_evidence(cross, neg, source, intra, 0.7, standardise, generality)
-    ref = torch.tensor(ref_evidence(tl(cross), neg.tolist(), source, tl(intra), 0.7, standardise, generality),
-                       dtype=torch.float64)
+    e = regulation_evidence(cross, neg, source, intra, 0.7, standardise, generality, pair, pair_weight)
+    ref = torch.tensor(ref_evidence(tl(cross), neg.tolist(), source, tl(intra), 0.7, standardise, generality,
+                                    pair.tolist(), pair_weight), dtype=torch.float64)
     assert e.dtype == torch.float64
     torch.testing.assert_close(e[neg], ref[neg], rtol=1e-12, atol=1e-12)
     if standardise:  # delta now acts per anchor in units of its spread: the weights differ from the raw ones
@@ -574,5 +577,9 @@ def test_regulation_evidence_errors_and_constant_rows():
         regulation_evidence(sim, neg, "intra")
     with pytest.raises(ValueError, match="source must be one of"):
         regulation_evidence(sim, neg, "both")
+    with pytest.raises(ValueError, match="needs pair_sim"):
+        regulation_evidence(sim, neg, pair_weight=1.0)
+    with pytest.raises(ValueError, match="pair_sim must have shape"):
+        regulation_evidence(sim, neg, pair_sim=torch.zeros(sim.shape[1] + 1), pair_weight=1.0)
     flat = torch.full(sim.shape, 0.3)
     assert torch.equal(regulation_evidence(flat, neg, standardise=True)[neg], torch.zeros(int(neg.sum())))

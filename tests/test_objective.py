@@ -255,19 +255,21 @@ def test_loss_config_holds_momentum_and_queue_and_old_configs_are_read():
     assert RetrievalLossConfig().mlm == 0.0 and "mlm" not in {f.name for f in dataclasses.fields(RetrievalLossConfig)}
 
 
-@pytest.mark.parametrize("evidence,standardise,generality", [("intra", False, 0.0), ("cross+intra", True, 0.0),
-                                                             ("cross", True, 1.5)])
-def test_srcl_weights_from_the_intra_modal_evidence(evidence, standardise, generality):
+@pytest.mark.parametrize("evidence,standardise,generality,pair_weight", [("intra", False, 0.0, 0.0), ("cross+intra", True, 0.0, 0.0),
+                                                                         ("cross", True, 1.5, 0.0), ("cross", True, 0.75, 1.0)])
+def test_srcl_weights_from_the_intra_modal_evidence(evidence, standardise, generality, pair_weight):
     """The weights of both directions against a plain float64 re-computation from the momentum
     features: an image anchor's intra-modal evidence is its own caption's similarity to the
     candidate captions, a caption anchor's its own image's to the candidate images; the generality
-    term a candidate's mean similarity to the anchors it is a negative of."""
+    term a candidate's mean similarity to the anchors it is a negative of; the pair term a
+    candidate's similarity to its own pair (column j's image with column j's caption)."""
     from models.vlp import vit_class_token
     from tests.test_losses import ref_evidence, ref_weights
     torch.manual_seed(0)
     obj = tiny(queue=0, momentum=0.5)
     obj.cfg = PretrainLossConfig(contrastive=ContrastiveConfig(kind="srcl", delta=2.0, evidence=evidence, intra_weight=0.5,
-                                                               standardise=standardise, generality_weight=generality), itm=0.0, mlm=0.0, queue_size=0)
+                                                               standardise=standardise, generality_weight=generality,
+                                                               pair_weight=pair_weight), itm=0.0, mlm=0.0, queue_size=0)
     with torch.no_grad():  # spread the features of the random model apart
         for p in obj.model.parameters():
             p.add_(0.5 * torch.randn_like(p))
@@ -287,7 +289,8 @@ def test_srcl_weights_from_the_intra_modal_evidence(evidence, standardise, gener
     for a, b, key in ((img, txt, "weights_i2t"), (txt, img, "weights_t2i")):
         cross = [[dot(a[i], b[j]) for j in range(5)] for i in range(5)]
         intra = [[dot(b[i], b[j]) for j in range(5)] for i in range(5)]
-        e = ref_evidence(cross, neg, evidence, intra, 0.5, standardise, generality)
+        pair = [dot(img[j], txt[j]) for j in range(5)]
+        e = ref_evidence(cross, neg, evidence, intra, 0.5, standardise, generality, pair, pair_weight)
         ref = torch.tensor(ref_weights(e, neg, 2.0), dtype=torch.float64)
         torch.testing.assert_close(out[key].double(), ref, rtol=1e-4, atol=1e-5)
         assert float((ref - 1).abs().max()) > 0.05  # the weights regulate

@@ -358,6 +358,15 @@ def test_diagnose_checkpoint_under_another_regulation(tiny_run, world):
                           torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=1e-4)
     paper = diagnose_checkpoint(ckpt, str(world), split="train", batch_size=8, progress=False, keep_batch=True)
     assert not torch.allclose(torch.tensor(paper["batch"]["weights"]), torch.tensor(res["batch"]["weights"]), atol=1e-3)
+    # relative to the pair: caption j's own image is row j, so its pair similarity is the diagonal
+    rel = diagnose_checkpoint(ckpt, str(world), split="train", batch_size=8, progress=False, keep_batch=True,
+                              regulation={"pair_weight": 0.7, "delta": 20.0})
+    sim = rel["batch"]["sim"]
+    ref = ref_weights(ref_evidence(sim, neg, "cross", None, 0.0, False, 0.0, [sim[j][j] for j in range(8)], 0.7), neg, 20.0)
+    assert rel["pair_weight"] == 0.7
+    assert torch.allclose(torch.tensor(rel["batch"]["weights"], dtype=torch.float64),
+                          torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(torch.tensor(paper["batch"]["weights"]), torch.tensor(rel["batch"]["weights"]), atol=1e-3)
 
 
 def test_zero_shot_retrieval_semantic_counts_every_true_item(tiny_run, world):
