@@ -384,3 +384,51 @@ def test_zero_shot_retrieval_semantic_counts_every_true_item(tiny_run, world):
     table = format_table(res)
     assert "standard, random ranking text->image" in table and "100 by construction" in table
     assert "text->image R@10" in table.splitlines()[-1]
+
+
+def test_judge_checkpoint_scores_and_aucs(tiny_run, world):
+    """tasks.srcl_judge: the ITM scores against one fusion pass per pair with the image tokens given
+    per row (no shared keys/values), the mean per-image / per-caption AUCs and the pooled AUC against
+    brute-force pair counting over the truth from the reference oracle."""
+    from datasets.formats import load_image
+    from datasets.transforms import build_transform
+    from tasks.srcl_diagnostics import _pairs
+    from tasks.srcl_judge import itm_scores, judge_checkpoint, mean_auc
+    from tasks.zero_shot import itc_features
+    ckpt = str(tiny_run[0] / "checkpoint_last.pth")
+    obj, tok, cfg = load_vlp_checkpoint(ckpt, objective=True)
+    scenes = ShapesWorld.load(world)
+    pairs = _pairs(scenes, "train", cfg.data.max_words, cfg.data.clean_style, 0)
+    images, captions = sorted({p for p, _ in pairs})[:3], sorted({c for _, c in pairs})[:5]
+    paths = [str(world / p) for p in images]
+    scores = itm_scores(obj.model, tok, paths, captions, cfg.model.vision.img_size, cfg.tokenizer.max_length,
+                        cfg.data.transform, batch_size=2)
+    model = obj.model.eval()
+    tf = build_transform(cfg.model.vision.img_size, False, cfg.data.transform)
+    with torch.no_grad():
+        for i, path in enumerate(paths):
+            tokens = model.encode_image(tf(load_image(path))[None])
+            for j, caption in enumerate(captions):
+                enc = tok([caption], return_tensors="pt")
+                logits = model.itm_logits(model.fuse(model.encode_text(enc["input_ids"], enc["attention_mask"]),
+                                                     enc["attention_mask"], tokens))[0]
+                assert math.isclose(float(scores[i, j]), float(logits[1] - logits[0]), rel_tol=1e-4, abs_tol=1e-4)
+
+    res = judge_checkpoint(ckpt, str(world), split="train", batch_size=8, rejudge_k=(2,))
+    assert res["itm_trained"] and set(res["judges"]) == {"itc", "itm"}
+    assert set(res["weight_auc"]) == {"cross z", "itm z", "cross z + itm z", "cross z, top 2 re-judged by itm"}
+    all_images = sorted({p for p, _ in pairs})
+    all_captions = sorted({c for _, c in pairs})
+    img, txt = itc_features(obj, tok, [str(world / p) for p in all_images], all_captions, cfg.model.vision.img_size, 8,
+                            cfg.tokenizer.max_length, momentum=True, progress=False, transform_cfg=cfg.data.transform)
+    sim = (img @ txt.T).tolist()
+    truth = [[claim_is_true(parse_caption(c), scenes.scene(p)) for c in all_captions] for p in all_images]
+    flat = [(s, t) for rs, rt in zip(sim, truth) for s, t in zip(rs, rt)]
+    pooled = pairwise_auc([s for s, _ in flat], [t for _, t in flat])
+    assert math.isclose(res["judges"]["itc"]["pooled_auc"], pooled, abs_tol=1e-3)
+    rows = [pairwise_auc(rs, rt) for rs, rt in zip(sim, truth) if 0 < sum(rt) < len(rt)]
+    assert math.isclose(res["judges"]["itc"]["row_auc"], sum(rows) / len(rows), abs_tol=1e-3)
+    cols = [pairwise_auc([r[j] for r in sim], [r[j] for r in truth]) for j in range(len(all_captions))
+            if 0 < sum(r[j] for r in truth) < len(all_images)]
+    assert math.isclose(res["judges"]["itc"]["col_auc"], sum(cols) / len(cols), abs_tol=1e-3)
+    assert math.isclose(mean_auc(torch.tensor(sim).T, torch.tensor(truth).T, 0), sum(cols) / len(cols), abs_tol=1e-6)
