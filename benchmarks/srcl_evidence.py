@@ -33,6 +33,11 @@ SETTINGS = {
     "cross + 3 generality, standardised": {"generality_weight": 3.0, "standardise": True},
     "cross+intra + 1.5 generality, standardised": {"evidence": "cross+intra", "generality_weight": 1.5,
                                                    "standardise": True},
+    "cross - pair": {"pair_weight": 1.0},
+    "cross - pair, standardised": {"pair_weight": 1.0, "standardise": True},
+    "cross - 0.5 pair + 0.75 generality, standardised": {"pair_weight": 0.5, "generality_weight": 0.75, "standardise": True},
+    "cross - pair + 0.75 generality, standardised": {"pair_weight": 1.0, "generality_weight": 0.75, "standardise": True},
+    "cross - 2 pair + 0.75 generality, standardised": {"pair_weight": 2.0, "generality_weight": 0.75, "standardise": True},
 }
 
 
