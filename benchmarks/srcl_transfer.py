@@ -4,12 +4,13 @@ shapes tasks (retrieval, VQA, NLVR2, captioning), as the paper's downstream tabl
 The pre-trained checkpoints are the study's own runs (``benchmarks/srcl_study.py --keep-checkpoints``:
 the same base, steps and seeds for every method) on one partial-caption world (``--prob``, default
 0.5); every fine-tuning run uses the demo config of its task (``configs/demo/*.yaml``) on that
-world, with the fine-tuning budget of ``FINETUNE`` and the run's seed. NLVR2 runs on a copy of the
-world generated with a larger test split (``NLVR2_PAIRS``): its 200-pair test split cannot tell two
-points apart.
+world, with the fine-tuning budget in ``TASKS`` (the demo budgets of VQA, NLVR2 and captioning;
+retrieval 60 steps: its demo fine-tuning over-fits after the first epoch) and the run's seed.
+NLVR2 runs on a copy of the world generated with a larger test split (``NLVR2_PAIRS``): its
+200-pair test split cannot tell two points apart.
 
     python benchmarks/srcl_study.py --probs 0.5 --keep-checkpoints ...      # the checkpoints first
-    python benchmarks/srcl_transfer.py --methods infonce srcl srcl_z4      # then the transfer
+    python benchmarks/srcl_transfer.py --methods infonce srcl srcl_d8      # then the transfer
     python benchmarks/srcl_transfer.py --quick                              # tiny smoke run (< 1 min)
 
 Results: ``--out`` (JSON: ``{"rows": [{"method", "task", "seed", "metric", "value"}, ...], ...}``) and
@@ -63,15 +64,15 @@ TASKS: dict[str, tuple[str, str, dict, dict, str, str, Callable[[dict], float]]]
     "vqa": ("vqa_shapes", "configs/demo/vqa.yaml",
             {"data.train_files": "[{w}/vqa_train.json]", "data.val_file": "{w}/vqa_val.json",
              "data.test_file": "{w}/vqa_test_gt.json", "data.answer_list": "{w}/answer_list.json"},
-            {"train.epochs": 2}, "test accuracy", "results.json", _vqa),
+            {"train.epochs": 5}, "test accuracy", "results.json", _vqa),
     "nlvr2": ("nlvr2_shapes", "configs/demo/nlvr2.yaml",
               {"data.train_files": "[{w}/nlvr2_train.json]", "data.dev_files": "[{w}/nlvr2_dev.json]",
                "data.test_files": "[{w}/nlvr2_test.json]"},
-              {"train.epochs": 3}, "test accuracy", "results.json", _nlvr2),
+              {"train.epochs": 6}, "test accuracy", "results.json", _nlvr2),
     "caption": ("caption_shapes", "configs/demo/caption.yaml",
                 {"data.train_files": "[{w}/caption_train.json]", "data.val_file": "{w}/caption_val.json",
                  "data.test_file": "{w}/caption_test.json", "eval.test_metrics": "[bleu,rouge,cider]"},
-                {"train.max_steps": 60, "generation.num_beams": 1}, "test CIDEr", "results.json", _caption),
+                {"train.epochs": 3, "generation.num_beams": 1}, "test CIDEr", "results.json", _caption),
 }
 COMMON = {"x-synthetic": "null", "data.num_workers": 0, "train.progress": "false", "train.log_every": 50,
           "train.save_every": 100000}
