@@ -37,6 +37,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="benchmarks/results/srcl_judge.json")
     args = p.parse_args(argv)
     from tasks.srcl_judge import judge_checkpoint
+    missing = [r for r in args.runs if not (Path(r) / "spec.json").is_file() or not (Path(r) / "checkpoint_last.pth").is_file()]
+    if missing:
+        print(f"error: {missing[0]}: not a study run folder with spec.json and checkpoint_last.pth "
+              "(make it with benchmarks/srcl_study.py --keep-checkpoints; see this script's docstring)", file=sys.stderr)
+        return 2
     t0 = time.time()
     rows = []
     for run in map(Path, args.runs):

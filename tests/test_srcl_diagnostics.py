@@ -432,3 +432,11 @@ def test_judge_checkpoint_scores_and_aucs(tiny_run, world):
             if 0 < sum(r[j] for r in truth) < len(all_images)]
     assert math.isclose(res["judges"]["itc"]["col_auc"], sum(cols) / len(cols), abs_tol=1e-3)
     assert math.isclose(mean_auc(torch.tensor(sim).T, torch.tensor(truth).T, 0), sum(cols) / len(cols), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("script", ["srcl_judge", "srcl_evidence"])
+def test_benchmarks_name_a_folder_that_is_not_a_study_run(script, tmp_path, capsys):
+    from tests.pretrain_helpers import load_benchmark
+    assert load_benchmark(script).main(["--runs", str(tmp_path), "--out", str(tmp_path / "out.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}:") and not (tmp_path / "out.json").exists()
