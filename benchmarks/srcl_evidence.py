@@ -47,19 +47,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="study run folders (checkpoint_last.pth + spec.json naming the world)")
     p.add_argument("--out", default="benchmarks/results/srcl_evidence.json")
     args = p.parse_args(argv)
-    from tasks.srcl_diagnostics import diagnose_checkpoint
-    missing = [r for r in args.runs if not (Path(r) / "spec.json").is_file() or not (Path(r) / "checkpoint_last.pth").is_file()]
-    if missing:
-        print(f"error: {missing[0]}: not a study run folder with spec.json and checkpoint_last.pth "
-              "(make it with benchmarks/srcl_study.py --keep-checkpoints; see this script's docstring)", file=sys.stderr)
+    from tasks.srcl_diagnostics import diagnose_checkpoint, study_runs
+    try:
+        runs = study_runs(args.runs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
     rows = []
-    for run in map(Path, args.runs):
-        spec = json.loads((run / "spec.json").read_text(encoding="utf-8"))
-        world = spec["evals"]["own"]
+    for folder, (ckpt, world, _) in zip(args.runs, runs):
+        run = Path(folder)
         for name, reg in SETTINGS.items():
-            d = diagnose_checkpoint(str(run / "checkpoint_last.pth"), world, "test", batch_size=64, progress=False,
+            d = diagnose_checkpoint(ckpt, world, "test", batch_size=64, progress=False,
                                     regulation={"delta": 1.0, **reg})
             rows.append({"run": run.name, "world": Path(world).name, "setting": name, "regulation": reg,
                          "weight_auc": d["weight_auc"], "w_false_neg": d["weight_w_false_neg"],

@@ -36,18 +36,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--runs", nargs="+", default=RUNS, help="study run folders (checkpoint_last.pth + spec.json)")
     p.add_argument("--out", default="benchmarks/results/srcl_judge.json")
     args = p.parse_args(argv)
+    from tasks.srcl_diagnostics import study_runs
     from tasks.srcl_judge import judge_checkpoint
-    missing = [r for r in args.runs if not (Path(r) / "spec.json").is_file() or not (Path(r) / "checkpoint_last.pth").is_file()]
-    if missing:
-        print(f"error: {missing[0]}: not a study run folder with spec.json and checkpoint_last.pth "
-              "(make it with benchmarks/srcl_study.py --keep-checkpoints; see this script's docstring)", file=sys.stderr)
+    try:
+        runs = study_runs(args.runs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
     rows = []
-    for run in map(Path, args.runs):
-        spec = json.loads((run / "spec.json").read_text(encoding="utf-8"))
+    for folder, (ckpt, world, spec) in zip(args.runs, runs):
+        run = Path(folder)
         t = time.time()
-        res = judge_checkpoint(str(run / "checkpoint_last.pth"), spec["evals"]["own"])
+        res = judge_checkpoint(ckpt, world)
         steps = next((int(o.split("=", 1)[1]) for o in spec["overrides"] if o.startswith("train.max_steps=")), None)
         res.update({"run": run.name, "steps": steps, "seconds": time.time() - t})
         rows.append(res)

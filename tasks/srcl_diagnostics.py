@@ -52,7 +52,7 @@ from objectives.pretrain import PretrainObjective, regulation_evidence
 from tasks.srcl_measures import batch_diagnostics
 from tasks.zero_shot import itc_features, load_vlp_checkpoint
 
-__all__ = ["diagnose_checkpoint", "main"]
+__all__ = ["diagnose_checkpoint", "main", "study_runs"]
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -66,6 +66,22 @@ def _pairs(world, split: str, max_words: int, clean_style: str, seed: int) -> li
                 pairs.append((path, text))
     random.Random(seed).shuffle(pairs)
     return pairs
+
+
+def study_runs(folders) -> list[tuple[str, str, dict]]:
+    """``(checkpoint, world, spec)`` of study run folders (``benchmarks/srcl_study.py --keep-checkpoints``:
+    ``checkpoint_last.pth`` and ``spec.json`` naming the run's world). Raises ``ValueError`` naming the
+    first folder that is not one."""
+    out = []
+    for folder in map(str, folders):
+        ckpt, spec = os.path.join(folder, "checkpoint_last.pth"), os.path.join(folder, "spec.json")
+        if not (os.path.isfile(ckpt) and os.path.isfile(spec)):
+            raise ValueError(f"{folder}: not a study run folder with spec.json and checkpoint_last.pth "
+                             "(make it with benchmarks/srcl_study.py --keep-checkpoints)")
+        with open(spec, encoding="utf-8") as f:
+            spec_d = json.load(f)
+        out.append((ckpt, spec_d["evals"]["own"], spec_d))
+    return out
 
 
 def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test", batch_size: int = 64,
