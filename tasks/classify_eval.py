@@ -1,11 +1,13 @@
-"""What the classification tasks (NLVR2, SNLI-VE) evaluate alike: the class probabilities of every
-example of a split, split over the processes and gathered (:func:`class_probabilities`), and the
-dev accuracy after every epoch (:class:`ClassifierRunEvaluator`)."""
+"""What the classification tasks (NLVR2, SNLI-VE) do alike: the loss of a training step
+(:func:`classifier_step`), the run's one-line description (:func:`describe_classifier`), the class
+probabilities of every example of a split, split over the processes and gathered
+(:func:`class_probabilities`), and the dev accuracy after every epoch (:class:`ClassifierRunEvaluator`)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, Subset
 from tqdm import tqdm
@@ -15,7 +17,25 @@ from engine.loader import SafeDataLoader
 from tasks.common import to_device
 from tasks.spec import Run, autocast_for
 
-__all__ = ["class_probabilities", "ClassifierRunEvaluator"]
+__all__ = ["class_probabilities", "classifier_step", "ClassifierRunEvaluator", "describe_classifier"]
+
+
+def classifier_step(logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Cross-entropy of a training batch, its accuracy, and its size for the pairs/s meter."""
+    loss = F.cross_entropy(logits.float(), labels)
+    return {"loss": loss, "acc": (logits.argmax(1) == labels).float().mean().detach(), "_pairs": labels.shape[0]}
+
+
+def describe_classifier(run: Run, data, model: nn.Module, title: str, unit: str, extra: str = "") -> Optional[str]:
+    """``"<title> fine-tuning: N training <unit>, <eval splits>; M trainable parameters, <extra>..."``;
+    None when only evaluating."""
+    if not run.training:
+        return None
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"{title} fine-tuning: {len(data.train)} training {unit}, "
+            + ", ".join(f"{len(v)} {k}" for k, v in data.eval_sets.items())
+            + f"; {n_params / 1e6:.2f}M trainable parameters, {extra}"
+            f"{run.dist.world_size} process(es) on {run.dist.device}, output in {run.out_dir}")
 
 
 @torch.no_grad()

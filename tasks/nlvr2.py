@@ -24,7 +24,6 @@ import logging
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import torch.nn.functional as F
 
 from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset
 from datasets.transforms import TransformConfig, build_transform
@@ -33,6 +32,7 @@ from engine.trainer import TrainState
 from models.loading import LoadReport
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
 from tasks import finetune, predict
+from tasks.classify_eval import classifier_step, describe_classifier
 from tasks.finetune_config import FinetuneConfig
 from tasks.nlvr2_eval import DATA_HINT, NLVR2RunEvaluator, eval_sets
 from tasks.spec import Run, TaskSpec, init_encoders, load_state, show_report
@@ -126,19 +126,11 @@ def train_data(run: Run, data: NLVR2Data) -> SampledTrainData:
 
 def train_step(run: Run, model: NLVR2Model, batch: dict, state: TrainState) -> dict:
     logits = model(batch["image_left"], batch["image_right"], batch["input_ids"], batch["attention_mask"])
-    labels = batch["label"]
-    loss = F.cross_entropy(logits.float(), labels)
-    return {"loss": loss, "acc": (logits.argmax(1) == labels).float().mean().detach(), "_pairs": labels.shape[0]}
+    return classifier_step(logits, batch["label"])
 
 
 def describe(run: Run, data: NLVR2Data, model: NLVR2Model) -> Optional[str]:
-    if not run.training:
-        return None
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (f"NLVR2 fine-tuning: {len(data.train)} training pairs, "
-            + ", ".join(f"{len(v)} {k}" for k, v in data.eval_sets.items())
-            + f"; {n_params / 1e6:.2f}M trainable parameters, merge={run.cfg.head.merge}, "
-            f"{run.dist.world_size} process(es) on {run.dist.device}, output in {run.out_dir}")
+    return describe_classifier(run, data, model, "NLVR2", "pairs", f"merge={run.cfg.head.merge}, ")
 
 
 SPEC = TaskSpec(

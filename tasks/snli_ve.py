@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import torch.nn.functional as F
 
 from datasets.snli_ve_data import SNLIVECollator, SNLIVEDataset
 from datasets.transforms import TransformConfig, build_transform
@@ -30,6 +29,7 @@ from engine.trainer import TrainState
 from models.loading import LoadReport
 from models.snli_ve import NUM_CLASSES, VEHeadConfig, VEModel
 from tasks import finetune, predict
+from tasks.classify_eval import classifier_step, describe_classifier
 from tasks.finetune_config import FinetuneConfig
 from tasks.snli_ve_eval import DATA_HINT, SNLIVERunEvaluator, eval_sets
 from tasks.spec import Run, TaskSpec, init_encoders, load_state, show_report
@@ -110,20 +110,11 @@ def train_data(run: Run, data: SNLIVEData) -> SampledTrainData:
 
 
 def train_step(run: Run, model: VEModel, batch: dict, state: TrainState) -> dict:
-    logits = model(batch["image"], batch["input_ids"], batch["attention_mask"])
-    labels = batch["label"]
-    loss = F.cross_entropy(logits.float(), labels)
-    return {"loss": loss, "acc": (logits.argmax(1) == labels).float().mean().detach(), "_pairs": labels.shape[0]}
+    return classifier_step(model(batch["image"], batch["input_ids"], batch["attention_mask"]), batch["label"])
 
 
 def describe(run: Run, data: SNLIVEData, model: VEModel) -> Optional[str]:
-    if not run.training:
-        return None
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return (f"SNLI-VE fine-tuning: {len(data.train)} training examples, "
-            + ", ".join(f"{len(v)} {k}" for k, v in data.eval_sets.items())
-            + f"; {n_params / 1e6:.2f}M trainable parameters, "
-            f"{run.dist.world_size} process(es) on {run.dist.device}, output in {run.out_dir}")
+    return describe_classifier(run, data, model, "SNLI-VE", "examples")
 
 
 SPEC = TaskSpec(
