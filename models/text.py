@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["TextConfig", "TransformerLayer", "TextEmbeddings", "TextTransformer", "MLMHead",
-           "attention_mask_4d", "QueryLayout"]
+           "attention_mask_4d", "QueryLayout", "KVGroups"]
 
 
 @dataclass
@@ -106,7 +106,10 @@ class Attention(nn.Module):
 
         With ``kv_index`` (B,) long, ``kv`` is (M, K, W) and row ``b`` of ``x`` attends to
         ``kv[kv_index[b]]``: keys and values are projected once per ``kv`` item and then gathered
-        (the same result as passing ``kv[kv_index]``, without repeating the projections).
+        (the same result as passing ``kv[kv_index]``, without repeating the projections); ``mask``
+        is then one key mask per row, equal for the rows that read one item. The rows of an item run
+        as one packed query sequence (:class:`KVGroups`), except with ``record_probs`` (per-row
+        probabilities): then the keys and values are gathered per row.
 
         With ``layout`` (a :class:`QueryLayout`), ``x`` is (T, H): T query tokens spread over the
         layout's rows; only their queries, outputs and residuals are computed, and the result is
@@ -120,6 +123,13 @@ class Attention(nn.Module):
         if layout is not None:
             q = layout.pad(q)
         B, Q = q.shape[0], q.shape[1]
+        if kv_index is not None and not self.record_probs:  # no keys/values gathered per row
+            out = KVGroups.from_index(kv_index, kv.shape[0]).attend(
+                q, split(self.self.key(kv)), split(self.self.value(kv)), mask,
+                self.attention_dropout if self.training else 0.0)
+            if layout is not None:
+                out = layout.unpad(out)
+            return self.output.LayerNorm(x + self.output.dropout(self.output.dense(out)))
         q, k, v = split(q), split(self.self.key(kv)), split(self.self.value(kv))
         if kv_index is not None:
             k, v = k[kv_index], v[kv_index]
@@ -177,6 +187,72 @@ class QueryLayout:
     def unpad(self, x: Tensor) -> Tensor:
         """(R', width, H) -> (T, H): the inverse of :meth:`pad`."""
         return x[self.row, self.slot]
+
+
+@dataclass
+class KVGroups:
+    """Rows of an attention call grouped by the key/value item they read (``kv_index``).
+
+    Gathering each item's keys and values once per row (``k[kv_index]``) copies rows x tokens x
+    width, and its backward scatter-adds as much. Instead, every item's first ``width`` rows
+    (``width``: the fewest rows any item read has) lay their queries side by side along the query
+    axis of one packed row per item: attention runs once per item on its own keys and values, with
+    no padding. Only the rows beyond an item's first ``width`` (the ``overflow``) gather their
+    item's keys and values. Queries attend independently, so the result is the per-row one.
+
+    ``items`` (M',): the items read (None: all of them, in order); ``inverse`` (R,): row -> packed
+    row; ``packed`` (M' * width,): the rows in packed order (item-major); ``overflow``: the other
+    rows; ``restore``: the permutation from ``cat(packed, overflow)`` back to row order;
+    ``first`` (M',): one row per item (rows of an item share its key mask)."""
+
+    items: Optional[Tensor]
+    inverse: Tensor
+    packed: Tensor
+    overflow: Tensor
+    restore: Tensor
+    first: Tensor
+    width: int
+
+    @classmethod
+    def from_index(cls, kv_index: Tensor, num_items: int) -> "KVGroups":
+        """The grouping of ``kv_index`` (R,) long over ``num_items`` items."""
+        items, inverse, counts = torch.unique(kv_index, return_inverse=True, return_counts=True)
+        width = int(counts.min()) if counts.numel() else 0
+        order = torch.argsort(inverse, stable=True)  # item-major, rows of an item in row order
+        start = counts.cumsum(0) - counts
+        slot = torch.arange(order.numel(), device=order.device) - start[inverse[order]]
+        packed, overflow = order[slot < width], order[slot >= width]
+        restore = torch.argsort(torch.cat([packed, overflow]))
+        return cls(None if items.numel() == num_items else items, inverse, packed, overflow, restore,
+                   order[start], width)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], dropout_p: float) -> Tensor:
+        """SDPA of row ``r`` of ``q`` (R, Q, H) with item ``kv_index[r]`` of ``k``, ``v`` (M, h, K, d),
+        as (R, Q, H); ``mask``: None or one key mask per row, ``(R or 1, 1 or h, 1, K)``."""
+        if mask is not None and mask.shape[-2] != 1:
+            raise ValueError("grouped attention takes one key mask per row, not per query")
+        if self.items is not None:
+            k, v = k[self.items], v[self.items]
+        per_row = mask is not None and mask.shape[0] != 1
+        (M, h, _, d), (R, Q, H) = k.shape, q.shape
+
+        def heads(t: Tensor) -> Tensor:  # (N, T, H) -> (N, h, T, d)
+            return t.view(t.shape[0], t.shape[1], h, d).transpose(1, 2)
+
+        def merge(t: Tensor, rows: int) -> Tensor:  # (N, h, T, d) -> (rows, Q, H)
+            return t.transpose(1, 2).reshape(rows, Q, H)
+
+        outs = []
+        if self.width:
+            qp = heads(q[self.packed].view(M, self.width * Q, H))
+            outs.append(merge(F.scaled_dot_product_attention(
+                qp, k, v, attn_mask=mask[self.first] if per_row else mask, dropout_p=dropout_p), M * self.width))
+        if self.overflow.numel():
+            rows = self.inverse[self.overflow]
+            outs.append(merge(F.scaled_dot_product_attention(
+                heads(q[self.overflow]), k[rows], v[rows], attn_mask=mask[self.overflow] if per_row else mask,
+                dropout_p=dropout_p), self.overflow.numel()))
+        return (outs[0] if len(outs) == 1 else torch.cat(outs))[self.restore]
 
 
 class TransformerLayer(nn.Module):

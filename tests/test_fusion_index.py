@@ -76,3 +76,61 @@ def test_fusion_with_index_saves_exactly_the_repeated_projections(checkpointing)
     per_image = 2 * 2 * n * width * hidden * cfg.num_fusion_layers
     saved = (b - m) * per_image * (4 if checkpointing else 3)
     assert fc_ref.get_total_flops() - fc.get_total_flops() == saved
+
+
+def _attention_case(index: list[int], items: int, heads: int = 2, q_len: int = 3, n: int = 5, hidden: int = 8):
+    g = torch.Generator().manual_seed(len(index) * 31 + items)
+    kv = torch.randn(items, n, hidden + 4, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(len(index), q_len, hidden, generator=g, dtype=torch.float64, requires_grad=True)
+    item_mask = torch.ones(items, n, dtype=torch.long)
+    item_mask[0, -2:] = 0
+    return kv, x, item_mask, torch.tensor(index)
+
+
+@pytest.mark.parametrize("index,items,width,overflow", [
+    ([0, 1, 2, 0, 1, 2], 3, 2, 0),          # every item read equally often: all packed
+    ([0, 1, 2, 2, 0, 1, 1], 3, 2, 1),       # one extra row of item 1 gathers its keys/values
+    ([3, 1, 3, 1, 3], 4, 2, 1),             # items 0 and 2 are not read
+    ([2], 3, 1, 0),
+])
+def test_grouped_attention_equals_gathered_keys_values_in_float64(index, items, width, overflow):
+    from models.text import Attention, KVGroups, attention_mask_4d
+
+    torch.manual_seed(0)
+    att = Attention(8, 2, 12, attention_dropout=0.0, hidden_dropout=0.0, layer_norm_eps=1e-12).double()
+    kv, x, item_mask, idx = _attention_case(index, items)
+    groups = KVGroups.from_index(idx, items)
+    assert (groups.width, groups.overflow.numel()) == (width, overflow)
+    mask = attention_mask_4d(item_mask[idx], x.shape[1], False)
+    ref = att(x, kv[idx], mask)
+    ref.square().sum().backward()
+    g_ref = _grads(kv, x, att)
+    for t in (kv, x, *att.parameters()):
+        t.grad = None
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        calls.append((tuple(q.shape), tuple(k.shape)))
+        return sdpa(q, k, v, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        out = att(x, kv, mask, kv_index=idx)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    for a, b in zip(_grads(kv, x, att), g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    read = len(set(index))
+    # one packed call over the items read (their queries side by side), one for the overflow rows
+    assert calls[0] == ((read, 2, width * x.shape[1], 4), (read, 2, kv.shape[1], 4))
+    assert [c[0][0] for c in calls[1:]] == ([overflow] if overflow else [])
+
+
+def test_grouped_attention_rejects_a_mask_that_varies_over_queries():
+    from models.text import KVGroups
+
+    groups = KVGroups.from_index(torch.tensor([0, 0, 1]), 2)
+    q, k = torch.randn(3, 4, 8), torch.randn(2, 2, 5, 4)
+    with pytest.raises(ValueError, match="one key mask per row"):
+        groups.attend(q, k, k, torch.ones(3, 1, 4, 5, dtype=torch.bool), 0.0)
