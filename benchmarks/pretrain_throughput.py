@@ -285,8 +285,9 @@ def one(model_name: str, precision: str, batch: int, steps: int, warmup: int, de
         compile_: bool = False, threads: int = 0, instrument: bool = True, max_seconds: float = 0.0,
         variant: str = "srcl", compile_backend: str = "inductor") -> dict:
     """Measure one setting of this project's step in this process; returns the result row.
-    ``variant`` ``srcl_unshared`` is the same measurement of another checkout's code (the caller
-    puts it first on ``sys.path``); its analytic FLOPs are ``total_unshared``."""
+    ``variant`` ``baseline`` (or ``srcl_unshared``) is the same measurement of another checkout's
+    code (the caller puts it first on ``sys.path``); ``srcl_unshared``'s analytic FLOPs are
+    ``total_unshared`` (a checkout from before ITM and MLM shared one fusion pass)."""
     import torch
 
     from engine.config import load_config
@@ -497,6 +498,9 @@ def _error_line(stderr: str, returncode: int) -> str:
     return (errors or lines or [f"exit {returncode}"])[-1][:500]
 
 
+BASELINE_VARIANTS = ("baseline", "srcl_unshared")  # the step of the checkout at --baseline-root
+
+
 def _child_cmd(args, variant: str, m: str, p: str, c: str, instrument: bool) -> list[str]:
     common = ["--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--device", args.device, "--threads", str(args.threads), "--max-seconds", str(args.max_seconds),
@@ -504,7 +508,7 @@ def _child_cmd(args, variant: str, m: str, p: str, c: str, instrument: bool) -> 
               *([] if instrument else ["--instrument", "none"])]
     if variant == "albef":
         return [args.albef_python or sys.executable, __file__, *common, "--albef", args.albef, "--_albef_child", p]
-    code = ["--code-root", args.baseline_root] if variant == "srcl_unshared" else []
+    code = ["--code-root", args.baseline_root] if variant in BASELINE_VARIANTS else []
     return [sys.executable, __file__, *common, *code, "--_child", m, p, c, variant]
 
 
@@ -603,14 +607,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1,
                     help="repeat all settings this many times, interleaved, and keep each setting's fastest round "
                          "(robust against other load on a shared machine); every round is kept in the JSON")
-    ap.add_argument("--variants", nargs="+", default=["srcl"], choices=["srcl", "srcl_unshared", "albef"],
-                    help="srcl: this checkout's step; srcl_unshared: the step of the checkout at --baseline-root "
-                         "(e.g. before a change); albef: ALBEF's own step from the checkout at --albef "
+    ap.add_argument("--variants", nargs="+", default=["srcl"], choices=["srcl", *BASELINE_VARIANTS, "albef"],
+                    help="srcl: this checkout's step; baseline: the step of the checkout at --baseline-root "
+                         "(e.g. before a change); srcl_unshared: the same, FLOPs counted as before ITM and MLM "
+                         "shared one fusion pass; albef: ALBEF's own step from the checkout at --albef "
                          "(vitb_bertbase, checkpointing off only)")
     ap.add_argument("--albef", default=None, help="a local checkout of salesforce/ALBEF (for --variants albef)")
     ap.add_argument("--albef-python", default=None,
                     help="the interpreter for ALBEF (one whose transformers its models/xbert.py imports)")
-    ap.add_argument("--baseline-root", default=None, help="another checkout of this project (for srcl_unshared)")
+    ap.add_argument("--baseline-root", default=None, help="another checkout of this project (for baseline, srcl_unshared)")
     ap.add_argument("--instrument", choices=["all", "first", "none"], default="all",
                     help="the FLOP-counting and memory-profiling steps: in every round, the first round only "
                          "(later rounds reuse its counts), or never")
@@ -653,8 +658,8 @@ def main() -> None:
         return
     if "albef" in args.variants and not args.albef:
         ap.error("--variants albef needs --albef DIR")
-    if "srcl_unshared" in args.variants and not args.baseline_root:
-        ap.error("--variants srcl_unshared needs --baseline-root DIR")
+    if set(BASELINE_VARIANTS) & set(args.variants) and not args.baseline_root:
+        ap.error("--variants baseline / srcl_unshared need --baseline-root DIR")
     rows, runs = [], []
     load_before = os.getloadavg()
     settings = [(v, m, c, p, k) for m in args.models
