@@ -27,7 +27,7 @@ from .retrieval_data import tokenize_texts
 from .sentences import LabelledSentences
 from .transforms import apply_seeded
 
-__all__ = ["LABELS", "CLASS_NAMES", "label_to_int", "read_snli_ve", "SNLIVEDataset", "SNLIVECollator"]
+__all__ = ["LABELS", "CLASS_NAMES", "label_to_int", "image_file", "read_snli_ve", "SNLIVEDataset", "SNLIVECollator"]
 
 LABELS: dict[str, int] = {"contradiction": 0, "neutral": 1, "entailment": 2}  # ALBEF's class indices
 CLASS_NAMES: tuple[str, ...] = tuple(sorted(LABELS, key=LABELS.get))  # by class index
@@ -40,7 +40,8 @@ def label_to_int(label: Any) -> int:
     raise ValueError(f"SNLI-VE label must be one of {list(LABELS)}; got {label!r}")
 
 
-def _image_file(name: str) -> str:
+def image_file(name: str) -> str:
+    """The image file of a record's ``image``: a name without an extension is a Flickr30K id (+ ``.jpg``)."""
     return name if os.path.splitext(name)[1] else name + ".jpg"
 
 
@@ -62,7 +63,7 @@ def read_snli_ve(paths: str | os.PathLike | Sequence[str | os.PathLike], hint: s
             rec["_label"] = label_to_int(rec["label"])
         except ValueError as err:
             raise DataError(f"{where}: key 'label': {err}") from None
-        rec["_image"] = _image_file(rec["image"])
+        rec["_image"] = image_file(rec["image"])
         rec["_where"] = where
     return records
 

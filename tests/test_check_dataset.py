@@ -119,11 +119,37 @@ def test_vqa_and_nlvr2_formats(planted):
     nlvr.write_text(json.dumps([
         {"images": ["a/ok0.png", "a/ok1.png"], "sentence": "Both show noise.", "label": "True"},
         {"images": ["a/ok2.png", "a/missing.png"], "sentence": "One is gone.", "label": "False"},
-        {"images": ["a/ok2.png"], "sentence": "Only one image.", "label": "False"}]))
-    out = tmp / "nlvr_clean.json"
+        {"images": ["a/ok2.png"], "sentence": "Only one image.", "label": "False"},
+        {"images": ["a/ok2.png", "a/ok3.png"], "sentence": "A label the loader refuses.", "label": "yes"}]))
+    out, report = tmp / "nlvr_clean.json", tmp / "nlvr_report.json"
     assert main(["--ann", str(nlvr), "--image-root", str(root), "--format", "nlvr2", "--out", str(out),
-                 "--no-progress"]) == 0
+                 "--report", str(report), "--no-progress"]) == 0
     assert [r["sentence"] for r in json.loads(out.read_text())] == ["Both show noise."]
+    assert "key 'label'" in json.dumps(json.loads(report.read_text()))
+
+
+def test_snli_ve_format_reads_flickr_ids_and_checks_labels(planted):
+    root, tmp = planted["root"], planted["tmp"]
+    _image(root / "2248275918.jpg", 5, "JPEG")  # SNLI-VE names Flickr30K images by id, without ".jpg"
+    ve = tmp / "ve.json"
+    ve.write_text(json.dumps([
+        {"image": "2248275918", "sentence": "Two dogs are running.", "label": "entailment", "pair_id": 1},
+        {"image": "a/ok1.png", "sentence": "A cat sleeps.", "label": "contradiction", "pair_id": 2},
+        {"image": "12345", "sentence": "No such image.", "label": "neutral", "pair_id": 3},
+        {"image": "a/ok2.png", "sentence": "A bad label.", "label": "maybe", "pair_id": 4},
+        {"image": "a/corrupt.png", "sentence": "Unreadable.", "label": "neutral", "pair_id": 5}]))
+    out, report = tmp / "ve_clean.json", tmp / "ve_report.json"
+    assert main(["--ann", str(ve), "--image-root", str(root), "--format", "snli_ve", "--out", str(out),
+                 "--report", str(report), "--no-progress"]) == 0
+    assert [r["pair_id"] for r in json.loads(out.read_text())] == [1, 2]
+    assert json.loads(out.read_text())[0]["image"] == "2248275918"  # kept as written: the loader adds .jpg
+    reasons = [d["reason"] for d in json.loads(report.read_text())["dropped_records"]]
+    assert any("12345.jpg" in r and r.startswith("missing") for r in reasons)
+    assert any("key 'label'" in r and "maybe" in r for r in reasons)
+    assert any(r.startswith("unreadable") for r in reasons)
+    # the cleaned file is one the SNLI-VE reader accepts
+    from datasets.snli_ve_data import read_snli_ve
+    assert [r["_image"] for r in read_snli_ve(str(out))] == ["2248275918.jpg", "a/ok1.png"]
 
 
 def test_bad_inputs_are_clear_errors(planted, capsys):

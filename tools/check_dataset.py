@@ -26,10 +26,11 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from PIL import Image
 
+from datasets import nlvr2_data, snli_ve_data
 from datasets.text import pre_caption, pre_question
 
 __all__ = ["FORMATS", "ImageStatus", "check_image", "check_dataset", "main"]
@@ -43,6 +44,8 @@ class FormatSpec:
     image_key: str          # "image" (a path) or "images" (a list of paths)
     text_key: str           # caption / question / sentence
     text_kind: str          # "caption" (pre_caption) or "question" (pre_question)
+    label: Optional[Callable[[Any], int]] = None  # the loader's label parser (raises ValueError)
+    image_file: Callable[[str], str] = str        # the loader's rule from a record's path to the file
 
 
 FORMATS: dict[str, FormatSpec] = {
@@ -51,7 +54,9 @@ FORMATS: dict[str, FormatSpec] = {
     "caption": FormatSpec({"image": (str,), "caption": (str, list)}, "image", "caption", "caption"),
     "vqa": FormatSpec({"image": (str,), "question": (str,)}, "image", "question", "question"),
     "nlvr2": FormatSpec({"images": (list,), "sentence": (str,), "label": (str, bool, int)}, "images", "sentence",
-                        "caption"),
+                        "caption", label=nlvr2_data.label_to_int),
+    "snli_ve": FormatSpec({"image": (str,), "sentence": (str,), "label": (str,)}, "image", "sentence", "caption",
+                          label=snli_ve_data.label_to_int, image_file=snli_ve_data.image_file),
 }
 
 
@@ -110,6 +115,11 @@ def _validate(rec: Any, spec: FormatSpec) -> str:
     text = rec[spec.text_key]
     if isinstance(text, list) and not all(isinstance(t, str) for t in text):
         return f"key {spec.text_key!r} must hold strings"
+    if spec.label is not None:
+        try:
+            spec.label(rec["label"])
+        except ValueError as err:
+            return f"key 'label': {err}"
     return ""
 
 
@@ -180,7 +190,8 @@ def check_dataset(ann_files: list[str], image_root: str, fmt: str, max_words: in
 
     def image_paths(rec: dict) -> list[str]:
         rel = rec[spec.image_key]
-        return [os.path.normpath(os.path.join(image_root, r)) for r in (rel if isinstance(rel, list) else [rel])]
+        return [os.path.normpath(os.path.join(image_root, spec.image_file(r)))
+                for r in (rel if isinstance(rel, list) else [rel])]
 
     unique: dict[str, None] = {}
     for recs in data.values():
