@@ -26,15 +26,16 @@ from typing import Literal, Optional
 
 
 from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset
-from datasets.transforms import TransformConfig, build_transform
+from datasets.transforms import TransformConfig
 from engine.config import opt
 from engine.trainer import TrainState
 from models.loading import LoadReport
 from models.nlvr2 import NLVR2HeadConfig, NLVR2Model
-from tasks import finetune, predict
+from tasks import classify_data, finetune, predict
+from tasks.classify_data import ClassifierData
 from tasks.classify_eval import classifier_step, describe_classifier
 from tasks.finetune_config import FinetuneConfig
-from tasks.nlvr2_eval import DATA_HINT, NLVR2RunEvaluator, eval_sets
+from tasks.nlvr2_eval import DATA_HINT, NLVR2RunEvaluator
 from tasks.spec import Run, TaskSpec, init_encoders, load_state, show_report
 from tasks.train_data import SampledTrainData, require_positive
 
@@ -99,29 +100,12 @@ def build_model(run: Run, ckpt: Optional[dict]) -> NLVR2Model:
 
 
 # ---------------------------------------------------------------------- data and training
-@dataclass
-class NLVR2Data:
-    train: Optional[NLVR2Dataset]  # fine-tuning only
-    eval_sets: dict[str, NLVR2Dataset]  # dev / test
+def load_data(run: Run) -> ClassifierData:
+    return classify_data.load_data(run, NLVR2Dataset, DATA_HINT)
 
 
-def annotation_files(cfg: NLVR2Config, training: bool) -> list[str]:
-    d = cfg.data
-    return (list(d.train_files) if training else []) + d.dev_files + d.test_files
-
-
-def load_data(run: Run) -> NLVR2Data:
-    cfg, d = run.cfg, run.cfg.data
-    train = None
-    if run.training:
-        train = NLVR2Dataset(d.train_files, d.image_root, build_transform(cfg.model.vision.img_size, True, d.transform),
-                             d.max_words, d.clean_style, cfg.train.seed, DATA_HINT)
-    return NLVR2Data(train, eval_sets(cfg))
-
-
-def train_data(run: Run, data: NLVR2Data) -> SampledTrainData:
-    collator = NLVR2Collator(run.tokenizer, run.cfg.tokenizer.max_length)
-    return SampledTrainData(data.train, collator, run.cfg.train, run.dist, run.cfg.data.num_workers)
+def train_data(run: Run, data: ClassifierData) -> SampledTrainData:
+    return classify_data.train_data(run, data, NLVR2Collator)
 
 
 def train_step(run: Run, model: NLVR2Model, batch: dict, state: TrainState) -> dict:
@@ -129,12 +113,12 @@ def train_step(run: Run, model: NLVR2Model, batch: dict, state: TrainState) -> d
     return classifier_step(logits, batch["label"])
 
 
-def describe(run: Run, data: NLVR2Data, model: NLVR2Model) -> Optional[str]:
+def describe(run: Run, data: ClassifierData, model: NLVR2Model) -> Optional[str]:
     return describe_classifier(run, data, model, "NLVR2", "pairs", f"merge={run.cfg.head.merge}, ")
 
 
 SPEC = TaskSpec(
-    name="nlvr2", title="NLVR2", config_cls=NLVR2Config, files=annotation_files, files_hint=DATA_HINT,
+    name="nlvr2", title="NLVR2", config_cls=NLVR2Config, files=classify_data.annotation_files, files_hint=DATA_HINT,
     data=load_data, texts=lambda data: list(data.train.sentences), build_model=build_model, train_data=train_data,
     train_step=train_step, evaluator=NLVR2RunEvaluator, metric=lambda cfg: ("dev_acc", "accuracy"),
     best_key="best_dev_acc", val_split="dev", task_part="NLVR2 classifier", is_task_state=is_nlvr2_state,

@@ -6,14 +6,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset, int_to_label
-from datasets.transforms import build_transform
 from engine import distributed as D
 from models.nlvr2 import NLVR2Model
+from tasks import classify_data
+from tasks.classify_data import ClassifierData
 from tasks.classify_eval import ClassifierRunEvaluator, class_probabilities
 from tasks.spec import Run, write_json
 
 if TYPE_CHECKING:
-    from tasks.nlvr2 import NLVR2Config, NLVR2Data
+    from tasks.nlvr2 import NLVR2Config
 
 __all__ = ["DATA_HINT", "PROTOCOL", "eval_sets", "predict", "accuracy", "prediction_records", "evaluate_and_write",
            "NLVR2RunEvaluator"]
@@ -28,13 +29,7 @@ PROTOCOL = ("NLVR2: fine-tuned on train, checkpoint selected by dev accuracy, th
 
 def eval_sets(cfg: NLVR2Config) -> dict[str, NLVR2Dataset]:
     """The dev and test splits that have files."""
-    d = cfg.data
-    transform = build_transform(cfg.model.vision.img_size, False, d.transform)
-    out = {}
-    for split, files in (("dev", d.dev_files), ("test", d.test_files)):
-        if files:
-            out[split] = NLVR2Dataset(files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed, DATA_HINT)
-    return out
+    return classify_data.eval_sets(cfg, NLVR2Dataset, DATA_HINT)
 
 
 def predict(model: NLVR2Model, dataset: NLVR2Dataset, collator: NLVR2Collator, dist: D.DistInfo,
@@ -89,7 +84,7 @@ def evaluate_and_write(model: NLVR2Model, sets: dict[str, NLVR2Dataset], cfg: NL
     return results
 
 
-def NLVR2RunEvaluator(run: Run, data: NLVR2Data) -> ClassifierRunEvaluator:  # noqa: N802 - the spec's evaluator
+def NLVR2RunEvaluator(run: Run, data: ClassifierData) -> ClassifierRunEvaluator:  # noqa: N802 - the spec's evaluator
     """An NLVR2 run's evaluation: dev accuracy after every epoch, then the accuracy of every split and
     the predictions written."""
     return ClassifierRunEvaluator(run, data.eval_sets, NLVR2Collator(run.tokenizer, run.cfg.tokenizer.max_length),

@@ -23,15 +23,16 @@ from typing import Literal, Optional
 
 
 from datasets.snli_ve_data import SNLIVECollator, SNLIVEDataset
-from datasets.transforms import TransformConfig, build_transform
+from datasets.transforms import TransformConfig
 from engine.config import opt
 from engine.trainer import TrainState
 from models.loading import LoadReport
 from models.snli_ve import NUM_CLASSES, VEHeadConfig, VEModel
-from tasks import finetune, predict
+from tasks import classify_data, finetune, predict
+from tasks.classify_data import ClassifierData
 from tasks.classify_eval import classifier_step, describe_classifier
 from tasks.finetune_config import FinetuneConfig
-from tasks.snli_ve_eval import DATA_HINT, SNLIVERunEvaluator, eval_sets
+from tasks.snli_ve_eval import DATA_HINT, SNLIVERunEvaluator
 from tasks.spec import Run, TaskSpec, init_encoders, load_state, show_report
 from tasks.train_data import SampledTrainData, require_positive
 
@@ -84,41 +85,24 @@ def build_model(run: Run, ckpt: Optional[dict]) -> VEModel:
 
 
 # ---------------------------------------------------------------------- data and training
-@dataclass
-class SNLIVEData:
-    train: Optional[SNLIVEDataset]  # fine-tuning only
-    eval_sets: dict[str, SNLIVEDataset]  # dev / test
+def load_data(run: Run) -> ClassifierData:
+    return classify_data.load_data(run, SNLIVEDataset, DATA_HINT)
 
 
-def annotation_files(cfg: SNLIVEConfig, training: bool) -> list[str]:
-    d = cfg.data
-    return (list(d.train_files) if training else []) + d.dev_files + d.test_files
-
-
-def load_data(run: Run) -> SNLIVEData:
-    cfg, d = run.cfg, run.cfg.data
-    train = None
-    if run.training:
-        train = SNLIVEDataset(d.train_files, d.image_root, build_transform(cfg.model.vision.img_size, True, d.transform),
-                              d.max_words, d.clean_style, cfg.train.seed, DATA_HINT)
-    return SNLIVEData(train, eval_sets(cfg))
-
-
-def train_data(run: Run, data: SNLIVEData) -> SampledTrainData:
-    collator = SNLIVECollator(run.tokenizer, run.cfg.tokenizer.max_length)
-    return SampledTrainData(data.train, collator, run.cfg.train, run.dist, run.cfg.data.num_workers)
+def train_data(run: Run, data: ClassifierData) -> SampledTrainData:
+    return classify_data.train_data(run, data, SNLIVECollator)
 
 
 def train_step(run: Run, model: VEModel, batch: dict, state: TrainState) -> dict:
     return classifier_step(model(batch["image"], batch["input_ids"], batch["attention_mask"]), batch["label"])
 
 
-def describe(run: Run, data: SNLIVEData, model: VEModel) -> Optional[str]:
+def describe(run: Run, data: ClassifierData, model: VEModel) -> Optional[str]:
     return describe_classifier(run, data, model, "SNLI-VE", "examples")
 
 
 SPEC = TaskSpec(
-    name="snli_ve", title="SNLI-VE", config_cls=SNLIVEConfig, files=annotation_files, files_hint=DATA_HINT,
+    name="snli_ve", title="SNLI-VE", config_cls=SNLIVEConfig, files=classify_data.annotation_files, files_hint=DATA_HINT,
     data=load_data, texts=lambda data: list(data.train.sentences), build_model=build_model, train_data=train_data,
     train_step=train_step, evaluator=SNLIVERunEvaluator, metric=lambda cfg: ("dev_acc", "accuracy"),
     best_key="best_dev_acc", val_split="dev", task_part="SNLI-VE classifier", is_task_state=is_snli_ve_state,

@@ -9,14 +9,15 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from datasets.snli_ve_data import CLASS_NAMES, SNLIVECollator, SNLIVEDataset
-from datasets.transforms import build_transform
 from engine import distributed as D
 from models.snli_ve import VEModel
+from tasks import classify_data
+from tasks.classify_data import ClassifierData
 from tasks.classify_eval import ClassifierRunEvaluator, class_probabilities
 from tasks.spec import Run, write_json
 
 if TYPE_CHECKING:
-    from tasks.snli_ve import SNLIVEConfig, SNLIVEData
+    from tasks.snli_ve import SNLIVEConfig
 
 __all__ = ["DATA_HINT", "PROTOCOL", "eval_sets", "predict", "metrics", "prediction_records", "evaluate_and_write",
            "SNLIVERunEvaluator", "entail"]
@@ -31,10 +32,7 @@ PROTOCOL = ("SNLI-VE: fine-tuned on train, checkpoint selected by dev accuracy, 
 
 def eval_sets(cfg: SNLIVEConfig) -> dict[str, SNLIVEDataset]:
     """The dev and test splits that have files."""
-    d = cfg.data
-    transform = build_transform(cfg.model.vision.img_size, False, d.transform)
-    return {split: SNLIVEDataset(files, d.image_root, transform, d.max_words, d.clean_style, cfg.train.seed, DATA_HINT)
-            for split, files in (("dev", d.dev_files), ("test", d.test_files)) if files}
+    return classify_data.eval_sets(cfg, SNLIVEDataset, DATA_HINT)
 
 
 def predict(model: VEModel, dataset: SNLIVEDataset, collator: SNLIVECollator, dist: D.DistInfo, batch_size: int,
@@ -102,7 +100,7 @@ def evaluate_and_write(model: VEModel, sets: dict[str, SNLIVEDataset], cfg: SNLI
     return results
 
 
-def SNLIVERunEvaluator(run: Run, data: SNLIVEData) -> ClassifierRunEvaluator:  # noqa: N802 - the spec's evaluator
+def SNLIVERunEvaluator(run: Run, data: ClassifierData) -> ClassifierRunEvaluator:  # noqa: N802 - the spec's evaluator
     """An SNLI-VE run's evaluation: dev accuracy after every epoch, then the metrics of every split and
     the predictions written."""
     return ClassifierRunEvaluator(run, data.eval_sets, SNLIVECollator(run.tokenizer, run.cfg.tokenizer.max_length),
