@@ -101,7 +101,8 @@ class Attention(nn.Module):
         self.probs: Optional[Tensor] = None
 
     def forward(self, x: Tensor, kv: Tensor, mask: Optional[Tensor] = None,
-                kv_index: Optional[Tensor] = None, layout: Optional["QueryLayout"] = None) -> Tensor:
+                kv_index: Optional[Tensor] = None, layout: Optional["QueryLayout"] = None,
+                groups: Optional["KVGroups"] = None) -> Tensor:
         """``x`` (B, Q, H) attends to ``kv`` (B, K, W); ``mask`` boolean, broadcastable to (B, h, Q, K).
 
         With ``kv_index`` (B,) long, ``kv`` is (M, K, W) and row ``b`` of ``x`` attends to
@@ -109,7 +110,8 @@ class Attention(nn.Module):
         (the same result as passing ``kv[kv_index]``, without repeating the projections); ``mask``
         is then one key mask per row, equal for the rows that read one item. The rows of an item run
         as one packed query sequence (:class:`KVGroups`), except with ``record_probs`` (per-row
-        probabilities): then the keys and values are gathered per row.
+        probabilities): then the keys and values are gathered per row. ``groups``: that grouping of
+        ``kv_index`` when the caller has it already (one per fusion pass, not one per layer).
 
         With ``layout`` (a :class:`QueryLayout`), ``x`` is (T, H): T query tokens spread over the
         layout's rows; only their queries, outputs and residuals are computed, and the result is
@@ -124,7 +126,8 @@ class Attention(nn.Module):
             q = layout.pad(q)
         B, Q = q.shape[0], q.shape[1]
         if kv_index is not None and not self.record_probs:  # no keys/values gathered per row
-            out = KVGroups.from_index(kv_index, kv.shape[0]).attend(
+            groups = groups if groups is not None else KVGroups.from_index(kv_index, kv.shape[0])
+            out = groups.attend(
                 q, split(self.self.key(kv)), split(self.self.value(kv)), mask,
                 self.attention_dropout if self.training else 0.0)
             if layout is not None:
@@ -283,7 +286,8 @@ class TransformerLayer(nn.Module):
     def forward(self, hidden: Tensor, attention_mask: Optional[Tensor] = None,
                 encoder_hidden: Optional[Tensor] = None, encoder_mask: Optional[Tensor] = None,
                 causal: Optional[bool] = None, encoder_index: Optional[Tensor] = None,
-                hidden_index: Optional[Tensor] = None, select: Optional[Tensor] = None) -> Tensor:
+                hidden_index: Optional[Tensor] = None, select: Optional[Tensor] = None,
+                encoder_groups: Optional[KVGroups] = None) -> Tensor:
         """Run the block.
 
         Args:
@@ -300,6 +304,8 @@ class TransformerLayer(nn.Module):
                 sequences and the block's rows are ``hidden[hidden_index]``; the self-attention runs
                 once per distinct sequence (it depends on nothing else), the rest per row. The
                 result has R rows; ``encoder_index`` and ``select`` refer to them.
+            encoder_groups: ``KVGroups.from_index(encoder_index, M)``, when the caller has it
+                (computed once for all the layers of a pass); not used with ``select``.
             select: (R, L) bool or None: compute only the outputs of the selected tokens (keys and
                 values still come from every token) and return them as (T, H), in the order of
                 ``select.nonzero()`` (equal to ``forward(...)[select]``). Not for causal layers.
@@ -316,7 +322,7 @@ class TransformerLayer(nn.Module):
             if encoder_index is not None and encoder_mask is not None:
                 encoder_mask = encoder_mask[encoder_index]
             x = self.crossattention(x, encoder_hidden, attention_mask_4d(encoder_mask, x.shape[1], False),
-                                    kv_index=encoder_index)
+                                    kv_index=encoder_index, groups=encoder_groups)
         return self.feed_forward(x)
 
     def _forward_selected(self, hidden: Tensor, attention_mask: Optional[Tensor], encoder_hidden: Optional[Tensor],
@@ -434,8 +440,15 @@ class TextTransformer(nn.Module):
             if text_index is not None:
                 hidden = hidden[text_index]
             return hidden if select is None else hidden[select]
+        # the rows' grouping by image, for every layer's cross-attention (the last one with select
+        # computes fewer rows and groups them itself)
+        groups = None
+        if image_index is not None and any(layer.has_cross_attention for layer in layers):
+            groups = KVGroups.from_index(image_index, image_embeds.shape[0])
         for i, layer in enumerate(layers):
             extra = {} if image_index is None else {"encoder_index": image_index}
+            if groups is not None and layer.has_cross_attention and not (i == len(layers) - 1 and select is not None):
+                extra["encoder_groups"] = groups
             if i == 0 and text_index is not None:
                 extra["hidden_index"] = text_index
             if i == len(layers) - 1 and select is not None:

@@ -134,3 +134,33 @@ def test_grouped_attention_rejects_a_mask_that_varies_over_queries():
     q, k = torch.randn(3, 4, 8), torch.randn(2, 2, 5, 4)
     with pytest.raises(ValueError, match="one key mask per row"):
         groups.attend(q, k, k, torch.ones(3, 1, 4, 5, dtype=torch.bool), 0.0)
+
+
+@pytest.mark.parametrize("with_select", [False, True])
+def test_fusion_groups_the_rows_once_per_pass(with_select):
+    """The grouping by image (a host sync on a GPU) is made once for the pass, not once per layer;
+    the last layer with ``select`` groups its fewer rows itself. Same result as the gathered path."""
+    from models.text import KVGroups
+
+    cfg = TextConfig(vocab_size=40, hidden_size=16, num_text_layers=1, num_fusion_layers=3, num_heads=2,
+                     intermediate_size=32, max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0,
+                     encoder_width=24)
+    torch.manual_seed(0)
+    model = TextTransformer(cfg).eval()
+    image, text, mask, _, index = _inputs()
+    select = torch.zeros(text.shape[:2], dtype=torch.bool)
+    select[:, 0] = True
+    select[3, 2] = True
+    calls = []
+    original = KVGroups.from_index.__func__
+
+    def counting(cls, kv_index, num_items):
+        calls.append(kv_index.numel())
+        return original(cls, kv_index, num_items)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(KVGroups, "from_index", classmethod(counting))
+        out = model.forward_fusion(text, mask, image, image_index=index, select=select if with_select else None)
+    assert len(calls) == (2 if with_select else 1)
+    ref = model.forward_fusion(text, mask, image[index])
+    torch.testing.assert_close(out, ref[select] if with_select else ref, rtol=1e-5, atol=1e-6)
