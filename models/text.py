@@ -245,6 +245,8 @@ class KVGroups:
         def merge(t: Tensor, rows: int) -> Tensor:  # (N, h, T, d) -> (rows, Q, H)
             return t.transpose(1, 2).reshape(rows, Q, H)
 
+        if R == 0:
+            return q.new_zeros(0, Q, H)
         outs = []
         if self.width:
             qp = heads(q[self.packed].view(M, self.width * Q, H))
