@@ -220,6 +220,8 @@ class KVGroups:
     def from_index(cls, kv_index: Tensor, num_items: int) -> "KVGroups":
         """The grouping of ``kv_index`` (R,) long over ``num_items`` items."""
         items, inverse, counts = torch.unique(kv_index, return_inverse=True, return_counts=True)
+        if items.numel() and not (0 <= int(items[0]) and int(items[-1]) < num_items):
+            raise IndexError(f"key/value index out of range: {int(items[0])}..{int(items[-1])} for {num_items} items")
         width = int(counts.min()) if counts.numel() else 0
         order = torch.argsort(inverse, stable=True)  # item-major, rows of an item in row order
         start = counts.cumsum(0) - counts

@@ -131,6 +131,14 @@ def test_grouped_attention_equals_gathered_keys_values_in_float64(index, items, 
     assert [c[0][0] for c in calls[1:]] == ([overflow] if overflow else [])
 
 
+def test_grouped_attention_rejects_an_index_out_of_range():
+    from models.text import KVGroups
+
+    for bad in ([0, 1, 3], [-1, 0, 1]):  # three distinct items of three: only the range tells
+        with pytest.raises(IndexError, match="out of range"):
+            KVGroups.from_index(torch.tensor(bad), 3)
+
+
 def test_grouped_attention_rejects_a_mask_that_varies_over_queries():
     from models.text import KVGroups
 
