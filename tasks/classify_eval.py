@@ -1,9 +1,11 @@
 """What the classification tasks (NLVR2, SNLI-VE) do alike: the loss of a training step
 (:func:`classifier_step`), the run's one-line description (:func:`describe_classifier`), the class
 probabilities of every example of a split, split over the processes and gathered
-(:func:`class_probabilities`), and the dev accuracy after every epoch (:class:`ClassifierRunEvaluator`)."""
+(:func:`class_probabilities`), the dev accuracy after every epoch (:class:`ClassifierRunEvaluator`), and
+the metrics and predictions of every split written at the end (:func:`write_classifier_results`)."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
@@ -15,9 +17,10 @@ from tqdm import tqdm
 from engine import distributed as D
 from engine.loader import SafeDataLoader
 from tasks.common import to_device
-from tasks.spec import Run, autocast_for
+from tasks.spec import Run, autocast_for, write_json
 
-__all__ = ["class_probabilities", "classifier_step", "ClassifierRunEvaluator", "describe_classifier"]
+__all__ = ["class_probabilities", "classifier_step", "ClassifierRunEvaluator", "describe_classifier",
+           "write_classifier_results"]
 
 
 def classifier_step(logits: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -93,3 +96,35 @@ class ClassifierRunEvaluator:
 
     def test(self, model: nn.Module, checkpoint: Optional[str], extra: dict) -> dict:
         return self.write(model, self.sets, self.run.cfg, self.run.dist, self.run.tokenizer, checkpoint, extra)
+
+
+
+def write_classifier_results(model: nn.Module, sets: dict, cfg, dist: D.DistInfo, checkpoint: str,
+                             extra: Optional[dict], *, task: str, title: str, protocol: str, collator: Callable,
+                             predict: Callable, metrics: Callable, records: Callable,
+                             summary: Callable) -> dict:
+    """The metrics of every split of ``sets``; the main process writes ``results.json`` and
+    ``predictions_<split>.json`` to ``cfg.train.output_dir`` and prints one line per split.
+
+    The task gives ``predict`` (model, dataset, collator, dist, batch size, workers, precision,
+    progress, desc -> predictions), ``metrics`` (predictions, labels -> a dict with ``accuracy``),
+    ``records`` (dataset, predictions -> one record per example) and ``summary`` (a split's results
+    -> what its line says after the accuracy)."""
+    out_dir = Path(cfg.train.output_dir)
+    results: dict = {"task": task, "checkpoint": checkpoint, "protocol": protocol, **(extra or {})}
+    for split, ds in sets.items():
+        preds = predict(model, ds, collator, dist, cfg.data.eval_batch_size, cfg.data.num_workers,
+                        cfg.train.precision, cfg.train.progress, desc=split)
+        results[split] = {**metrics(preds, ds.labels()), "n": len(ds),
+                          "files": list(getattr(cfg.data, f"{split}_files")),
+                          "predictions": str(out_dir / f"predictions_{split}.json")}
+        if dist.is_main:
+            write_json(records(ds, preds), out_dir / f"predictions_{split}.json")
+    if dist.is_main:
+        write_json(results, out_dir / "results.json")
+        lines = [f"  {split:5s} accuracy {results[split]['accuracy']:.2f}%  ({summary(results[split])})"
+                 for split in sets]
+        print(f"{title} results ({checkpoint}):\n" + "\n".join(lines)
+              + f"\n  {protocol}\n  written: {out_dir / 'results.json'}", flush=True)
+    D.barrier()
+    return results

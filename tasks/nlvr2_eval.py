@@ -2,7 +2,6 @@
 files (``results.json``, ``predictions_{dev,test}.json``); the run's evaluator for the driver."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from datasets.nlvr2_data import NLVR2Collator, NLVR2Dataset, int_to_label
@@ -10,8 +9,8 @@ from engine import distributed as D
 from models.nlvr2 import NLVR2Model
 from tasks import classify_data
 from tasks.classify_data import ClassifierData
-from tasks.classify_eval import ClassifierRunEvaluator, class_probabilities
-from tasks.spec import Run, write_json
+from tasks.classify_eval import ClassifierRunEvaluator, class_probabilities, write_classifier_results
+from tasks.spec import Run
 
 if TYPE_CHECKING:
     from tasks.nlvr2 import NLVR2Config
@@ -63,25 +62,11 @@ def prediction_records(dataset: NLVR2Dataset, preds: dict[int, tuple[int, float]
 def evaluate_and_write(model: NLVR2Model, sets: dict[str, NLVR2Dataset], cfg: NLVR2Config, dist: D.DistInfo,
                        tokenizer, checkpoint: str, extra: Optional[dict] = None) -> dict:
     """Accuracy on every split of ``sets``; the main process writes results.json and the predictions."""
-    collator = NLVR2Collator(tokenizer, cfg.tokenizer.max_length)
-    out_dir = Path(cfg.train.output_dir)
-    results: dict = {"task": "nlvr2", "checkpoint": checkpoint, "protocol": PROTOCOL, **(extra or {})}
-    for split, ds in sets.items():
-        preds = predict(model, ds, collator, dist, cfg.data.eval_batch_size, cfg.data.num_workers,
-                        cfg.train.precision, cfg.train.progress, desc=split)
-        acc = accuracy(preds, ds.labels())
-        results[split] = {"accuracy": acc, "n": len(ds), "files": list(getattr(cfg.data, f"{split}_files")),
-                          "predictions": str(out_dir / f"predictions_{split}.json")}
-        if dist.is_main:
-            write_json(prediction_records(ds, preds), out_dir / f"predictions_{split}.json")
-    if dist.is_main:
-        write_json(results, out_dir / "results.json")
-        lines = [f"  {split:5s} accuracy {results[split]['accuracy']:.2f}%  ({results[split]['n']} examples)"
-                 for split in sets]
-        print(f"NLVR2 results ({checkpoint}):\n" + "\n".join(lines)
-              + f"\n  {PROTOCOL}\n  written: {out_dir / 'results.json'}", flush=True)
-    D.barrier()
-    return results
+    return write_classifier_results(
+        model, sets, cfg, dist, checkpoint, extra, task="nlvr2", title="NLVR2", protocol=PROTOCOL,
+        collator=NLVR2Collator(tokenizer, cfg.tokenizer.max_length), predict=predict,
+        metrics=lambda preds, labels: {"accuracy": accuracy(preds, labels)}, records=prediction_records,
+        summary=lambda r: f"{r['n']} examples")
 
 
 def NLVR2RunEvaluator(run: Run, data: ClassifierData) -> ClassifierRunEvaluator:  # noqa: N802 - the spec's evaluator

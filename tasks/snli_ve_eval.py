@@ -3,7 +3,6 @@ accuracy overall and by class, the confusion matrix, and the run's files (``resu
 ``predictions_{dev,test}.json``); the run's evaluator for the driver."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 import torch
@@ -13,8 +12,8 @@ from engine import distributed as D
 from models.snli_ve import VEModel
 from tasks import classify_data
 from tasks.classify_data import ClassifierData
-from tasks.classify_eval import ClassifierRunEvaluator, class_probabilities
-from tasks.spec import Run, write_json
+from tasks.classify_eval import ClassifierRunEvaluator, class_probabilities, write_classifier_results
+from tasks.spec import Run
 
 if TYPE_CHECKING:
     from tasks.snli_ve import SNLIVEConfig
@@ -74,30 +73,18 @@ def prediction_records(dataset: SNLIVEDataset, preds: dict[int, list[float]]) ->
     return out
 
 
+def _summary(r: dict) -> str:
+    by = ", ".join(f"{c} {v:.2f}" for c, v in r["accuracy_by_class"].items() if v is not None)
+    return f"{r['n']} examples; by class: {by}"
+
+
 def evaluate_and_write(model: VEModel, sets: dict[str, SNLIVEDataset], cfg: SNLIVEConfig, dist: D.DistInfo,
                        tokenizer, checkpoint: str, extra: Optional[dict] = None) -> dict:
     """The metrics of every split of ``sets``; the main process writes results.json and the predictions."""
-    collator = SNLIVECollator(tokenizer, cfg.tokenizer.max_length)
-    out_dir = Path(cfg.train.output_dir)
-    results: dict = {"task": "snli_ve", "checkpoint": checkpoint, "protocol": PROTOCOL, **(extra or {})}
-    for split, ds in sets.items():
-        preds = predict(model, ds, collator, dist, cfg.data.eval_batch_size, cfg.data.num_workers,
-                        cfg.train.precision, cfg.train.progress, desc=split)
-        results[split] = {**metrics(preds, ds.labels()), "n": len(ds), "files": list(getattr(cfg.data, f"{split}_files")),
-                          "predictions": str(out_dir / f"predictions_{split}.json")}
-        if dist.is_main:
-            write_json(prediction_records(ds, preds), out_dir / f"predictions_{split}.json")
-    if dist.is_main:
-        write_json(results, out_dir / "results.json")
-        lines = []
-        for split in sets:
-            r = results[split]
-            by = ", ".join(f"{c} {v:.2f}" for c, v in r["accuracy_by_class"].items() if v is not None)
-            lines.append(f"  {split:5s} accuracy {r['accuracy']:.2f}%  ({r['n']} examples; by class: {by})")
-        print(f"SNLI-VE results ({checkpoint}):\n" + "\n".join(lines)
-              + f"\n  {PROTOCOL}\n  written: {out_dir / 'results.json'}", flush=True)
-    D.barrier()
-    return results
+    return write_classifier_results(
+        model, sets, cfg, dist, checkpoint, extra, task="snli_ve", title="SNLI-VE", protocol=PROTOCOL,
+        collator=SNLIVECollator(tokenizer, cfg.tokenizer.max_length), predict=predict, metrics=metrics,
+        records=prediction_records, summary=_summary)
 
 
 def SNLIVERunEvaluator(run: Run, data: ClassifierData) -> ClassifierRunEvaluator:  # noqa: N802 - the spec's evaluator
