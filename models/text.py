@@ -236,10 +236,13 @@ class KVGroups:
         as (R, Q, H); ``mask``: None or one key mask per row, ``(R or 1, 1 or h, 1, K)``."""
         if mask is not None and mask.shape[-2] != 1:
             raise ValueError("grouped attention takes one key mask per row, not per query")
+        (R, Q, H) = q.shape
+        if R == 0:
+            return q.new_zeros(0, Q, H)
         if self.items is not None:
             k, v = k[self.items], v[self.items]
         per_row = mask is not None and mask.shape[0] != 1
-        (M, h, _, d), (R, Q, H) = k.shape, q.shape
+        M, h, _, d = k.shape
 
         def heads(t: Tensor) -> Tensor:  # (N, T, H) -> (N, h, T, d)
             return t.view(t.shape[0], t.shape[1], h, d).transpose(1, 2)
@@ -247,8 +250,6 @@ class KVGroups:
         def merge(t: Tensor, rows: int) -> Tensor:  # (N, h, T, d) -> (rows, Q, H)
             return t.transpose(1, 2).reshape(rows, Q, H)
 
-        if R == 0:
-            return q.new_zeros(0, Q, H)
         outs = []
         if self.width:
             qp = heads(q[self.packed].view(M, self.width * Q, H))

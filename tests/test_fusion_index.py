@@ -176,3 +176,24 @@ def test_fusion_groups_the_rows_once_per_pass(with_select):
     assert len(calls) == (2 if with_select else 1)
     ref = model.forward_fusion(text, mask, image[index])
     torch.testing.assert_close(out, ref[select] if with_select else ref, rtol=1e-5, atol=1e-6)
+
+
+def test_grouped_attention_applies_attention_dropout_to_packed_and_overflow_rows():
+    """Training with attention dropout: every row, packed or overflow, gets its own dropout (its
+    output differs from the eval output and between two calls); eval is deterministic."""
+    from models.text import Attention, KVGroups
+
+    torch.manual_seed(0)
+    att = Attention(8, 2, 12, attention_dropout=0.5, hidden_dropout=0.0, layer_norm_eps=1e-12)
+    kv, x, _, idx = _attention_case([0, 1, 2, 2, 0, 1, 1], 3)
+    kv, x = kv.float().detach(), x.float().detach()
+    groups = KVGroups.from_index(idx, 3)
+    assert groups.overflow.numel() == 1
+    att.eval()
+    ref = att(x, kv, kv_index=idx)
+    torch.testing.assert_close(att(x, kv, kv_index=idx), ref)
+    att.train()
+    a, b = att(x, kv, kv_index=idx), att(x, kv, kv_index=idx)
+    for rows in (groups.packed, groups.overflow):
+        assert ((a[rows] - ref[rows]).abs().amax(dim=(1, 2)) > 1e-4).all()
+        assert ((a[rows] - b[rows]).abs().amax(dim=(1, 2)) > 1e-4).all()
