@@ -4,6 +4,11 @@ with ``regulation=``), on each checkpoint's own world's test split: the weight A
 false negatives and their mean weights. A screening that needs no training: the similarities are
 the checkpoint's, only the regulation differs.
 
+The *ceiling* rows use the truth, which no training run has: each caption's share of the split's
+images it is true of (the best any caption-only prior such as the generality or the length can
+know), alone and added (as a logit) to the checkpoint's standardised evidence. They bound what a
+better estimate of that prior can give with this checkpoint's similarities.
+
     python benchmarks/srcl_evidence.py                 # the study's p 0.5 / 1.0 SRCL seed-0 checkpoints
     python benchmarks/srcl_evidence.py --runs output/srcl_study/runs/p0.50_srcl_s0 ...
 
@@ -38,7 +43,68 @@ SETTINGS = {
     "cross - 0.5 pair + 0.75 generality, standardised": {"pair_weight": 0.5, "generality_weight": 0.75, "standardise": True},
     "cross - pair + 0.75 generality, standardised": {"pair_weight": 1.0, "generality_weight": 0.75, "standardise": True},
     "cross - 2 pair + 0.75 generality, standardised": {"pair_weight": 2.0, "generality_weight": 0.75, "standardise": True},
+    "cross, standardised, length 0.5": {"standardise": True, "length_weight": 0.5},
+    "cross, standardised, length 1": {"standardise": True, "length_weight": 1.0},
+    "cross - pair + 0.75 generality, standardised, length 0.5": {"pair_weight": 1.0, "generality_weight": 0.75,
+                                                                 "standardise": True, "length_weight": 0.5},
+    "cross - pair + 0.75 generality, standardised, length 1": {"pair_weight": 1.0, "generality_weight": 0.75,
+                                                               "standardise": True, "length_weight": 1.0},
 }
+# name -> (factor of the checkpoint's evidence, its loss.contrastive settings) added to the truth's logit prior
+CEILINGS = {
+    "ceiling: the truth's share of images per caption (oracle prior)": (0.0, {"standardise": True}),
+    "ceiling: oracle prior + 0.5 x cross, standardised": (0.5, {"standardise": True}),
+    "ceiling: oracle prior + cross, standardised": (1.0, {"standardise": True}),
+    "ceiling: oracle prior + 2 x cross, standardised": (2.0, {"standardise": True}),
+    "ceiling: oracle prior + cross - pair + 0.75 generality, standardised": (
+        1.0, {"pair_weight": 1.0, "generality_weight": 0.75, "standardise": True}),
+}
+
+
+def ceiling_aucs(ckpt: str, world_root: str, split: str = "test", batch_size: int = 64) -> dict[str, dict]:
+    """The weight AUC (delta 1) of each ``CEILINGS`` evidence on ``split``, in the batches of
+    ``tasks.srcl_diagnostics.diagnose_checkpoint`` (same pairs, order and anchors)."""
+    import dataclasses
+    import os
+
+    import torch
+    from models import losses as L
+    from objectives.pretrain import regulation_evidence
+    from shapesworld.truth import ShapesWorld
+    from tasks.srcl_diagnostics import _pairs
+    from tasks.zero_shot import itc_features, load_vlp_checkpoint
+
+    model, tok, cfg = load_vlp_checkpoint(ckpt, "cpu", objective=True)
+    world, d = ShapesWorld.load(world_root), cfg.data
+    pairs = _pairs(world, split, d.max_words, d.clean_style, 0)
+    images, captions = sorted({p for p, _ in pairs}), sorted({c for _, c in pairs})
+    img_row, cap_row = {p: i for i, p in enumerate(images)}, {c: i for i, c in enumerate(captions)}
+    fi, ft = itc_features(model, tok, [os.path.join(world_root, p) for p in images], captions, cfg.model.vision.img_size,
+                          batch_size, cfg.tokenizer.max_length, momentum=True, progress=False, transform_cfg=d.transform)[:2]
+    share = torch.as_tensor(world.truth_matrix(captions, images)).double().mean(1).clamp(1e-3, 1 - 1e-3)
+    prior = (share / (1 - share)).log()
+    parts: dict[str, dict[str, list]] = {name: {"w": [], "neg": [], "truth": []} for name in CEILINGS}
+    for lo in range(0, len(pairs) - 1, batch_size):
+        chunk = pairs[lo:lo + batch_size]
+        if len(chunk) < 2:
+            break
+        ii = torch.tensor([img_row[p] for p, _ in chunk])
+        cc = torch.tensor([cap_row[c] for _, c in chunk])
+        sim = (fi[ii] @ ft[cc].T).double()
+        neg = ii[:, None] != ii[None, :]
+        truth = torch.as_tensor(world.truth_matrix([c for _, c in chunk], [p for p, _ in chunk])).T
+        for name, (factor, reg) in CEILINGS.items():
+            ccfg = dataclasses.replace(cfg.loss.contrastive, **reg)
+            e = regulation_evidence(ccfg, neg, (fi[ii].double(), ft[cc].double(), fi[ii].double(), ft[cc].double()),
+                                    (sim, sim.T))[0]
+            for key, value in (("w", L.regulation_weights(prior[cc][None, :] + factor * e, neg, 1.0)),
+                               ("neg", neg), ("truth", truth)):  # the last batch padded with non-negatives
+                parts[name][key].append(torch.nn.functional.pad(value, (0, batch_size - len(chunk))))
+    out = {}
+    for name, p in parts.items():
+        r = L.false_negative_auc(*(torch.cat(p[k]) for k in ("w", "neg", "truth")))
+        out[name] = {"weight_auc": r["auc"], "w_false_neg": r["w_false_neg"], "w_true_neg": r["w_true_neg"]}
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -64,10 +130,13 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "weight_auc": d["weight_auc"], "w_false_neg": d["weight_w_false_neg"],
                          "w_true_neg": d["weight_w_true_neg"], "false_negative_rate": d["false_negative_rate"]})
             print(f"{run.name} {name}: AUC {d['weight_auc']:.3f}", flush=True)
+        for name, d in ceiling_aucs(ckpt, world).items():
+            rows.append({"run": run.name, "world": Path(world).name, "setting": name, "regulation": "truth", **d})
+            print(f"{run.name} {name}: AUC {d['weight_auc']:.3f}", flush=True)
     runs = [r.name for r in map(Path, args.runs)]
     lines = ["| regulating evidence (delta 1) | " + " | ".join(f"{r}: AUC / w FN / w TN" for r in runs) + " |",
              "|" + "---|" * (len(runs) + 1)]
-    for name in SETTINGS:
+    for name in [*SETTINGS, *CEILINGS]:
         cells = [next(f"{x['weight_auc']:.3f} / {x['w_false_neg']:.2f} / {x['w_true_neg']:.2f}"
                       for x in rows if x["run"] == r and x["setting"] == name) for r in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

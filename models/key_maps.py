@@ -91,7 +91,8 @@ OPTIONAL = {  # our component -> why an ALBEF/BLIP checkpoint may lack it
     "mlm_head.": "MLM head not in this checkpoint (ALBEF task checkpoints, BLIP without its decoder): fresh initialisation",
 }
 # the training objective's feature queues (keys); its momentum encoders are the first names ending in "_m"
-QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr", "image_queue_h", "text_queue_h", "ptr_queue")
+QUEUES = ("image_queue", "text_queue", "idx_queue", "queue_ptr", "image_queue_h", "text_queue_h", "length_queue",
+          "ptr_queue")
 OBJECTIVE_REASON = "training objective's state (momentum encoder / feature queue): not part of this model"
 # the base-model config keys one of our checkpoints must match (the image size and dropout may differ)
 ARCH_KEYS = {"vision": ("patch_size", "width", "depth", "num_heads", "mlp_ratio", "pre_norm", "act"),

@@ -308,7 +308,7 @@ def split_objective_state(state: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[s
     """``(model part, objective part)`` of a state dict: the training objective's keys are those of the momentum
     encoders (a first name ending in ``_m``: ours ``visual_m.*``, ``text_m.*``, ``vision_proj_m.*``,
     ``text_proj_m.*``, ALBEF/BLIP's ``visual_encoder_m.*``, ...) and of the feature queues (``image_queue``,
-    ``text_queue``, ``idx_queue``, ``queue_ptr``, ``image_queue_h``, ``text_queue_h``; BLIP's ``ptr_queue``). A
+    ``text_queue``, ``idx_queue``, ``queue_ptr``, ``image_queue_h``, ``text_queue_h``, ``length_queue``; BLIP's ``ptr_queue``). A
     model's own state comes back whole; the parts of a :class:`Converted` state keep the conversion's reasons."""
     objective = {k: v for k, v in state.items() if k.split(".")[0].endswith("_m") or k.split(".")[0] in K.QUEUES}
     model = {k: v for k, v in state.items() if k not in objective}

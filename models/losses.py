@@ -98,6 +98,8 @@ def regulation_evidence(
     generality_weight: float = 0.0,
     pair_sim: Tensor | None = None,
     pair_weight: float = 0.0,
+    candidate_length: Tensor | None = None,
+    length_weight: float = 0.0,
 ) -> Tensor:
     """The similarity ``e_ij`` from which the SRCL weights of anchor ``i``'s negatives are computed
     (``regulation_weights(e, ...)``): the higher, the more likely negative ``j`` is a false one.
@@ -112,6 +114,9 @@ def regulation_evidence(
         pair:                  e_ij <- e_ij - pair_weight * pair_sim_j
         standardise:           e_ij <- (e_ij - mean_i) / std_i   over anchor i's negatives
                                (population std; a row whose std is 0 becomes 0)
+        length (after standardise): e_ij <- e_ij - length_weight * z_j,
+                               z_j = (len_j - mean) / std over the candidates that are a negative
+                               of some anchor (population std; all 0 if it is 0)
 
     ``g_j`` is how similar candidate ``j`` is to all the anchors it is a negative of: a caption
     that describes little ("there is a circle") is close to many images and is true of many of
@@ -120,6 +125,9 @@ def regulation_evidence(
     an anchor that matches the candidate about as well as the candidate's own pair does is likely
     one it is true of; subtracting it removes how high the candidate's similarities run in general
     (a caption that says little never matches any image as closely as a full description does).
+    ``len_j`` is a candidate caption's length in tokens: a short caption describes little and is
+    true of many images, a prior the image anchors' evidence can take without any similarity (it is
+    added after ``standardise``, so ``length_weight`` is in units of the anchor's spread there).
 
     ``sim_cross`` is the anchor's similarity to the candidate (image-text); ``sim_intra`` the
     similarity of the candidate to the anchor's own item of the candidate's modality (an image
@@ -139,6 +147,9 @@ def regulation_evidence(
         generality_weight: factor of the candidate's mean similarity to the anchors (0 = off).
         pair_sim: (K,) each candidate's similarity to its own pair; required when ``pair_weight`` != 0.
         pair_weight: factor of ``pair_sim`` subtracted from each column (0 = off).
+        candidate_length: (K,) each candidate caption's length; required when ``length_weight`` != 0.
+        length_weight: factor of the standardised ``candidate_length`` subtracted from each column
+            (0 = off).
 
     Returns:
         (B, K) evidence without gradient, float32 (float64 for float64 input).
@@ -152,7 +163,7 @@ def regulation_evidence(
             raise ValueError(f"source {source!r} needs sim_intra (the similarity to the anchor's own item)")
         _check_same_shape("sim_intra", sim_intra, sim_cross.shape)
     for name, value in (("intra_weight", intra_weight), ("generality_weight", generality_weight),
-                        ("pair_weight", pair_weight)):
+                        ("pair_weight", pair_weight), ("length_weight", length_weight)):
         if not math.isfinite(float(value)):
             raise ValueError(f"{name} must be finite, got {value}")
     if pair_weight != 0.0:
@@ -160,6 +171,11 @@ def regulation_evidence(
             raise ValueError(f"pair_weight={pair_weight} needs pair_sim (each candidate's similarity to its own pair)")
         if pair_sim.shape != sim_cross.shape[1:]:
             raise ValueError(f"pair_sim must have shape ({sim_cross.shape[1]},), got {tuple(pair_sim.shape)}")
+    if length_weight != 0.0:
+        if candidate_length is None:
+            raise ValueError(f"length_weight={length_weight} needs candidate_length (each candidate caption's length)")
+        if candidate_length.shape != sim_cross.shape[1:]:
+            raise ValueError(f"candidate_length must have shape ({sim_cross.shape[1]},), got {tuple(candidate_length.shape)}")
     dtype = _float_dtype(sim_cross)
     with torch.no_grad():
         if source == "cross":
@@ -182,6 +198,14 @@ def regulation_evidence(
             var = torch.where(neg_mask, (ez - mean) ** 2, zero).sum(dim=1, keepdim=True) / n
             std = var.sqrt()
             e = torch.where(std > 0, (e - mean) / std.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(e))
+        if length_weight != 0.0:
+            cols = neg_mask.any(dim=0)
+            length = candidate_length.detach().to(dtype=dtype, device=e.device)  # type: ignore[union-attr]
+            n = cols.sum().clamp_min(1).to(dtype)
+            mean = torch.where(cols, length, zero).sum() / n
+            std = (torch.where(cols, (length - mean) ** 2, zero).sum() / n).sqrt()
+            z = torch.where(std > 0, (length - mean) / std.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(length))
+            e = e - float(length_weight) * z[None, :]
     return e
 
 

@@ -51,6 +51,7 @@ class ContrastiveConfig:
     intra_weight: float = opt(1.0, "factor of the intra-modal similarity in evidence cross+intra")
     generality_weight: float = opt(0.0, "add this factor times the negative's mean similarity to all the anchors it is a negative of (a candidate close to many anchors, e.g. a caption that describes little, is a likely false negative of each); 0 = off")
     pair_weight: float = opt(0.0, "subtract this factor times the negative's similarity to its own pair (a negative caption's own image, a negative image's own caption): a negative that the anchor matches about as well as its own pair does is a likely false negative; 0 = off")
+    length_weight: float = opt(0.0, "image anchors: subtract this factor times the negative caption's length in tokens, standardised over the candidate captions, after standardise (a short caption describes little and is true of many images: a likely false negative of each); the text anchors' negative images have no length; 0 = off")
     standardise: bool = opt(False, "divide each anchor's evidence by its standard deviation over the anchor's negatives (after centring), so that delta is in units of that spread for every anchor")
     use_queue: bool = opt(True, "queued momentum features also serve as (weighted) negatives")
     queue_start_step: int = opt(0, "optimiser step from which the queued features join the loss (the queue fills from step 0); "
@@ -77,7 +78,7 @@ class ContrastiveConfig:
                 raise ValueError(f"loss.contrastive.{name} must be in [0, 1]; got {v}")
         if self.delta < 0:
             raise ValueError(f"loss.contrastive.delta must be >= 0; got {self.delta}")
-        for name in ("intra_weight", "generality_weight", "pair_weight"):
+        for name in ("intra_weight", "generality_weight", "pair_weight", "length_weight"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"loss.contrastive.{name} must be a finite number; got {getattr(self, name)}")
         if self.queue_start_step < 0:
@@ -154,19 +155,24 @@ def load_objective_from_checkpoint(objective: "PretrainObjective", ckpt: dict) -
     return objective.load_momentum(split_objective_state(state)[1])
 
 
-def regulation_evidence(ccfg: ContrastiveConfig, neg: torch.Tensor, feats: tuple, cross: tuple) -> tuple:
+def regulation_evidence(ccfg: ContrastiveConfig, neg: torch.Tensor, feats: tuple, cross: tuple,
+                        text_length: Optional[torch.Tensor] = None) -> tuple:
     """The evidence of both directions (``models.losses.regulation_evidence``) that the SRCL weights
     are computed from. ``feats``: the anchors' normalised (image, text) features and the candidate
     columns' (image, text) features; ``cross``: the (image-to-text, text-to-image) similarities of
     the anchors to the candidates. The intra-modal similarity of an image anchor is its own
     caption's similarity to the candidate captions; of a caption anchor, its own image's to the
     candidate images. Column ``j``'s image and text are a pair (the batch's and the queue's), so
-    ``image_all[j] . text_all[j]`` is candidate ``j``'s similarity to its own pair, in both directions."""
+    ``image_all[j] . text_all[j]`` is candidate ``j``'s similarity to its own pair, in both directions.
+    ``text_length``: the candidate captions' lengths in tokens (``loss.contrastive.length_weight``;
+    image-to-text only: the text anchors' candidates are images)."""
     image_a, text_a, image_all, text_all = feats
     intra = (None, None) if ccfg.evidence == "cross" else (text_a @ text_all.T, image_a @ image_all.T)
     pair = (image_all * text_all).sum(-1) if ccfg.pair_weight != 0.0 else None
+    lengths = ((text_length, ccfg.length_weight), (None, 0.0))
     return tuple(L.regulation_evidence(c, neg, ccfg.evidence, i, ccfg.intra_weight, ccfg.standardise,
-                                       ccfg.generality_weight, pair, ccfg.pair_weight) for c, i in zip(cross, intra))
+                                       ccfg.generality_weight, pair, ccfg.pair_weight, n, w)
+                 for c, i, (n, w) in zip(cross, intra, lengths))
 
 
 # ---------------------------------------------------------------------------------- the objective
@@ -202,6 +208,14 @@ class PretrainObjective(nn.Module):
         if helper_dim is not None:
             self.register_buffer("image_queue_h", torch.zeros(helper_dim, q))
             self.register_buffer("text_queue_h", torch.zeros(helper_dim, q))
+        if self.uses_text_length:  # the queued captions' lengths in tokens
+            self.register_buffer("length_queue", torch.zeros(q, dtype=torch.long))
+
+    @property
+    def uses_text_length(self) -> bool:
+        """Whether the regulation reads the candidate captions' lengths (``length_weight``)."""
+        c = self.cfg.contrastive
+        return c.kind == "srcl" and c.length_weight != 0.0
 
     def param_groups(self, lr: float, lr_vision: float, weight_decay: float) -> list[dict]:
         """The model's AdamW groups (the momentum copy is not trained)."""
@@ -262,16 +276,20 @@ class PretrainObjective(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, image_feat: torch.Tensor, text_feat: torch.Tensor, idx: torch.Tensor,
-                image_feat_h: Optional[torch.Tensor] = None, text_feat_h: Optional[torch.Tensor] = None) -> None:
+                image_feat_h: Optional[torch.Tensor] = None, text_feat_h: Optional[torch.Tensor] = None,
+                text_length: Optional[torch.Tensor] = None) -> None:
         """Write (already gathered) momentum features at the queue pointer, wrapping around. A row with
         a non-finite feature leaves its queue slot as it was (empty or older), so that a step the
-        trainer skips for a non-finite loss does not poison the following ones."""
+        trainer skips for a non-finite loss does not poison the following ones. ``text_length``: the
+        captions' lengths, kept when the regulation reads them (:attr:`uses_text_length`)."""
         q = self.image_queue.shape[1]
         if q == 0:
             return
         n = image_feat.shape[0]
         if n > q:  # keep the newest q entries
             image_feat, text_feat, idx = image_feat[-q:], text_feat[-q:], idx[-q:]
+            if text_length is not None:
+                text_length = text_length[-q:]
             if image_feat_h is not None:
                 image_feat_h, text_feat_h = image_feat_h[-q:], text_feat_h[-q:]
             n = q
@@ -287,6 +305,8 @@ class PretrainObjective(nn.Module):
         write(self.image_queue, image_feat)
         write(self.text_queue, text_feat)
         self.idx_queue[pos] = torch.where(finite, idx, self.idx_queue[pos])
+        if text_length is not None and hasattr(self, "length_queue"):
+            self.length_queue[pos] = torch.where(finite, text_length.to(self.length_queue.dtype), self.length_queue[pos])
         if with_h:
             write(self.image_queue_h, image_feat_h)
             write(self.text_queue_h, text_feat_h)
@@ -324,6 +344,7 @@ class PretrainObjective(nn.Module):
             cls[:, 0] = True
             text_feat_m = F.normalize(self.text_proj_m(self.text_m.forward_text(ids, mask, select=cls)).float(), dim=-1)
             image_m_g, text_m_g, idx_g = (all_gather_nograd(t) for t in (image_feat_m, text_feat_m, idx))
+            length_g = all_gather_nograd(mask.sum(1)) if self.uses_text_length else None
             use_queue = (ccfg.use_queue and self.image_queue.shape[1] > 0
                          and (step is None or step >= ccfg.queue_start_step))
             if use_queue:
@@ -332,7 +353,9 @@ class PretrainObjective(nn.Module):
                 text_all = torch.cat([text_m_g, self.text_queue.T.float()])
                 idx_all = torch.cat([idx_g, self.idx_queue])
                 valid = torch.cat([torch.ones_like(idx_g, dtype=torch.bool), q_valid])
+                length_all = torch.cat([length_g, self.length_queue]) if length_g is not None else None
             else:
+                length_all = length_g
                 image_all, text_all, idx_all = image_m_g, text_m_g, idx_g
                 valid = torch.ones_like(idx_g, dtype=torch.bool)
             pos = idx[:, None] == idx_all[None, :]
@@ -358,10 +381,10 @@ class PretrainObjective(nn.Module):
             w_i2t = w_t2i = None
             if ccfg.kind == "srcl":
                 e_i2t, e_t2i = regulation_evidence(ccfg, neg, (image_a, text_a, image_all, text_all),
-                                                   (sim_i2t_model, sim_t2i_model))
+                                                   (sim_i2t_model, sim_t2i_model), length_all)
                 if helper_feats is not None:
                     helper_i2t, helper_t2i = regulation_evidence(ccfg, neg, (image_h, text_h, image_h_all, text_h_all),
-                                                                 (helper_i2t, helper_t2i))
+                                                                 (helper_i2t, helper_t2i), length_all)
                 w_i2t = L.regulation_weights(e_i2t, neg, ccfg.delta, helper_i2t, alpha)
                 w_t2i = L.regulation_weights(e_t2i, neg, ccfg.delta, helper_t2i, alpha)
             soft_i2t = soft_t2i = None
@@ -388,7 +411,7 @@ class PretrainObjective(nn.Module):
 
         with torch.no_grad():
             self.enqueue(image_m_g, text_m_g, idx_g,
-                         *( (image_h_g, text_h_g) if helper_feats is not None else (None, None) ))
+                         *( (image_h_g, text_h_g) if helper_feats is not None else (None, None) ), text_length=length_g)
 
         # ---------------- ITM with hard negatives and MLM in one fusion pass. Rows: the positive
         # pairs, (text, hard negative image), (hard negative text, image), (masked text, image).

@@ -97,8 +97,8 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     positives, the rest negatives. The weights are ``regulation_weights`` of the checkpoint's model
     similarity (its ``similarity_source``: momentum or online encoders) mixed with the helper's, made
     into evidence as the run's ``loss.contrastive`` says (``evidence``, ``intra_weight``,
-    ``standardise``: ``objectives.pretrain.regulation_evidence``; an anchor's own caption is its
-    row's caption).
+    ``standardise``, ...: ``objectives.pretrain.regulation_evidence``; an anchor's own caption is its
+    row's caption; a caption's length is its token count under the checkpoint's tokenizer).
     The AUCs and means are pooled over all negatives of all batches.
 
     Args:
@@ -154,6 +154,11 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     feats = itc_features(model, tokenizer, full_paths, captions, cfg.model.vision.img_size, batch_size,
                          cfg.tokenizer.max_length, momentum=source == "momentum", progress=progress,
                          transform_cfg=d.transform)
+    lengths = None  # the captions' lengths in tokens, as the objective counts them (loss.contrastive.length_weight)
+    if ccfg.kind == "srcl" and ccfg.length_weight != 0.0:
+        enc = tokenizer(captions, padding="longest", truncation=True, max_length=cfg.tokenizer.max_length,
+                        return_tensors="pt")
+        lengths = enc["attention_mask"].sum(1)
     h_feats = None
     if helper:
         h_model, h_tok, h_cfg = load_vlp_checkpoint(helper, device)
@@ -175,12 +180,13 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
         neg = ii[:, None] != ii[None, :]
         truth = torch.as_tensor(world.truth_matrix([c for _, c in chunk], [p for p, _ in chunk])).T
         # the evidence the checkpoint's run regulated by (image anchors: the row's own caption is its intra item)
-        e = regulation_evidence(ccfg, neg, (feats[0][ii], feats[1][cc], feats[0][ii], feats[1][cc]), (sim, sim.T))[0]
+        length = lengths[cc] if lengths is not None else None
+        e = regulation_evidence(ccfg, neg, (feats[0][ii], feats[1][cc], feats[0][ii], feats[1][cc]), (sim, sim.T), length)[0]
         sim_h = None
         if h_feats is not None:
             sim_h = h_feats[0][ii] @ h_feats[1][cc].T
             sim_h = regulation_evidence(ccfg, neg, (h_feats[0][ii], h_feats[1][cc], h_feats[0][ii], h_feats[1][cc]),
-                                        (sim_h, sim_h.T))[0]
+                                        (sim_h, sim_h.T), length)[0]
         w = L.regulation_weights(e, neg, delta, sim_h, alpha)
         if keep_batch and first is None:
             first = {"truth": truth.tolist(), "neg": neg.tolist(), "weights": w.tolist(), "sim": sim.tolist()}
@@ -200,7 +206,7 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
                 "alpha": alpha, "similarity_source": source, "split": split, "checkpoint": checkpoint_path,
                 "helper": helper, "evidence": ccfg.evidence, "intra_weight": ccfg.intra_weight,
                 "standardise": ccfg.standardise, "generality_weight": ccfg.generality_weight,
-                "pair_weight": ccfg.pair_weight})
+                "pair_weight": ccfg.pair_weight, "length_weight": ccfg.length_weight})
     if keep_batch:
         res["batch"] = first
     return res

@@ -525,10 +525,22 @@ def test_mean_offdiag_cosine_is_one_for_collapsed_features_and_nan_for_one_row()
 # ----------------------------------------------------------------------------------------------
 # the regulating evidence
 # ----------------------------------------------------------------------------------------------
-def ref_evidence(cross, neg, source, intra, intra_weight, standardise, generality_weight=0.0, pair=None, pair_weight=0.0):
+def ref_evidence(cross, neg, source, intra, intra_weight, standardise, generality_weight=0.0, pair=None, pair_weight=0.0,
+                 length=None, length_weight=0.0):
     """Plain loops: cross / intra / cross + w * intra, plus the generality term (the column's mean
     cross similarity over the rows it is a negative of), minus pair_weight x the column's similarity
-    to its own pair, then (e - mean) / std over each row's negatives."""
+    to its own pair, then (e - mean) / std over each row's negatives, then minus length_weight x the
+    column's length standardised over the columns that are some row's negative."""
+    e = _ref_evidence(cross, neg, source, intra, intra_weight, standardise, generality_weight, pair, pair_weight)
+    if not length_weight:
+        return e
+    cols = [j for j in range(len(cross[0])) if any(row[j] for row in neg)]
+    mean = sum(length[j] for j in cols) / len(cols)
+    std = math.sqrt(sum((length[j] - mean) ** 2 for j in cols) / len(cols))
+    return [[v - length_weight * ((length[j] - mean) / std if std > 0 else 0.0) for j, v in enumerate(row)] for row in e]
+
+
+def _ref_evidence(cross, neg, source, intra, intra_weight, standardise, generality_weight, pair, pair_weight):
     B, K = len(cross), len(cross[0])
     e = [[cross[i][j] if source == "cross" else intra[i][j] if source == "intra"
           else cross[i][j] + intra_weight * intra[i][j] for j in range(K)] for i in range(B)]
@@ -552,17 +564,21 @@ def ref_evidence(cross, neg, source, intra, intra_weight, standardise, generalit
 @pytest.mark.parametrize("standardise", [False, True])
 @pytest.mark.parametrize("generality", [0.0, 1.5])
 @pytest.mark.parametrize("pair_weight", [0.0, 0.8])
-def test_regulation_evidence_matches_loop_reference(source, standardise, generality, pair_weight):
+@pytest.mark.parametrize("length_weight", [0.0, 0.6])
+def test_regulation_evidence_matches_loop_reference(source, standardise, generality, pair_weight, length_weight):
     sim, pos, valid = make_batch(B=5, Q=6, n_invalid=2, seed=11)
     neg = valid & ~pos
     g = torch.Generator().manual_seed(12)
     intra = torch.rand(sim.shape, generator=g, dtype=torch.float64) * 2 - 1
     pair = torch.rand(sim.shape[1], generator=g, dtype=torch.float64) * 2 - 1
+    length = torch.randint(3, 30, (sim.shape[1],), generator=g)
+    length[~neg.any(0)] = 1000  # a column that is nobody's negative (an empty queue slot) must not enter the statistics
+    assert bool((~neg.any(0)).any())
     cross = sim.double().masked_fill(~valid, float("nan"))  # garbage outside the negatives is ignored
     cross = torch.where(neg, cross, torch.full_like(cross, float("nan")))  # only the negatives' entries may count
-    e = regulation_evidence(cross, neg, source, intra, 0.7, standardise, generality, pair, pair_weight)
+    e = regulation_evidence(cross, neg, source, intra, 0.7, standardise, generality, pair, pair_weight, length, length_weight)
     ref = torch.tensor(ref_evidence(tl(cross), neg.tolist(), source, tl(intra), 0.7, standardise, generality,
-                                    pair.tolist(), pair_weight), dtype=torch.float64)
+                                    pair.tolist(), pair_weight, length.tolist(), length_weight), dtype=torch.float64)
     assert e.dtype == torch.float64
     torch.testing.assert_close(e[neg], ref[neg], rtol=1e-12, atol=1e-12)
     if standardise:  # delta now acts per anchor in units of its spread: the weights differ from the raw ones
@@ -577,6 +593,15 @@ def test_regulation_evidence_errors_and_constant_rows():
         regulation_evidence(sim, neg, "intra")
     with pytest.raises(ValueError, match="source must be one of"):
         regulation_evidence(sim, neg, "both")
+    with pytest.raises(ValueError, match="needs candidate_length"):
+        regulation_evidence(sim, neg, length_weight=1.0)
+    with pytest.raises(ValueError, match="candidate_length must have shape"):
+        regulation_evidence(sim, neg, candidate_length=torch.ones(sim.shape[1] + 1), length_weight=1.0)
+    with pytest.raises(ValueError, match="length_weight must be finite"):
+        regulation_evidence(sim, neg, candidate_length=torch.ones(sim.shape[1]), length_weight=float("inf"))
+    # captions of one length carry no length evidence
+    torch.testing.assert_close(regulation_evidence(sim, neg, candidate_length=torch.full((sim.shape[1],), 7), length_weight=2.0),
+                               regulation_evidence(sim, neg))
     with pytest.raises(ValueError, match="needs pair_sim"):
         regulation_evidence(sim, neg, pair_weight=1.0)
     with pytest.raises(ValueError, match="pair_sim must have shape"):

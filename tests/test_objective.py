@@ -296,3 +296,53 @@ def test_srcl_weights_from_the_intra_modal_evidence(evidence, standardise, gener
         assert float((ref - 1).abs().max()) > 0.05  # the weights regulate
     with pytest.raises(ValueError, match="intra_weight"):
         ContrastiveConfig(intra_weight=float("nan")).validate()
+
+
+def test_length_evidence_reads_the_batch_and_queued_caption_lengths():
+    """``length_weight``: the image anchors' evidence subtracts the candidate captions' standardised
+    lengths, the batch's (attention-mask sums) and the queued ones (``length_queue``, written with the
+    features); the caption anchors' evidence has no length term. Against a plain float64
+    re-computation from the momentum features and the queue as it was before the forward."""
+    from models.vlp import vit_class_token
+    from tests.test_losses import ref_evidence, ref_weights
+    torch.manual_seed(0)
+    ccfg = ContrastiveConfig(kind="srcl", delta=2.0, standardise=True, length_weight=0.8)
+    obj = tiny(queue=8, momentum=0.5, contrastive=ccfg, itm=0.0, mlm=0.0)
+    assert obj.length_queue.shape == (8,) and "length_queue" in obj.state_dict()
+    assert not hasattr(tiny(queue=8), "length_queue")  # only where the regulation reads it
+    with torch.no_grad():
+        for p in obj.model.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    obj.copy_params_to_momentum()
+    first, second = tiny_batch(5, length=8, idx=[0, 1, 2, 3, 4]), tiny_batch(5, length=8, idx=[5, 6, 2, 7, 8])
+    for batch, lengths in ((first, [3, 8, 5, 6, 4]), (second, [8, 2, 7, 4, 6])):
+        batch["attention_mask"] = (torch.arange(8)[None, :] < torch.tensor(lengths)[:, None]).long()
+    obj(first)
+    torch.testing.assert_close(obj.length_queue[:5], torch.tensor([3, 8, 5, 6, 4]))
+    queue = [obj.text_queue.T.double().clone(), obj.image_queue.T.double().clone(), obj.idx_queue.clone(),
+             obj.length_queue.clone()]
+    out = obj(second)
+    torch.testing.assert_close(obj.length_queue[5:8], torch.tensor([8, 2, 7]))  # the queue wraps after 8
+    torch.testing.assert_close(obj.length_queue[:2], torch.tensor([4, 6]))
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(obj.vision_proj_m(vit_class_token(obj.visual_m, second["image"])), dim=-1).double()
+        cls = torch.zeros_like(second["input_ids"], dtype=torch.bool)
+        cls[:, 0] = True
+        txt = torch.nn.functional.normalize(obj.text_proj_m(obj.text_m.forward_text(
+            second["input_ids"], second["attention_mask"], select=cls)), dim=-1).double()
+    text_all, image_all = torch.cat([txt, queue[0]]), torch.cat([img, queue[1]])
+    idx = second["image_idx"].tolist()
+    idx_all = idx + queue[2].tolist()
+    length_all = second["attention_mask"].sum(1).tolist() + queue[3].tolist()
+    neg = [[idx_all[j] >= 0 and idx[i] != idx_all[j] for j in range(13)] for i in range(5)]
+    assert sum(not neg[2][j] for j in range(5, 13)) == 3 + 1  # row 2: 3 empty slots and the queued caption of its image
+    for anchors, cands, key, lw in ((img, text_all, "weights_i2t", 0.8), (txt, image_all, "weights_t2i", 0.0)):
+        cross = (anchors @ cands.T).tolist()
+        e = ref_evidence(cross, neg, "cross", None, 1.0, True, length=length_all, length_weight=lw)
+        ref = torch.tensor(ref_weights(e, neg, 2.0), dtype=torch.float64)
+        m = torch.tensor(neg)
+        torch.testing.assert_close(out[key].double()[m], ref[m], rtol=1e-4, atol=1e-5)
+    plain = ref_weights(ref_evidence((img @ text_all.T).tolist(), neg, "cross", None, 1.0, True), neg, 2.0)
+    assert float((out["weights_i2t"].double() - torch.tensor(plain, dtype=torch.float64))[torch.tensor(neg)].abs().max()) > 0.05
+    with pytest.raises(ValueError, match="length_weight"):
+        ContrastiveConfig(length_weight=float("nan")).validate()

@@ -367,6 +367,16 @@ def test_diagnose_checkpoint_under_another_regulation(tiny_run, world):
     assert torch.allclose(torch.tensor(rel["batch"]["weights"], dtype=torch.float64),
                           torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(torch.tensor(paper["batch"]["weights"]), torch.tensor(rel["batch"]["weights"]), atol=1e-3)
+    # the captions' lengths: each caption's token count, tokenised on its own
+    short = diagnose_checkpoint(ckpt, str(world), split="train", batch_size=8, progress=False, keep_batch=True,
+                                regulation={"length_weight": 0.05, "delta": 20.0})
+    length = [int(tok([c], truncation=True, max_length=cfg.tokenizer.max_length, return_tensors="pt")["attention_mask"].sum())
+              for _, c in pairs[:8]]
+    assert len(set(length)) > 1 and short["length_weight"] == 0.05
+    ref = ref_weights(ref_evidence(sim, neg, "cross", None, 0.0, False, length=length, length_weight=0.05), neg, 20.0)
+    assert torch.allclose(torch.tensor(short["batch"]["weights"], dtype=torch.float64),
+                          torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(torch.tensor(paper["batch"]["weights"]), torch.tensor(short["batch"]["weights"]), atol=1e-3)
 
 
 def test_zero_shot_retrieval_semantic_counts_every_true_item(tiny_run, world):
@@ -432,6 +442,44 @@ def test_judge_checkpoint_scores_and_aucs(tiny_run, world):
             if 0 < sum(r[j] for r in truth) < len(all_images)]
     assert math.isclose(res["judges"]["itc"]["col_auc"], sum(cols) / len(cols), abs_tol=1e-3)
     assert math.isclose(mean_auc(torch.tensor(sim).T, torch.tensor(truth).T, 0), sum(cols) / len(cols), abs_tol=1e-6)
+
+
+def test_evidence_ceiling_rows_against_a_plain_recomputation(tiny_run, world):
+    """benchmarks/srcl_evidence.py's ceiling rows: the truth's logit share of images per caption as
+    the evidence; the weight AUC re-computed with plain loops (weights exp(-e) / row mean over the
+    negatives, pooled Mann-Whitney AUC over all batches' negatives, ties counted half)."""
+    from tasks.srcl_diagnostics import _pairs
+    from tests.pretrain_helpers import load_benchmark
+    ckpt = str(tiny_run[0] / "checkpoint_last.pth")
+    res = load_benchmark("srcl_evidence").ceiling_aucs(ckpt, str(world), split="train", batch_size=8)
+    _, _, cfg = load_vlp_checkpoint(ckpt)
+    shapes = ShapesWorld.load(world)
+    pairs = _pairs(shapes, "train", cfg.data.max_words, cfg.data.clean_style, 0)
+    images = sorted({p for p, _ in pairs})
+    share = {}
+    for c in {c for _, c in pairs}:
+        n = sum(shapes.is_true(c, p) for p in images) / len(images)
+        n = min(max(n, 1e-3), 1 - 1e-3)
+        share[c] = math.log(n / (1 - n))
+    fn, tn = [], []
+    for lo in range(0, len(pairs) - 1, 8):
+        chunk = pairs[lo:lo + 8]
+        for i, (img, _) in enumerate(chunk):
+            negs = [(j, c) for j, (other, c) in enumerate(chunk) if other != img]
+            if not negs:
+                continue
+            mean = sum(math.exp(-share[c]) for _, c in negs) / len(negs)
+            for _, c in negs:
+                (fn if shapes.is_true(c, img) else tn).append(math.exp(-share[c]) / mean)
+    assert fn and tn
+    close = lambda a, b: abs(a - b) <= 1e-9 * max(a, b)  # noqa: E731  (ties up to rounding)
+    auc = sum(0.5 if close(a, b) else float(a < b) for a in fn for b in tn) / (len(fn) * len(tn))
+    # captions of one share tie in exact arithmetic; rounding may order such a pair either way, moving
+    # the AUC by at most half a pair each
+    slack = 0.5 * sum(close(a, b) for a in fn for b in tn) / (len(fn) * len(tn))
+    row = res["ceiling: the truth's share of images per caption (oracle prior)"]
+    assert abs(row["weight_auc"] - auc) <= slack + 1e-9 and slack < 0.05
+    assert row["w_false_neg"] == pytest.approx(sum(fn) / len(fn), rel=1e-9)
 
 
 @pytest.mark.parametrize("script", ["srcl_judge", "srcl_evidence"])
