@@ -71,7 +71,7 @@ def ceiling_aucs(ckpt: str, world_root: str, split: str = "test", batch_size: in
     from models import losses as L
     from objectives.pretrain import regulation_evidence
     from shapesworld.truth import ShapesWorld
-    from tasks.srcl_diagnostics import _pairs
+    from tasks.srcl_diagnostics import _pairs, pair_batches
     from tasks.zero_shot import itc_features, load_vlp_checkpoint
 
     model, tok, cfg = load_vlp_checkpoint(ckpt, "cpu", objective=True)
@@ -84,22 +84,15 @@ def ceiling_aucs(ckpt: str, world_root: str, split: str = "test", batch_size: in
     share = torch.as_tensor(world.truth_matrix(captions, images)).double().mean(1).clamp(1e-3, 1 - 1e-3)
     prior = (share / (1 - share)).log()
     parts: dict[str, dict[str, list]] = {name: {"w": [], "neg": [], "truth": []} for name in CEILINGS}
-    for lo in range(0, len(pairs) - 1, batch_size):
-        chunk = pairs[lo:lo + batch_size]
-        if len(chunk) < 2:
-            break
-        ii = torch.tensor([img_row[p] for p, _ in chunk])
-        cc = torch.tensor([cap_row[c] for _, c in chunk])
+    for ii, cc, neg, truth in pair_batches(world, pairs, img_row, cap_row, batch_size):
         sim = (fi[ii] @ ft[cc].T).double()
-        neg = ii[:, None] != ii[None, :]
-        truth = torch.as_tensor(world.truth_matrix([c for _, c in chunk], [p for p, _ in chunk])).T
         for name, (factor, reg) in CEILINGS.items():
             ccfg = dataclasses.replace(cfg.loss.contrastive, **reg)
             e = regulation_evidence(ccfg, neg, (fi[ii].double(), ft[cc].double(), fi[ii].double(), ft[cc].double()),
                                     (sim, sim.T))[0]
             for key, value in (("w", L.regulation_weights(prior[cc][None, :] + factor * e, neg, 1.0)),
                                ("neg", neg), ("truth", truth)):  # the last batch padded with non-negatives
-                parts[name][key].append(torch.nn.functional.pad(value, (0, batch_size - len(chunk))))
+                parts[name][key].append(torch.nn.functional.pad(value, (0, batch_size - len(ii))))
     out = {}
     for name, p in parts.items():
         r = L.false_negative_auc(*(torch.cat(p[k]) for k in ("w", "neg", "truth")))

@@ -60,6 +60,11 @@ class ContrastiveConfig:
     distill: bool = opt(False, "ALBEF momentum distillation of the contrastive targets")
     distill_alpha: float = opt(0.4, "weight of the momentum soft targets when distill is on")
 
+    @property
+    def reads_caption_length(self) -> bool:
+        """Whether the regulation reads the candidate captions' lengths (``length_weight``)."""
+        return self.kind == "srcl" and self.length_weight != 0.0
+
     def alpha_at(self, progress: float) -> float:
         """Alpha at training progress in [0, 1]; 0 throughout without a helper model."""
         if self.kind != "srcl" or self.helper_checkpoint is None:
@@ -208,14 +213,8 @@ class PretrainObjective(nn.Module):
         if helper_dim is not None:
             self.register_buffer("image_queue_h", torch.zeros(helper_dim, q))
             self.register_buffer("text_queue_h", torch.zeros(helper_dim, q))
-        if self.uses_text_length:  # the queued captions' lengths in tokens
+        if cfg.contrastive.reads_caption_length:  # the queued captions' lengths in tokens
             self.register_buffer("length_queue", torch.zeros(q, dtype=torch.long))
-
-    @property
-    def uses_text_length(self) -> bool:
-        """Whether the regulation reads the candidate captions' lengths (``length_weight``)."""
-        c = self.cfg.contrastive
-        return c.kind == "srcl" and c.length_weight != 0.0
 
     def param_groups(self, lr: float, lr_vision: float, weight_decay: float) -> list[dict]:
         """The model's AdamW groups (the momentum copy is not trained)."""
@@ -281,7 +280,7 @@ class PretrainObjective(nn.Module):
         """Write (already gathered) momentum features at the queue pointer, wrapping around. A row with
         a non-finite feature leaves its queue slot as it was (empty or older), so that a step the
         trainer skips for a non-finite loss does not poison the following ones. ``text_length``: the
-        captions' lengths, kept when the regulation reads them (:attr:`uses_text_length`)."""
+        captions' lengths, kept when the regulation reads them (``ContrastiveConfig.reads_caption_length``)."""
         q = self.image_queue.shape[1]
         if q == 0:
             return
@@ -344,7 +343,7 @@ class PretrainObjective(nn.Module):
             cls[:, 0] = True
             text_feat_m = F.normalize(self.text_proj_m(self.text_m.forward_text(ids, mask, select=cls)).float(), dim=-1)
             image_m_g, text_m_g, idx_g = (all_gather_nograd(t) for t in (image_feat_m, text_feat_m, idx))
-            length_g = all_gather_nograd(mask.sum(1)) if self.uses_text_length else None
+            length_g = all_gather_nograd(mask.sum(1)) if ccfg.reads_caption_length else None
             use_queue = (ccfg.use_queue and self.image_queue.shape[1] > 0
                          and (step is None or step >= ccfg.queue_start_step))
             if use_queue:

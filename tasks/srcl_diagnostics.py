@@ -42,7 +42,7 @@ import json
 import os
 import random
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -52,7 +52,7 @@ from objectives.pretrain import PretrainObjective, regulation_evidence
 from tasks.srcl_measures import batch_diagnostics
 from tasks.zero_shot import itc_features, load_vlp_checkpoint
 
-__all__ = ["diagnose_checkpoint", "main", "study_runs"]
+__all__ = ["diagnose_checkpoint", "main", "pair_batches", "study_runs"]
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -66,6 +66,22 @@ def _pairs(world, split: str, max_words: int, clean_style: str, seed: int) -> li
                 pairs.append((path, text))
     random.Random(seed).shuffle(pairs)
     return pairs
+
+
+def pair_batches(world, pairs: list[tuple[str, str]], img_row: dict[str, int], cap_row: dict[str, int],
+                 batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """The diagnostics' batches of ``pairs`` (``batch_size`` pairs each, the last possibly fewer, none
+    of one pair): ``(ii, cc, neg, truth)``, the rows of each pair's image and caption (``img_row``,
+    ``cap_row``), the (anchors x captions) negatives (another image) and the world's truth (the
+    caption is true of the anchor image)."""
+    for lo in range(0, len(pairs) - 1, batch_size):
+        chunk = pairs[lo:lo + batch_size]
+        if len(chunk) < 2:
+            break
+        ii = torch.tensor([img_row[p] for p, _ in chunk])
+        cc = torch.tensor([cap_row[c] for _, c in chunk])
+        truth = torch.as_tensor(world.truth_matrix([c for _, c in chunk], [p for p, _ in chunk])).T
+        yield ii, cc, ii[:, None] != ii[None, :], truth
 
 
 def study_runs(folders) -> list[tuple[str, str, dict]]:
@@ -155,7 +171,7 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
                          cfg.tokenizer.max_length, momentum=source == "momentum", progress=progress,
                          transform_cfg=d.transform)
     lengths = None  # the captions' lengths in tokens, as the objective counts them (loss.contrastive.length_weight)
-    if ccfg.kind == "srcl" and ccfg.length_weight != 0.0:
+    if ccfg.reads_caption_length:
         enc = tokenizer(captions, padding="longest", truncation=True, max_length=cfg.tokenizer.max_length,
                         return_tensors="pt")
         lengths = enc["attention_mask"].sum(1)
@@ -170,15 +186,8 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     rows: dict[str, list[Tensor]] = {"neg": [], "truth": [], "sim": [], "w": [], "h": []}
     top1: list[float] = []
     first: Optional[dict] = None
-    for lo in range(0, len(pairs) - 1, batch_size):
-        chunk = pairs[lo:lo + batch_size]
-        if len(chunk) < 2:
-            break
-        ii = torch.tensor([img_row[p] for p, _ in chunk])
-        cc = torch.tensor([cap_row[c] for _, c in chunk])
+    for ii, cc, neg, truth in pair_batches(world, pairs, img_row, cap_row, batch_size):
         sim = feats[0][ii] @ feats[1][cc].T
-        neg = ii[:, None] != ii[None, :]
-        truth = torch.as_tensor(world.truth_matrix([c for _, c in chunk], [p for p, _ in chunk])).T
         # the evidence the checkpoint's run regulated by (image anchors: the row's own caption is its intra item)
         length = lengths[cc] if lengths is not None else None
         e = regulation_evidence(ccfg, neg, (feats[0][ii], feats[1][cc], feats[0][ii], feats[1][cc]), (sim, sim.T), length)[0]
@@ -192,7 +201,7 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
             first = {"truth": truth.tolist(), "neg": neg.tolist(), "weights": w.tolist(), "sim": sim.tolist()}
         if bool(neg.any()):
             top1.append(L.regulation_summary(w, neg, sim)["w_top1"])
-        pad = batch_size - len(chunk)
+        pad = batch_size - len(ii)
         for key, value in (("neg", neg), ("truth", truth), ("sim", sim), ("w", w), ("h", sim_h)):
             if value is not None:
                 rows[key].append(torch.nn.functional.pad(value, (0, pad)))

@@ -52,17 +52,19 @@ def test_demo_run_writes_checkpoint_config_and_log(world, tmp_path):
     assert again.model.text.vocab_size == len(ckpt["tokenizer"]["vocab"])
 
 
-def test_resume_continues_exactly(world, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"loss.contrastive.length_weight": 0.5}], ids=["default", "length_queue"])
+def test_resume_continues_exactly(world, tmp_path, monkeypatch, extra):
+    """Also with the caption-length evidence: its length queue (full by step 4) is part of the state."""
     full = tmp_path / "full"
-    run(cfg_for(world, full))
+    run(cfg_for(world, full, **extra))
     part = tmp_path / "part"
     original = Trainer._stop_requested
     # interrupt after step 4 (mid-epoch: 6 steps per epoch), as a signal would
     monkeypatch.setattr(Trainer, "_stop_requested", lambda self, stop: self.state.global_step == 4 or original(self, stop))
-    state = run(cfg_for(world, part))
+    state = run(cfg_for(world, part, **extra))
     assert state.global_step == 4
     monkeypatch.setattr(Trainer, "_stop_requested", original)
-    run(cfg_for(world, part), resume=str(part))
+    run(cfg_for(world, part, **extra), resume=str(part))
     a, b = step_losses(full), step_losses(part)
     assert sorted(b) == list(range(1, 13))
     for step in range(1, 13):
