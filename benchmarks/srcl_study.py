@@ -258,7 +258,7 @@ def launch(spec: dict, keep_checkpoint: bool, reuse: bool, finished_only: bool =
     fresh = fresh or (finished_only and done is not None)
     if reuse and fresh and done.get("spec") == spec and (not keep_checkpoint or (out / "checkpoint_last.pth").is_file()):
         print(f"[study] {spec['name']}: reused", flush=True)
-        return done
+        return {**done, "reused": True}
     if finished_only:
         print(f"[study] {spec['name']}: not finished, left out", flush=True)
         return None
@@ -714,6 +714,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "run_overrides": SCRATCH_OVERRIDES if args.from_scratch else RUN_OVERRIDES,
                      "model_overrides": model_over, "config": str(DEMO_CONFIG.relative_to(ROOT))},
         "wall_seconds": time.time() - t_start,
+        # runs taken from an earlier invocation (their own times: runs[].train_seconds)
+        "reused_runs": sum(bool(r.get("reused")) for r in results),
         "false_negatives": {"in_batch_rate": fn_rates, "generator_statistics": manifests},
         "semantic_chance": chance,
         "base": {k: base[k] for k in ("eval", "final_diagnostics", "steps", "train_seconds", "pairs_per_s")} if base else None,

@@ -1,5 +1,5 @@
-"""benchmarks/srcl_study.py --quick: the grid, the weight-AUC table, the heat-map of one batch, and
---finished-only summarising the same runs without training."""
+"""benchmarks/srcl_study.py --quick: the grid, the weight-AUC table, the heat-map of one batch, the
+count of reused runs, and --finished-only summarising the same runs without training."""
 from __future__ import annotations
 
 import json
@@ -25,11 +25,13 @@ def test_quick_study_heatmap_auc_table_and_finished_only(tmp_path, monkeypatch):
     srcl = report["summary"]["1.00"]["srcl"]["final_diag/weight_auc"]["mean"]
     assert f"| 1.00 | SRCL | {srcl:.3f} ± " in table  # the weight-AUC table beside the recall table
     assert all(r["from_current_base"] for r in report["runs"])
+    assert report["reused_runs"] == 0  # all trained by this invocation
     # summarising the finished runs trains nothing and gives the same numbers
     again = tmp_path / "again.json"
     assert study.main(args + ["--finished-only", "--out", str(again)]) == 0
     second = json.loads(again.read_text())
     assert second["summary"] == report["summary"] and second["settings"]["finished_only"]
+    assert second["reused_runs"] == len(second["runs"]) == len(report["runs"])  # its wall time is not theirs
     # a method without runs is left out rather than trained
     assert study.main(args + ["--finished-only", "--variant", "srcl_d2:loss.contrastive.delta=2",
                               "--out", str(tmp_path / "third.json")]) == 0
