@@ -28,8 +28,9 @@ Stages (all under ``--work-dir``; finished stages are reused when their settings
 
 ``--variant NAME:key=value,...`` adds a method given by config overrides (``@base`` stands for the
 base checkpoint). Results: ``--out`` (JSON), ``<out stem>_recall.png``, ``<out stem>_diagnostics.png``,
-``<out stem>_table.md`` (recall and the trained checkpoints' weight AUC), with ``--heatmap METHOD ...``
-``<out stem>_heatmap.png`` (one test batch's weights beside the ground truth, the paper's App. F).
+``<out stem>_table.md`` (recall, the trained checkpoints' weight AUC, and the paired differences to
+``--reference``, default ``srcl``), with ``--heatmap METHOD ...`` ``<out stem>_heatmap.png`` (one test
+batch's weights beside the ground truth, the paper's App. F).
 ``--finished-only`` trains nothing and summarises the runs of the grid that have a result (runs
 made in parts, e.g. on a shared machine). The study with the generality evidence (docs/srcl_study.md):
 
@@ -394,6 +395,34 @@ def auc_table(summary: dict, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
+REFERENCE_COLS = (("own", "standard", "standard R_mean"), ("own", "semantic", "semantic R_mean"),
+                  ("clean", "standard", "clean-caption R_mean"))
+
+
+def reference_table(results: list[dict], methods: list[str], reference: str) -> str:
+    """Each method's R_mean minus ``reference``'s, paired by seed (mean and on how many seeds it is
+    higher): the study's comparison with the paper's delta 1 beside the one with InfoNCE."""
+    by = {(r["prob"], r["method"], r["seed"]): r for r in results}
+    label = METHOD_LABELS.get(reference, reference)
+    seeds = sorted({r["seed"] for r in results})
+    lines = ["| partial captions | method | " + " | ".join(f"{c[2]} vs {label}" for c in REFERENCE_COLS) + " |",
+             "|---|---|" + "---|" * len(REFERENCE_COLS)]
+    for pk in sorted({r["prob"] for r in results}):
+        for m in methods:
+            if m in ("infonce", reference):
+                continue
+            pairs = [(by[(pk, m, s)], by[(pk, reference, s)]) for s in seeds
+                     if (pk, m, s) in by and (pk, reference, s) in by]
+            if not pairs:
+                continue
+            cells = []
+            for ev, kind, _ in REFERENCE_COLS:
+                diffs = [r["eval"][ev][kind]["r_mean"] - b["eval"][ev][kind]["r_mean"] for r, b in pairs]
+                cells.append(f"{statistics.fmean(diffs):+.1f} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+            lines.append(f"| {pk} | {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------------- plots
 def _smooth(points: list[tuple[int, float]], window: int) -> tuple[list[int], list[float]]:
     xs = [p[0] for p in points]
@@ -593,6 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heatmap", nargs="+", default=None, metavar="METHOD",
                    help="also draw one test batch's weights of these methods (seed = the first, world = --heatmap-prob) "
                         "beside the ground truth: <out stem>_heatmap.png (implies --keep-checkpoints)")
+    p.add_argument("--reference", default=None, metavar="METHOD",
+                   help="a second reference for paired differences (default srcl when studied; '' for none)")
     p.add_argument("--heatmap-prob", type=float, default=0.5, help="the world of the heat-map (default 0.5)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--keep-checkpoint", action="store_true", help=argparse.SUPPRESS)
@@ -622,6 +653,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "of the study's methods and the probability one of its worlds", file=sys.stderr)
             return 2
         args.keep_checkpoints = True
+    if args.reference and args.reference not in methods:
+        print(f"error: --reference {args.reference} is not one of the study's methods {methods}", file=sys.stderr)
+        return 2
     steps = args.steps or (20 if quick else 300)
     base_steps = args.base_steps or (40 if quick else 1200)
     work = Path(args.work_dir or ("output/srcl_study_quick" if quick else "output/srcl_study"))
@@ -697,7 +731,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     plot_recall(summary, methods, Path(plots["recall"]), fn_rates, chance)
     plot_diagnostics(results, probs, Path(plots["diagnostics"]))
     aucs = auc_table(summary, methods)
-    Path(str(stem) + "_table.md").write_text(table + "\n\n" + aucs + "\n", encoding="utf-8")
+    reference = args.reference if args.reference is not None else ("srcl" if "srcl" in methods else "")
+    vs_reference = reference_table(results, methods, reference) if reference else None
+    Path(str(stem) + "_table.md").write_text(
+        "\n\n".join(t for t in (table, aucs, vs_reference) if t) + "\n", encoding="utf-8")
     heatmap = None
     if args.heatmap:
         hk = _fmt_prob(args.heatmap_prob)
@@ -726,6 +763,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                  for r in results],
         "table_markdown": table,
         "auc_table_markdown": aucs,
+        "reference": reference or None,
+        "reference_table_markdown": vs_reference,
         "plots": plots,
         "heatmap": heatmap,
     }

@@ -26,6 +26,7 @@ def test_quick_study_heatmap_auc_table_and_finished_only(tmp_path, monkeypatch):
     assert f"| 1.00 | SRCL | {srcl:.3f} ± " in table  # the weight-AUC table beside the recall table
     assert all(r["from_current_base"] for r in report["runs"])
     assert report["reused_runs"] == 0  # all trained by this invocation
+    assert report["reference"] == "srcl" and report["reference_table_markdown"].startswith("| partial captions |")
     # summarising the finished runs trains nothing and gives the same numbers
     again = tmp_path / "again.json"
     assert study.main(args + ["--finished-only", "--out", str(again)]) == 0
@@ -37,3 +38,37 @@ def test_quick_study_heatmap_auc_table_and_finished_only(tmp_path, monkeypatch):
                               "--out", str(tmp_path / "third.json")]) == 0
     third = json.loads((tmp_path / "third.json").read_text())
     assert {r["method"] for r in third["runs"]} == {"infonce", "srcl"}
+
+
+def _run(prob, method, seed, std, sem, clean):
+    return {"prob": prob, "method": method, "seed": seed,
+            "eval": {"own": {"standard": {"r_mean": std}, "semantic": {"r_mean": sem}},
+                     "clean": {"standard": {"r_mean": clean}}}}
+
+
+def test_reference_table_pairs_by_seed_and_skips_unpaired_runs():
+    study = load_benchmark("srcl_study")
+    ref = {0: (10.0, 20.0, 30.0), 1: (12.0, 22.0, 33.0)}
+    new = {0: (11.0, 19.0, 30.5), 1: (15.0, 21.0, 32.0), 2: (99.0, 99.0, 99.0)}  # seed 2 has no reference run
+    results = ([_run("0.50", "srcl", s, *v) for s, v in ref.items()]
+               + [_run("0.50", "srcl_x", s, *v) for s, v in new.items()]
+               + [_run("0.50", "infonce", s, 0.0, 0.0, 0.0) for s in ref])
+    table = study.reference_table(results, ["infonce", "srcl", "srcl_x"], "srcl").splitlines()
+    assert table[0].startswith("| partial captions | method | standard R_mean vs SRCL |")
+    rows = table[2:]
+    assert len(rows) == 1  # neither InfoNCE nor the reference itself get a row
+    cells = [c.strip() for c in rows[0].strip("|").split("|")]
+    expect = []
+    for k in range(3):
+        diffs = [new[s][k] - ref[s][k] for s in ref]
+        expect.append(f"{sum(diffs) / len(diffs):+.1f} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+    assert cells == ["0.50", "srcl_x", *expect] == ["0.50", "srcl_x", "+2.0 (2/2)", "-1.0 (0/2)", "-0.2 (1/2)"]
+
+
+def test_reference_must_be_a_studied_method(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    study = load_benchmark("srcl_study")
+    args = ["--quick", "--work-dir", str(tmp_path / "work"), "--methods", "infonce", "srcl", "--reference", "srcl_d8"]
+    assert study.main(args) == 2
+    assert "--reference srcl_d8 is not one of the study's methods" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()  # refused before anything was made
