@@ -379,7 +379,6 @@ def rerank_agreement(cfg, ours, albef, evaluation, n_images: int, k: int) -> dic
     ids): the re-ranked scores of both directions and the top-``k`` rankings."""
     import contextlib as cl
     import io
-    import types
 
     import numpy as np
     import torch

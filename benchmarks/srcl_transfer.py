@@ -19,7 +19,6 @@ Results: ``--out`` (JSON: ``{"rows": [{"method", "task", "seed", "metric", "valu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -5,7 +5,6 @@ checkpointing, the blocks really are recomputed in backward, and fairscale's che
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import pytest
 import torch
