@@ -287,9 +287,28 @@ def launch(spec: dict, keep_checkpoint: bool, reuse: bool, finished_only: bool =
 RECALL_KEYS = ("txt_r1", "txt_r5", "img_r1", "img_r5", "r_mean")
 
 
-def summarise(results: list[dict], methods: list[str], probs: list[float], seeds: list[int]) -> dict:
+def _paired_diffs(by: dict, pk: str, runs: list[dict], reference: str, key: str) -> Optional[dict]:
+    """``key`` (``<eval>/<kind>/<metric>``) of ``runs`` minus the ``reference`` run of the same seed
+    (seeds without one left out): mean, std, per seed, and on how many seeds the run is higher."""
+    ev_label, kind, name = key.split("/", 2)
+    diffs = []
+    for r in runs:
+        b = by.get((pk, reference, r["seed"]))
+        bv = b["eval"].get(ev_label, {}).get(kind, {}).get(name) if b is not None else None
+        rv = r["eval"].get(ev_label, {}).get(kind, {}).get(name)
+        if bv is not None and rv is not None:
+            diffs.append(rv - bv)
+    if not diffs:
+        return None
+    mu, sd = _mean_std(diffs)
+    return {"mean": mu, "std": sd, "per_seed": diffs, "wins": sum(d > 0 for d in diffs), "n": len(diffs)}
+
+
+def summarise(results: list[dict], methods: list[str], probs: list[float], seeds: list[int],
+              reference: Optional[str] = None) -> dict:
     """Mean, std and per-seed values of every metric per (probability, method), and paired
-    differences to InfoNCE (same seed)."""
+    differences (same seed) to InfoNCE (``diff_vs_infonce``) and to ``reference``
+    (``diff_vs_reference``; not for InfoNCE and the reference itself)."""
     by = {(r["prob"], r["method"], r["seed"]): r for r in results}
     table: dict[str, Any] = {}
     for p in probs:
@@ -313,22 +332,11 @@ def summarise(results: list[dict], methods: list[str], probs: list[float], seeds
             for k, vals in metrics.items():
                 mu, sd = _mean_std(vals)
                 entry[k] = {"mean": mu, "std": sd, "per_seed": vals}
-            if m != "infonce":
-                for k in [k for k in metrics if not k.startswith("final_diag/")]:
-                    base = [by.get((pk, "infonce", r["seed"])) for r in runs]
-                    diffs = []
-                    for r, b in zip(runs, base):
-                        if b is None:
-                            continue
-                        ev_label, kind, name = k.split("/", 2)
-                        bv = b["eval"].get(ev_label, {}).get(kind, {}).get(name)
-                        rv = r["eval"].get(ev_label, {}).get(kind, {}).get(name)
-                        if bv is not None and rv is not None:
-                            diffs.append(rv - bv)
-                    if diffs:
-                        mu, sd = _mean_std(diffs)
-                        entry[k]["diff_vs_infonce"] = {"mean": mu, "std": sd, "per_seed": diffs,
-                                                       "wins": sum(d > 0 for d in diffs), "n": len(diffs)}
+            for k in [k for k in metrics if not k.startswith("final_diag/")]:
+                for field, ref in (("diff_vs_infonce", "infonce"), ("diff_vs_reference", reference)):
+                    d = _paired_diffs(by, pk, runs, ref, k) if ref and m not in ("infonce", ref) else None
+                    if d is not None:
+                        entry[k][field] = d
             table[pk][m] = entry
     return table
 
@@ -394,30 +402,23 @@ def auc_table(summary: dict, methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-REFERENCE_COLS = (("own", "standard", "standard R_mean"), ("own", "semantic", "semantic R_mean"),
-                  ("clean", "standard", "clean-caption R_mean"))
+REFERENCE_COLS = (("own/standard/r_mean", "standard R_mean"), ("own/semantic/r_mean", "semantic R_mean"),
+                  ("clean/standard/r_mean", "clean-caption R_mean"))
 
 
-def reference_table(results: list[dict], methods: list[str], reference: str) -> str:
-    """Each method's R_mean minus ``reference``'s, paired by seed (mean and on how many seeds it is
-    higher): the study's comparison with the paper's delta 1 beside the one with InfoNCE."""
-    by = {(r["prob"], r["method"], r["seed"]): r for r in results}
+def reference_table(summary: dict, methods: list[str], reference: str) -> str:
+    """Each method's R_mean minus ``reference``'s, paired by seed (``summarise(..., reference)``'s
+    ``diff_vs_reference``: mean and on how many seeds it is higher): the study's comparison with the
+    paper's delta 1 beside the one with InfoNCE."""
     label = METHOD_LABELS.get(reference, reference)
-    seeds = sorted({r["seed"] for r in results})
-    lines = ["| partial captions | method | " + " | ".join(f"{c[2]} vs {label}" for c in REFERENCE_COLS) + " |",
+    lines = ["| partial captions | method | " + " | ".join(f"{c[1]} vs {label}" for c in REFERENCE_COLS) + " |",
              "|---|---|" + "---|" * len(REFERENCE_COLS)]
-    for pk in sorted({r["prob"] for r in results}):
+    for pk, per_method in summary.items():
         for m in methods:
-            if m in ("infonce", reference):
+            diffs = [per_method.get(m, {}).get(k, {}).get("diff_vs_reference") for k, _ in REFERENCE_COLS]
+            if all(d is None for d in diffs):
                 continue
-            pairs = [(by[(pk, m, s)], by[(pk, reference, s)]) for s in seeds
-                     if (pk, m, s) in by and (pk, reference, s) in by]
-            if not pairs:
-                continue
-            cells = []
-            for ev, kind, _ in REFERENCE_COLS:
-                diffs = [r["eval"][ev][kind]["r_mean"] - b["eval"][ev][kind]["r_mean"] for r, b in pairs]
-                cells.append(f"{statistics.fmean(diffs):+.1f} ({sum(d > 0 for d in diffs)}/{len(diffs)})")
+            cells = ["-" if d is None else f"{d['mean']:+.1f} ({d['wins']}/{d['n']})" for d in diffs]
             lines.append(f"| {pk} | {METHOD_LABELS.get(m, m)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -721,7 +722,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         ev = next((r["eval"]["own"] for r in results if r["prob"] == pk), {})
         if "semantic_chance" in ev:
             chance[pk] = ev["semantic_chance"]
-    summary = summarise(results, methods, probs, seeds)
+    reference = args.reference if args.reference is not None else ("srcl" if "srcl" in methods else "")
+    summary = summarise(results, methods, probs, seeds, reference or None)
     own0 = results[0]["eval"]["own"] if results else {}
     table = markdown_table(summary, methods, fn_rates, chance, (own0.get("n_images", 0), own0.get("n_captions", 0)))
     stem = out_json.with_suffix("")
@@ -730,8 +732,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     plot_recall(summary, methods, Path(plots["recall"]), fn_rates, chance)
     plot_diagnostics(results, probs, Path(plots["diagnostics"]))
     aucs = auc_table(summary, methods)
-    reference = args.reference if args.reference is not None else ("srcl" if "srcl" in methods else "")
-    vs_reference = reference_table(results, methods, reference) if reference else None
+    vs_reference = reference_table(summary, methods, reference) if reference else None
     Path(str(stem) + "_table.md").write_text(
         "\n\n".join(t for t in (table, aucs, vs_reference) if t) + "\n", encoding="utf-8")
     heatmap = None

@@ -41,7 +41,7 @@ def test_quick_study_heatmap_auc_table_and_finished_only(tmp_path, monkeypatch):
 
 
 def _run(prob, method, seed, std, sem, clean):
-    return {"prob": prob, "method": method, "seed": seed,
+    return {"prob": prob, "method": method, "seed": seed, "final_diagnostics": {},
             "eval": {"own": {"standard": {"r_mean": std}, "semantic": {"r_mean": sem}},
                      "clean": {"standard": {"r_mean": clean}}}}
 
@@ -53,7 +53,10 @@ def test_reference_table_pairs_by_seed_and_skips_unpaired_runs():
     results = ([_run("0.50", "srcl", s, *v) for s, v in ref.items()]
                + [_run("0.50", "srcl_x", s, *v) for s, v in new.items()]
                + [_run("0.50", "infonce", s, 0.0, 0.0, 0.0) for s in ref])
-    table = study.reference_table(results, ["infonce", "srcl", "srcl_x"], "srcl").splitlines()
+    methods = ["infonce", "srcl", "srcl_x"]
+    summary = study.summarise(results, methods, [0.5], [0, 1, 2], reference="srcl")
+    assert "diff_vs_reference" not in summary["0.50"]["srcl"]["own/standard/r_mean"]
+    table = study.reference_table(summary, methods, "srcl").splitlines()
     assert table[0].startswith("| partial captions | method | standard R_mean vs SRCL |")
     rows = table[2:]
     assert len(rows) == 1  # neither InfoNCE nor the reference itself get a row
