@@ -9,6 +9,10 @@ images it is true of (the best any caption-only prior such as the generality or 
 know), alone and added (as a logit) to the checkpoint's standardised evidence. They bound what a
 better estimate of that prior can give with this checkpoint's similarities.
 
+The *caption-set* rows take an image anchor's intra-modal evidence over all of its image's captions
+in the split (the world has five per image, as COCO does), not only the batch row's own caption: a
+screening of what a loader that carried every caption of an image would give.
+
     python benchmarks/srcl_evidence.py                 # the study's p 0.5 / 1.0 SRCL seed-0 checkpoints
     python benchmarks/srcl_evidence.py --runs output/srcl_study/runs/p0.50_srcl_s0 ...
 
@@ -61,36 +65,39 @@ CEILINGS = {
 }
 
 
-def ceiling_aucs(ckpt: str, world_root: str, split: str = "test", batch_size: int = 64) -> dict[str, dict]:
-    """The weight AUC (delta 1) of each ``CEILINGS`` evidence on ``split``, in the batches of
-    ``tasks.srcl_diagnostics.diagnose_checkpoint`` (same pairs, order and anchors)."""
-    import dataclasses
-    import os
+# name -> (factor of the checkpoint's evidence, its loss.contrastive settings) added to the intra-modal
+# evidence over all of the anchor image's captions (``caption_set_aucs``)
+CAPTION_SETS = {
+    "intra over all the image's captions (max), standardised": (0.0, {}),
+    "cross, standardised + intra over all the image's captions (max), standardised": (1.0, {"standardise": True}),
+    "cross, standardised, length 0.5 + intra over all the image's captions (max), standardised": (
+        1.0, {"standardise": True, "length_weight": 0.5}),
+}
 
-    import torch
-    from models import losses as L
-    from objectives.pretrain import regulation_evidence
-    from shapesworld.truth import ShapesWorld
-    from tasks.srcl_diagnostics import _pairs, pair_batches
-    from tasks.zero_shot import itc_features, load_vlp_checkpoint
+
+def _checkpoint_split(ckpt: str, world_root: str, split: str, batch_size: int):
+    """The checkpoint's run config and momentum features of ``split`` (``SplitFeatures``), the
+    pairs in the diagnostics' order."""
+    from tasks.srcl_diagnostics import split_features
+    from tasks.zero_shot import load_vlp_checkpoint
 
     model, tok, cfg = load_vlp_checkpoint(ckpt, "cpu", objective=True)
-    world, d = ShapesWorld.load(world_root), cfg.data
-    pairs = _pairs(world, split, d.max_words, d.clean_style, 0)
-    images, captions = sorted({p for p, _ in pairs}), sorted({c for _, c in pairs})
-    img_row, cap_row = {p: i for i, p in enumerate(images)}, {c: i for i, c in enumerate(captions)}
-    fi, ft = itc_features(model, tok, [os.path.join(world_root, p) for p in images], captions, cfg.model.vision.img_size,
-                          batch_size, cfg.tokenizer.max_length, momentum=True, progress=False, transform_cfg=d.transform)[:2]
-    share = torch.as_tensor(world.truth_matrix(captions, images)).double().mean(1).clamp(1e-3, 1 - 1e-3)
-    prior = (share / (1 - share)).log()
-    parts: dict[str, dict[str, list]] = {name: {"w": [], "neg": [], "truth": []} for name in CEILINGS}
-    for ii, cc, neg, truth in pair_batches(world, pairs, img_row, cap_row, batch_size):
-        sim = (fi[ii] @ ft[cc].T).double()
-        for name, (factor, reg) in CEILINGS.items():
-            ccfg = dataclasses.replace(cfg.loss.contrastive, **reg)
-            e = regulation_evidence(ccfg, neg, (fi[ii].double(), ft[cc].double(), fi[ii].double(), ft[cc].double()),
-                                    (sim, sim.T))[0]
-            for key, value in (("w", L.regulation_weights(prior[cc][None, :] + factor * e, neg, 1.0)),
+    return cfg, tok, split_features(model, tok, cfg, world_root, split, batch_size, momentum=True)
+
+
+def _pooled_weight_aucs(sf, batch_size: int, evidence_fns: dict) -> dict[str, dict]:
+    """For each ``name -> fn(ii, cc, neg, sim)`` (the evidence of a batch's image anchors for its
+    captions, float64): the weight AUC (delta 1) and mean weights, pooled over the batches of
+    ``tasks.srcl_diagnostics.diagnose_checkpoint`` (same pairs, order and anchors)."""
+    import torch
+    from models import losses as L
+    from tasks.srcl_diagnostics import pair_batches
+
+    parts: dict[str, dict[str, list]] = {name: {"w": [], "neg": [], "truth": []} for name in evidence_fns}
+    for ii, cc, neg, truth in pair_batches(sf.world, sf.pairs, sf.img_row, sf.cap_row, batch_size):
+        sim = (sf.image_feats[ii] @ sf.text_feats[cc].T).double()
+        for name, fn in evidence_fns.items():
+            for key, value in (("w", L.regulation_weights(fn(ii, cc, neg, sim), neg, 1.0)),
                                ("neg", neg), ("truth", truth)):  # the last batch padded with non-negatives
                 parts[name][key].append(torch.nn.functional.pad(value, (0, batch_size - len(ii))))
     out = {}
@@ -98,6 +105,57 @@ def ceiling_aucs(ckpt: str, world_root: str, split: str = "test", batch_size: in
         r = L.false_negative_auc(*(torch.cat(p[k]) for k in ("w", "neg", "truth")))
         out[name] = {"weight_auc": r["auc"], "w_false_neg": r["w_false_neg"], "w_true_neg": r["w_true_neg"]}
     return out
+
+
+def _evidence(ccfg, reg: dict, neg, sf, ii, cc, sim, length=None):
+    """The image anchors' evidence of the checkpoint's similarity under ``loss.contrastive`` ``ccfg``
+    with ``reg`` replaced (``objectives.pretrain.regulation_evidence``, float64)."""
+    import dataclasses
+
+    from objectives.pretrain import regulation_evidence
+    fi, ft = sf.image_feats[ii].double(), sf.text_feats[cc].double()
+    return regulation_evidence(dataclasses.replace(ccfg, **reg), neg, (fi, ft, fi, ft), (sim, sim.T), length)[0]
+
+
+def ceiling_aucs(ckpt: str, world_root: str, split: str = "test", batch_size: int = 64) -> dict[str, dict]:
+    """The weight AUC (delta 1) of each ``CEILINGS`` evidence on ``split``, in the batches of
+    ``tasks.srcl_diagnostics.diagnose_checkpoint`` (same pairs, order and anchors)."""
+    import torch
+
+    cfg, _, sf = _checkpoint_split(ckpt, world_root, split, batch_size)
+    share = torch.as_tensor(sf.world.truth_matrix(sf.captions, sf.images)).double().mean(1).clamp(1e-3, 1 - 1e-3)
+    prior = (share / (1 - share)).log()
+    fns = {name: (lambda ii, cc, neg, sim, f=factor, r=reg:
+                  prior[cc][None, :] + f * _evidence(cfg.loss.contrastive, r, neg, sf, ii, cc, sim))
+           for name, (factor, reg) in CEILINGS.items()}
+    return _pooled_weight_aucs(sf, batch_size, fns)
+
+
+def caption_set_aucs(ckpt: str, world_root: str, split: str = "test", batch_size: int = 64) -> dict[str, dict]:
+    """The weight AUC (delta 1) of each ``CAPTION_SETS`` evidence on ``split`` (batches as
+    :func:`ceiling_aucs`): the intra-modal evidence of an image anchor taken over *all* of its
+    image's captions in the split, not only the batch row's: the negative caption's highest cosine
+    (momentum text encoder) to any of them, standardised per anchor over its negatives."""
+    import torch
+    from models import losses as L
+
+    cfg, tok, sf = _checkpoint_split(ckpt, world_root, split, batch_size)
+    own: dict[int, list[int]] = {}
+    for path, caption in sf.pairs:
+        own.setdefault(sf.img_row[path], []).append(sf.cap_row[caption])
+    ft = sf.text_feats.double()
+    enc = tok(sf.captions, padding="longest", truncation=True, max_length=cfg.tokenizer.max_length, return_tensors="pt")
+    length = enc["attention_mask"].sum(1)
+    ccfg = cfg.loss.contrastive
+
+    def set_max(ii, cc, neg):
+        e = torch.stack([(ft[own[int(i)]] @ ft[cc].T).max(0).values for i in ii])
+        return L.regulation_evidence(e, neg, standardise=True)
+
+    fns = {name: (lambda ii, cc, neg, sim, f=factor, r=reg:
+                  set_max(ii, cc, neg) + (f * _evidence(ccfg, r, neg, sf, ii, cc, sim, length[cc]) if f else 0.0))
+           for name, (factor, reg) in CAPTION_SETS.items()}
+    return _pooled_weight_aucs(sf, batch_size, fns)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -123,13 +181,14 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "weight_auc": d["weight_auc"], "w_false_neg": d["weight_w_false_neg"],
                          "w_true_neg": d["weight_w_true_neg"], "false_negative_rate": d["false_negative_rate"]})
             print(f"{run.name} {name}: AUC {d['weight_auc']:.3f}", flush=True)
-        for name, d in ceiling_aucs(ckpt, world).items():
-            rows.append({"run": run.name, "world": Path(world).name, "setting": name, "regulation": "truth", **d})
+        for name, d in [*caption_set_aucs(ckpt, world).items(), *ceiling_aucs(ckpt, world).items()]:
+            kind = "truth" if name in CEILINGS else "all captions of the image"
+            rows.append({"run": run.name, "world": Path(world).name, "setting": name, "regulation": kind, **d})
             print(f"{run.name} {name}: AUC {d['weight_auc']:.3f}", flush=True)
     runs = [r.name for r in map(Path, args.runs)]
     lines = ["| regulating evidence (delta 1) | " + " | ".join(f"{r}: AUC / w FN / w TN" for r in runs) + " |",
              "|" + "---|" * (len(runs) + 1)]
-    for name in [*SETTINGS, *CEILINGS]:
+    for name in [*SETTINGS, *CAPTION_SETS, *CEILINGS]:
         cells = [next(f"{x['weight_auc']:.3f} / {x['w_false_neg']:.2f} / {x['w_true_neg']:.2f}"
                       for x in rows if x["run"] == r and x["setting"] == name) for r in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -52,7 +52,7 @@ from objectives.pretrain import PretrainObjective, regulation_evidence
 from tasks.srcl_measures import batch_diagnostics
 from tasks.zero_shot import itc_features, load_vlp_checkpoint
 
-__all__ = ["diagnose_checkpoint", "main", "pair_batches", "study_runs"]
+__all__ = ["SplitFeatures", "diagnose_checkpoint", "main", "pair_batches", "split_features", "study_runs"]
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -66,6 +66,39 @@ def _pairs(world, split: str, max_words: int, clean_style: str, seed: int) -> li
                 pairs.append((path, text))
     random.Random(seed).shuffle(pairs)
     return pairs
+
+
+@dataclasses.dataclass
+class SplitFeatures:
+    """A split's (image, caption) pairs in the diagnostics' order, its distinct images and captions
+    (sorted; ``img_row`` / ``cap_row`` give their rows) and their normalised ITC features."""
+    world: Any
+    pairs: list[tuple[str, str]]
+    images: list[str]
+    captions: list[str]
+    img_row: dict[str, int]
+    cap_row: dict[str, int]
+    image_feats: Tensor
+    text_feats: Tensor
+
+
+def split_features(model, tokenizer, cfg, data_root: str, split: str, batch_size: int, momentum: bool,
+                   seed: int = 0, progress: bool = False) -> SplitFeatures:
+    """The pairs of ``split`` of the shapes world at ``data_root`` (captions cleaned as the run
+    ``cfg`` cleans them, shuffled with ``seed``) and the features of ``model`` (a loaded checkpoint;
+    ``momentum``: its objective's momentum encoders). Raises ``ValueError`` for fewer than 2 pairs."""
+    from shapesworld.truth import ShapesWorld
+
+    world, d = ShapesWorld.load(data_root), cfg.data
+    pairs = _pairs(world, split, d.max_words, d.clean_style, seed)
+    if len(pairs) < 2:
+        raise ValueError(f"split {split!r} of {data_root} has {len(pairs)} image-caption pairs; need >= 2")
+    images, captions = sorted({p for p, _ in pairs}), sorted({c for _, c in pairs})
+    fi, ft = itc_features(model, tokenizer, [os.path.join(data_root, p) for p in images], captions,
+                          cfg.model.vision.img_size, batch_size, cfg.tokenizer.max_length, momentum=momentum,
+                          progress=progress, transform_cfg=d.transform)[:2]
+    return SplitFeatures(world, pairs, images, captions, {p: i for i, p in enumerate(images)},
+                         {c: i for i, c in enumerate(captions)}, fi, ft)
 
 
 def pair_batches(world, pairs: list[tuple[str, str]], img_row: dict[str, int], cap_row: dict[str, int],
@@ -140,8 +173,6 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     ``false_negative_rate``, ``helper_sim_auc`` (with a helper), and ``n_pairs``, ``n_batches``,
     ``delta``, ``alpha``, ``similarity_source``, ``split``, ``checkpoint``, ``helper``.
     """
-    from shapesworld.truth import ShapesWorld
-
     if similarity_source not in (None, "momentum", "online"):
         raise ValueError(f"similarity_source must be 'momentum' or 'online', got {similarity_source!r}")
     # the momentum encoders are the checkpoint's objective's
@@ -157,19 +188,10 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
         raise ValueError(f"alpha={alpha} mixes in a helper similarity: pass helper=<checkpoint>")
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2, got {batch_size}")
-    world = ShapesWorld.load(data_root)
-    d = cfg.data
-    pairs = _pairs(world, split, d.max_words, d.clean_style, seed)
-    if len(pairs) < 2:
-        raise ValueError(f"split {split!r} of {data_root} has {len(pairs)} image-caption pairs; need >= 2")
-    images = sorted({p for p, _ in pairs})
-    captions = sorted({c for _, c in pairs})
-    img_row = {p: i for i, p in enumerate(images)}
-    cap_row = {c: i for i, c in enumerate(captions)}
-    full_paths = [os.path.join(data_root, p) for p in images]
-    feats = itc_features(model, tokenizer, full_paths, captions, cfg.model.vision.img_size, batch_size,
-                         cfg.tokenizer.max_length, momentum=source == "momentum", progress=progress,
-                         transform_cfg=d.transform)
+    sf = split_features(model, tokenizer, cfg, data_root, split, batch_size, source == "momentum", seed, progress)
+    world, pairs, captions, img_row, cap_row = sf.world, sf.pairs, sf.captions, sf.img_row, sf.cap_row
+    full_paths = [os.path.join(data_root, p) for p in sf.images]
+    feats = (sf.image_feats, sf.text_feats)
     lengths = None  # the captions' lengths in tokens, as the objective counts them (loss.contrastive.length_weight)
     if ccfg.reads_caption_length:
         enc = tokenizer(captions, padding="longest", truncation=True, max_length=cfg.tokenizer.max_length,

@@ -482,6 +482,52 @@ def test_evidence_ceiling_rows_against_a_plain_recomputation(tiny_run, world):
     assert row["w_false_neg"] == pytest.approx(sum(fn) / len(fn), rel=1e-9)
 
 
+def test_evidence_caption_set_rows_against_a_plain_recomputation(tiny_run, world):
+    """benchmarks/srcl_evidence.py's caption-set row: each negative caption's highest cosine to any
+    caption of the anchor's image in the split, standardised per anchor over its negatives
+    (population std), weights exp(-e) / row mean; the pooled AUC and mean weights re-computed with
+    plain loops from the checkpoint's momentum text features."""
+    import os
+
+    from tasks.srcl_diagnostics import _pairs
+    from tasks.zero_shot import itc_features
+    from tests.pretrain_helpers import load_benchmark
+    ckpt = str(tiny_run[0] / "checkpoint_last.pth")
+    bench = load_benchmark("srcl_evidence")
+    res = bench.caption_set_aucs(ckpt, str(world), split="train", batch_size=8)
+    model, tok, cfg = load_vlp_checkpoint(ckpt, objective=True)
+    shapes = ShapesWorld.load(world)
+    pairs = _pairs(shapes, "train", cfg.data.max_words, cfg.data.clean_style, 0)
+    images, captions = sorted({p for p, _ in pairs}), sorted({c for _, c in pairs})
+    _, ft = itc_features(model, tok, [os.path.join(world, p) for p in images], captions, cfg.model.vision.img_size,
+                         8, cfg.tokenizer.max_length, momentum=True, progress=False, transform_cfg=cfg.data.transform)
+    vec = {c: [float(x) for x in ft[i]] for i, c in enumerate(captions)}
+    own: dict[str, set] = {}
+    for img, c in pairs:
+        own.setdefault(img, set()).add(c)
+    fn, tn = [], []
+    for lo in range(0, len(pairs) - 1, 8):
+        chunk = pairs[lo:lo + 8]
+        for img, _ in chunk:
+            negs = [c for other, c in chunk if other != img]
+            if not negs:
+                continue
+            e = [max(sum(x * y for x, y in zip(vec[k], vec[c])) for k in own[img]) for c in negs]
+            mean = sum(e) / len(e)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in e) / len(e))
+            z = [(x - mean) / sd if sd > 0 else 0.0 for x in e]
+            norm = sum(math.exp(-v) for v in z) / len(z)
+            for c, v in zip(negs, z):
+                (fn if shapes.is_true(c, img) else tn).append(math.exp(-v) / norm)
+    assert fn and tn
+    auc = sum(0.5 if math.isclose(a, b, rel_tol=1e-6) else float(a < b) for a in fn for b in tn) / (len(fn) * len(tn))
+    row = res["intra over all the image's captions (max), standardised"]
+    assert row["weight_auc"] == pytest.approx(auc, abs=1e-6)
+    assert row["w_false_neg"] == pytest.approx(sum(fn) / len(fn), rel=1e-5)
+    assert row["w_true_neg"] == pytest.approx(sum(tn) / len(tn), rel=1e-5)
+    assert set(res) == set(bench.CAPTION_SETS)
+
+
 @pytest.mark.parametrize("script", ["srcl_judge", "srcl_evidence"])
 def test_benchmarks_name_a_folder_that_is_not_a_study_run(script, tmp_path, capsys):
     from tests.pretrain_helpers import load_benchmark
