@@ -193,7 +193,7 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
     full_paths = [os.path.join(data_root, p) for p in sf.images]
     feats = (sf.image_feats, sf.text_feats)
     lengths = None  # the captions' lengths in tokens, as the objective counts them (loss.contrastive.length_weight)
-    if ccfg.reads_caption_length:
+    if ccfg.length_weight != 0.0:  # also for an InfoNCE run (kind infonce reads no lengths in training)
         enc = tokenizer(captions, padding="longest", truncation=True, max_length=cfg.tokenizer.max_length,
                         return_tensors="pt")
         lengths = enc["attention_mask"].sum(1)

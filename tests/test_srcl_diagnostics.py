@@ -377,6 +377,10 @@ def test_diagnose_checkpoint_under_another_regulation(tiny_run, world):
     assert torch.allclose(torch.tensor(short["batch"]["weights"], dtype=torch.float64),
                           torch.tensor(ref, dtype=torch.float64), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(torch.tensor(paper["batch"]["weights"]), torch.tensor(short["batch"]["weights"]), atol=1e-3)
+    # an InfoNCE run's checkpoint (its training reads no lengths) judged under the length regulation
+    as_infonce = diagnose_checkpoint(ckpt, str(world), split="train", batch_size=8, progress=False, keep_batch=True,
+                                     regulation={"kind": "infonce", "length_weight": 0.05, "delta": 20.0})
+    assert as_infonce["batch"]["weights"] == short["batch"]["weights"]
 
 
 def test_zero_shot_retrieval_semantic_counts_every_true_item(tiny_run, world):
