@@ -15,6 +15,11 @@ screening of what a loader that carried every caption of an image would give.
 
     python benchmarks/srcl_evidence.py                 # the study's p 0.5 / 1.0 SRCL seed-0 checkpoints
     python benchmarks/srcl_evidence.py --runs output/srcl_study/runs/p0.50_srcl_s0 ...
+    python benchmarks/srcl_evidence.py --helpers HELPER_RUN_P05 HELPER_RUN_P10   # + rows with a helper
+
+With ``--helpers`` (one study run folder per ``--runs`` entry, e.g. a long InfoNCE run on the same
+world: docs/srcl_study.md says how the study's were made) the *helper* rows take the weights from
+that frozen helper's similarity alone (alpha 1) under the ``HELPER_SETTINGS``.
 
 Results: ``--out`` (JSON) and ``<out stem>_table.md``.
 """
@@ -65,6 +70,14 @@ CEILINGS = {
 }
 
 
+# name -> loss.contrastive settings of the rows with a helper (``--helpers``; alpha 1: the helper's similarity alone)
+HELPER_SETTINGS = {
+    "helper: cross": {},
+    "helper: cross, standardised": {"standardise": True},
+    "helper: cross, standardised, length 0.5": {"standardise": True, "length_weight": 0.5},
+    "helper: cross - pair + 0.75 generality, standardised, length 0.5": {"pair_weight": 1.0, "generality_weight": 0.75,
+                                                                         "standardise": True, "length_weight": 0.5},
+}
 # name -> (factor of the checkpoint's evidence, its loss.contrastive settings) added to the intra-modal
 # evidence over all of the anchor image's captions (``caption_set_aucs``)
 CAPTION_SETS = {
@@ -162,22 +175,32 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", default=["output/srcl_study/runs/p0.50_srcl_s0", "output/srcl_study/runs/p1.00_srcl_s0"],
                    help="study run folders (checkpoint_last.pth + spec.json naming the world)")
+    p.add_argument("--helpers", nargs="+", default=None,
+                   help="one study run folder per --runs entry: its checkpoint is the frozen helper of the helper rows")
     p.add_argument("--out", default="benchmarks/results/srcl_evidence.json")
     args = p.parse_args(argv)
     from tasks.srcl_diagnostics import diagnose_checkpoint, study_runs
+    if args.helpers is not None and len(args.helpers) != len(args.runs):
+        print(f"error: --helpers names {len(args.helpers)} folder(s) for {len(args.runs)} --runs; give one per run",
+              file=sys.stderr)
+        return 2
     try:
         runs = study_runs(args.runs)
+        helpers = [c for c, _, _ in study_runs(args.helpers)] if args.helpers else [None] * len(runs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t0 = time.time()
     rows = []
-    for folder, (ckpt, world, _) in zip(args.runs, runs):
+    for folder, (ckpt, world, _), helper in zip(args.runs, runs, helpers):
         run = Path(folder)
-        for name, reg in SETTINGS.items():
+        settings = [(name, reg, None) for name, reg in SETTINGS.items()]
+        settings += [(name, reg, helper) for name, reg in HELPER_SETTINGS.items() if helper]
+        for name, reg, h in settings:
             d = diagnose_checkpoint(ckpt, world, "test", batch_size=64, progress=False,
-                                    regulation={"delta": 1.0, **reg})
+                                    regulation={"delta": 1.0, **reg}, helper=h, alpha=1.0 if h else None)
             rows.append({"run": run.name, "world": Path(world).name, "setting": name, "regulation": reg,
+                         **({"helper": h} if h else {}),
                          "weight_auc": d["weight_auc"], "w_false_neg": d["weight_w_false_neg"],
                          "w_true_neg": d["weight_w_true_neg"], "false_negative_rate": d["false_negative_rate"]})
             print(f"{run.name} {name}: AUC {d['weight_auc']:.3f}", flush=True)
@@ -188,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     runs = [r.name for r in map(Path, args.runs)]
     lines = ["| regulating evidence (delta 1) | " + " | ".join(f"{r}: AUC / w FN / w TN" for r in runs) + " |",
              "|" + "---|" * (len(runs) + 1)]
-    for name in [*SETTINGS, *CAPTION_SETS, *CEILINGS]:
+    for name in [*SETTINGS, *(HELPER_SETTINGS if args.helpers else ()), *CAPTION_SETS, *CEILINGS]:
         cells = [next(f"{x['weight_auc']:.3f} / {x['w_false_neg']:.2f} / {x['w_true_neg']:.2f}"
                       for x in rows if x["run"] == r and x["setting"] == name) for r in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

@@ -532,6 +532,35 @@ def test_evidence_caption_set_rows_against_a_plain_recomputation(tiny_run, world
     assert set(res) == set(bench.CAPTION_SETS)
 
 
+def test_evidence_helper_rows(tiny_run, world, tmp_path, monkeypatch, capsys):
+    """benchmarks/srcl_evidence.py --helpers: one helper per run; its rows are the diagnostics with
+    that helper alone (alpha 1) under each HELPER_SETTINGS entry; a count that does not match the
+    runs is refused with one line before anything is written."""
+    from tests.pretrain_helpers import load_benchmark
+    bench = load_benchmark("srcl_evidence")
+    ckpt = tiny_run[0] / "checkpoint_last.pth"
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoint_last.pth").symlink_to(ckpt)
+    (run / "spec.json").write_text(json.dumps({"evals": {"own": str(world)}}))
+    monkeypatch.setattr(bench, "SETTINGS", dict(list(bench.SETTINGS.items())[:1]))  # keep the test short
+    out = tmp_path / "e.json"
+    assert bench.main(["--runs", str(run), "--helpers", str(run), str(run), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--helpers" in err[0] and not out.exists()
+    assert bench.main(["--runs", str(run), "--helpers", str(run), "--out", str(out)]) == 0
+    rows = [r for r in json.loads(out.read_text())["rows"] if "helper" in r]
+    assert [r["setting"] for r in rows] == list(bench.HELPER_SETTINGS)
+    for r in rows:
+        reg = {"delta": 1.0, **bench.HELPER_SETTINGS[r["setting"]]}
+        ref = diagnose_checkpoint(str(run / "checkpoint_last.pth"), str(world), "test", 64, progress=False,
+                                  helper=r["helper"], alpha=1.0, regulation=reg)
+        assert r["weight_auc"] == ref["weight_auc"] and r["w_false_neg"] == ref["weight_w_false_neg"]
+    own = diagnose_checkpoint(str(ckpt), str(world), "test", 64, progress=False, regulation={"delta": 1.0})
+    assert own["weight_w_false_neg"] != rows[0]["w_false_neg"]  # the helper (online features) judged, not the run
+    assert "| helper: cross |" in (tmp_path / "e_table.md").read_text()
+
+
 @pytest.mark.parametrize("script", ["srcl_judge", "srcl_evidence"])
 def test_benchmarks_name_a_folder_that_is_not_a_study_run(script, tmp_path, capsys):
     from tests.pretrain_helpers import load_benchmark
