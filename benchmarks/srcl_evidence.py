@@ -151,14 +151,14 @@ def caption_set_aucs(ckpt: str, world_root: str, split: str = "test", batch_size
     (momentum text encoder) to any of them, standardised per anchor over its negatives."""
     import torch
     from models import losses as L
+    from tasks.srcl_diagnostics import caption_lengths
 
     cfg, tok, sf = _checkpoint_split(ckpt, world_root, split, batch_size)
     own: dict[int, list[int]] = {}
     for path, caption in sf.pairs:
         own.setdefault(sf.img_row[path], []).append(sf.cap_row[caption])
     ft = sf.text_feats.double()
-    enc = tok(sf.captions, padding="longest", truncation=True, max_length=cfg.tokenizer.max_length, return_tensors="pt")
-    length = enc["attention_mask"].sum(1)
+    length = caption_lengths(tok, sf.captions, cfg.tokenizer.max_length)
     ccfg = cfg.loss.contrastive
 
     def set_max(ii, cc, neg):

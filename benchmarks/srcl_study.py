@@ -202,12 +202,35 @@ def run_spec(name: str, world: Path, out_dir: Path, seed: int, steps: int, threa
             "out_dir": str(out_dir), "demo_config_sha256": demo}
 
 
+def final_diagnostics(ckpt: str, world: str, run_cfg) -> dict:
+    """The SRCL diagnostics of a run's last checkpoint on ``world``'s test split, with the weights its
+    last steps trained with: its own similarity mixed with its helper's at the schedule's final alpha
+    (``loss.contrastive.alpha_at(1.0)``; 0, the helper left out, for the default linear decay)."""
+    from tasks.srcl_diagnostics import diagnose_checkpoint
+
+    c = run_cfg.loss.contrastive
+    alpha = c.alpha_at(1.0)
+    helper = c.helper_checkpoint if alpha > 0 else None
+    return diagnose_checkpoint(ckpt, world, "test", batch_size=64, progress=False, helper=helper,
+                               alpha=alpha if helper else None)
+
+
+def method_overrides(method: str, variants: dict[str, dict], prob_key: str, base_ckpt: str,
+                     from_scratch: bool) -> dict:
+    """The config overrides of ``method``'s runs on the world ``prob_key`` (e.g. ``"0.50"``): the run
+    settings, the built-in method's and then its ``--variant``'s; ``@base`` stands for the base
+    checkpoint, and ``{prob}`` in a value for the world (one helper per world, say)."""
+    over = {**METHODS.get(method, {}), **variants.get(method, {})}
+    over = {k: base_ckpt if v == "@base" else (v.replace("{prob}", prob_key) if isinstance(v, str) else v)
+            for k, v in over.items()}
+    return {**(SCRATCH_OVERRIDES if from_scratch else RUN_OVERRIDES), **over}
+
+
 def worker(spec: dict, keep_checkpoint: bool) -> dict:
     """Train one run (in this process) and evaluate it; writes and returns ``result.json``."""
     import torch
     from engine.config import load_config
     from tasks.pretrain import PretrainConfig, run
-    from tasks.srcl_diagnostics import diagnose_checkpoint
     from tasks.zero_shot import load_vlp_checkpoint, zero_shot_retrieval
 
     out = Path(spec["out_dir"])
@@ -228,7 +251,7 @@ def worker(spec: dict, keep_checkpoint: bool) -> dict:
         res["eval"][label] = zero_shot_retrieval(model, tok, root, "test", transform_cfg=ccfg.data.transform,
                                                  progress=False)
     own = spec["evals"]["own"]
-    res["final_diagnostics"] = diagnose_checkpoint(str(ckpt), own, "test", batch_size=64, progress=False)
+    res["final_diagnostics"] = final_diagnostics(str(ckpt), own, ccfg)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     res["curves"] = {k: [(r["step"], r[k]) for r in log if k in r and r[k] is not None] for k in CURVE_KEYS}
     res["curves"] = {k: v for k, v in res["curves"].items() if v}
@@ -602,7 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partial_caption_prob values of the worlds (default 0.0 0.5 1.0)")
     p.add_argument("--methods", nargs="+", default=None, help=f"of {sorted(METHODS)} (default: all)")
     p.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME:key=value,...",
-                   help="an extra method given by config overrides; @base = the base checkpoint")
+                   help="an extra method given by config overrides; @base = the base checkpoint, {prob} in a "
+                        "value = the world's partial-caption probability (0.50)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per study run (default 300)")
     p.add_argument("--base-steps", type=int, default=None, help="steps of the base InfoNCE run (default 1200)")
     p.add_argument("--from-scratch", action="store_true", help="study runs start from random weights, not the base")
@@ -688,11 +712,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for p in probs:
         pk = _fmt_prob(p)
         for m in methods:
-            over = dict(METHODS.get(m) or variants[m])
-            if m in variants and m in METHODS:
-                over = {**METHODS[m], **variants[m]}
-            over = {k: (base_ckpt if v == "@base" else v) for k, v in over.items()}
-            over = {**(SCRATCH_OVERRIDES if args.from_scratch else RUN_OVERRIDES), **over}
+            over = method_overrides(m, variants, pk, base_ckpt, args.from_scratch)
             if args.from_scratch:
                 over["tokenizer.path"] = str(tok_dir)
             for s in seeds:

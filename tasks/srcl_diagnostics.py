@@ -52,7 +52,7 @@ from objectives.pretrain import PretrainObjective, regulation_evidence
 from tasks.srcl_measures import batch_diagnostics
 from tasks.zero_shot import itc_features, load_vlp_checkpoint
 
-__all__ = ["SplitFeatures", "diagnose_checkpoint", "main", "pair_batches", "split_features", "study_runs"]
+__all__ = ["SplitFeatures", "caption_lengths", "diagnose_checkpoint", "main", "pair_batches", "split_features", "study_runs"]
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -99,6 +99,12 @@ def split_features(model, tokenizer, cfg, data_root: str, split: str, batch_size
                           progress=progress, transform_cfg=d.transform)[:2]
     return SplitFeatures(world, pairs, images, captions, {p: i for i, p in enumerate(images)},
                          {c: i for i, c in enumerate(captions)}, fi, ft)
+
+
+def caption_lengths(tokenizer, captions: list[str], max_length: int) -> Tensor:
+    """Each caption's length in tokens, as the objective counts them (``loss.contrastive.length_weight``)."""
+    enc = tokenizer(captions, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["attention_mask"].sum(1)
 
 
 def pair_batches(world, pairs: list[tuple[str, str]], img_row: dict[str, int], cap_row: dict[str, int],
@@ -190,18 +196,15 @@ def diagnose_checkpoint(checkpoint_path: str, data_root: str, split: str = "test
         raise ValueError(f"batch_size must be >= 2, got {batch_size}")
     sf = split_features(model, tokenizer, cfg, data_root, split, batch_size, source == "momentum", seed, progress)
     world, pairs, captions, img_row, cap_row = sf.world, sf.pairs, sf.captions, sf.img_row, sf.cap_row
-    full_paths = [os.path.join(data_root, p) for p in sf.images]
     feats = (sf.image_feats, sf.text_feats)
-    lengths = None  # the captions' lengths in tokens, as the objective counts them (loss.contrastive.length_weight)
-    if ccfg.length_weight != 0.0:  # also for an InfoNCE run (kind infonce reads no lengths in training)
-        enc = tokenizer(captions, padding="longest", truncation=True, max_length=cfg.tokenizer.max_length,
-                        return_tensors="pt")
-        lengths = enc["attention_mask"].sum(1)
+    # also for an InfoNCE run (kind infonce reads no lengths in training)
+    lengths = caption_lengths(tokenizer, captions, cfg.tokenizer.max_length) if ccfg.length_weight != 0.0 else None
     h_feats = None
     if helper:
         h_model, h_tok, h_cfg = load_vlp_checkpoint(helper, device)
-        h_feats = itc_features(h_model, h_tok, full_paths, captions, h_cfg.model.vision.img_size, batch_size,
-                               h_cfg.tokenizer.max_length, progress=progress, transform_cfg=h_cfg.data.transform)
+        h_feats = itc_features(h_model, h_tok, [os.path.join(data_root, p) for p in sf.images], captions,
+                               h_cfg.model.vision.img_size, batch_size, h_cfg.tokenizer.max_length, progress=progress,
+                               transform_cfg=h_cfg.data.transform)
 
     # every batch's anchors become rows of one (anchors, batch_size) block (the last batch padded
     # with non-negatives), so that the per-anchor quantities stay per anchor and all are pooled

@@ -75,3 +75,41 @@ def test_reference_must_be_a_studied_method(tmp_path, monkeypatch, capsys):
     assert study.main(args) == 2
     assert "--reference srcl_d8 is not one of the study's methods" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()  # refused before anything was made
+
+
+def test_final_diagnostics_judge_with_the_helper_the_last_steps_used(monkeypatch, tmp_path):
+    """A run whose helper keeps a weight at the end (constant alpha 1) is diagnosed with that helper
+    and alpha; the default linear decay ends at alpha 0, so its diagnostics leave the helper out."""
+    import tasks.srcl_diagnostics as D
+    from engine.config import load_config
+    from tasks.pretrain import PretrainConfig
+    study = load_benchmark("srcl_study")
+    calls = []
+    monkeypatch.setattr(D, "diagnose_checkpoint", lambda *a, **k: calls.append((a, k)) or {})
+    helper = str(tmp_path / "helper.pth")
+    base = ["loss.contrastive.kind=srcl", f"loss.contrastive.helper_checkpoint={helper}"]
+    for extra, want in (([], (None, None)),
+                        (["loss.contrastive.alpha_schedule=constant", "loss.contrastive.alpha_start=1"], (helper, 1.0)),
+                        (["loss.contrastive.alpha_end=0.25"], (helper, 0.25))):
+        cfg = load_config(PretrainConfig, study.DEMO_CONFIG, base + extra)
+        study.final_diagnostics("run.pth", "world", cfg)
+        args, kw = calls[-1]
+        assert args[:3] == ("run.pth", "world", "test") and (kw["helper"], kw["alpha"]) == want
+
+
+def test_variant_values_name_the_world_and_the_base():
+    """``{prob}`` in a variant's value becomes each world's probability (one helper per world);
+    ``@base`` the base checkpoint; the variant's keys win over the built-in method's and the run settings."""
+    study = load_benchmark("srcl_study")
+    variants = {"srcl_hl": {"loss.contrastive.kind": "srcl",
+                            "loss.contrastive.helper_checkpoint": "w/runs/p{prob}_h_s0/checkpoint_last.pth"},
+                "srcl_helper": {"loss.contrastive.delta": "4"}, "srcl_lr": {"optim.lr": "1e-3"}}
+    for pk in ("0.50", "1.00"):
+        over = study.method_overrides("srcl_hl", variants, pk, "base.pth", False)
+        assert over["loss.contrastive.helper_checkpoint"] == f"w/runs/p{pk}_h_s0/checkpoint_last.pth"
+        assert over["optim.lr"] == study.RUN_OVERRIDES["optim.lr"]
+    helper = study.method_overrides("srcl_helper", variants, "0.50", "base.pth", False)
+    assert helper["loss.contrastive.helper_checkpoint"] == "base.pth" and helper["loss.contrastive.delta"] == "4"
+    assert study.method_overrides("srcl_lr", variants, "0.50", "base.pth", False)["optim.lr"] == "1e-3"
+    scratch = study.method_overrides("infonce", variants, "0.00", "base.pth", True)
+    assert scratch["optim.lr"] == study.SCRATCH_OVERRIDES["optim.lr"] and "schedule.warmup_steps" in scratch
