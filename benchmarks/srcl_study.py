@@ -202,17 +202,24 @@ def run_spec(name: str, world: Path, out_dir: Path, seed: int, steps: int, threa
             "out_dir": str(out_dir), "demo_config_sha256": demo}
 
 
-def final_diagnostics(ckpt: str, world: str, run_cfg) -> dict:
+def final_diagnostics(ckpt: str, world: str, run_cfg=None, batch_size: int = 64, **kwargs) -> dict:
     """The SRCL diagnostics of a run's last checkpoint on ``world``'s test split, with the weights its
     last steps trained with: its own similarity mixed with its helper's at the schedule's final alpha
-    (``loss.contrastive.alpha_at(1.0)``; 0, the helper left out, for the default linear decay)."""
+    (``loss.contrastive.alpha_at(1.0)``; 0, the helper left out, for the default linear decay).
+    ``run_cfg`` is the run's ``PretrainConfig`` (default: the one saved in ``ckpt``); ``kwargs`` go
+    to ``tasks.srcl_diagnostics.diagnose_checkpoint``."""
     from tasks.srcl_diagnostics import diagnose_checkpoint
 
+    if run_cfg is None:
+        from engine.checkpoint import load_checkpoint
+        from tasks.common import saved_run_config
+        from tasks.pretrain import PretrainConfig
+        run_cfg = saved_run_config(PretrainConfig, load_checkpoint(ckpt)["config"])
     c = run_cfg.loss.contrastive
     alpha = c.alpha_at(1.0)
     helper = c.helper_checkpoint if alpha > 0 else None
-    return diagnose_checkpoint(ckpt, world, "test", batch_size=64, progress=False, helper=helper,
-                               alpha=alpha if helper else None)
+    return diagnose_checkpoint(ckpt, world, "test", batch_size=batch_size, progress=False, helper=helper,
+                               alpha=alpha if helper else None, **kwargs)
 
 
 def method_overrides(method: str, variants: dict[str, dict], prob_key: str, base_ckpt: str,
@@ -583,10 +590,9 @@ def plot_heatmaps(ckpts: dict[str, str], world: str, path: Path, batch_size: int
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from tasks.srcl_diagnostics import diagnose_checkpoint
-
-    batches = {label: diagnose_checkpoint(ck, world, "test", batch_size=batch_size, seed=seed, progress=False,
-                                          keep_batch=True)["batch"] for label, ck in ckpts.items()}
+    # each run's weights as its last steps computed them (with its helper, if it kept one)
+    batches = {label: final_diagnostics(ck, world, batch_size=batch_size, seed=seed, keep_batch=True)["batch"]
+               for label, ck in ckpts.items()}
     first = next(iter(batches.values()))
     truth, neg = np.array(first["truth"], dtype=bool), np.array(first["neg"], dtype=bool)
     fn = truth & neg

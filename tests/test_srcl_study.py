@@ -79,9 +79,11 @@ def test_reference_must_be_a_studied_method(tmp_path, monkeypatch, capsys):
 
 def test_final_diagnostics_judge_with_the_helper_the_last_steps_used(monkeypatch, tmp_path):
     """A run whose helper keeps a weight at the end (constant alpha 1) is diagnosed with that helper
-    and alpha; the default linear decay ends at alpha 0, so its diagnostics leave the helper out."""
+    and alpha; the default linear decay ends at alpha 0, so its diagnostics leave the helper out.
+    The heat-map's runs are read the same way, from the config saved in their checkpoints."""
+    import engine.checkpoint as C
     import tasks.srcl_diagnostics as D
-    from engine.config import load_config
+    from engine.config import load_config, to_dict
     from tasks.pretrain import PretrainConfig
     study = load_benchmark("srcl_study")
     calls = []
@@ -95,6 +97,11 @@ def test_final_diagnostics_judge_with_the_helper_the_last_steps_used(monkeypatch
         study.final_diagnostics("run.pth", "world", cfg)
         args, kw = calls[-1]
         assert args[:3] == ("run.pth", "world", "test") and (kw["helper"], kw["alpha"]) == want
+        # without a config, the one saved in the checkpoint (as the heat-map reads its runs)
+        monkeypatch.setattr(C, "load_checkpoint", lambda path, c=cfg: {"config": to_dict(c)})
+        study.final_diagnostics("run.pth", "world", keep_batch=True)
+        args, kw = calls[-1]
+        assert (kw["helper"], kw["alpha"], kw["keep_batch"]) == (*want, True)
 
 
 def test_variant_values_name_the_world_and_the_base():
