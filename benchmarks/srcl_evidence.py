@@ -78,6 +78,11 @@ HELPER_SETTINGS = {
     "helper: cross - pair + 0.75 generality, standardised, length 0.5": {"pair_weight": 1.0, "generality_weight": 0.75,
                                                                          "standardise": True, "length_weight": 0.5},
 }
+# the ceilings of the helper's similarity (``--helpers``; its online features, as the helper rows)
+HELPER_CEILINGS = {
+    "helper ceiling: oracle prior + helper cross, standardised": (1.0, {"standardise": True}),
+    "helper ceiling: oracle prior + 2 x helper cross, standardised": (2.0, {"standardise": True}),
+}
 # name -> (factor of the checkpoint's evidence, its loss.contrastive settings) added to the intra-modal
 # evidence over all of the anchor image's captions (``caption_set_aucs``)
 CAPTION_SETS = {
@@ -88,14 +93,14 @@ CAPTION_SETS = {
 }
 
 
-def _checkpoint_split(ckpt: str, world_root: str, split: str, batch_size: int):
-    """The checkpoint's run config and momentum features of ``split`` (``SplitFeatures``), the
-    pairs in the diagnostics' order."""
+def _checkpoint_split(ckpt: str, world_root: str, split: str, batch_size: int, momentum: bool = True):
+    """The checkpoint's run config and momentum (or online) features of ``split``
+    (``SplitFeatures``), the pairs in the diagnostics' order."""
     from tasks.srcl_diagnostics import split_features
     from tasks.zero_shot import load_vlp_checkpoint
 
-    model, tok, cfg = load_vlp_checkpoint(ckpt, "cpu", objective=True)
-    return cfg, tok, split_features(model, tok, cfg, world_root, split, batch_size, momentum=True)
+    model, tok, cfg = load_vlp_checkpoint(ckpt, "cpu", objective=momentum)
+    return cfg, tok, split_features(model, tok, cfg, world_root, split, batch_size, momentum=momentum)
 
 
 def _pooled_weight_aucs(sf, batch_size: int, evidence_fns: dict) -> dict[str, dict]:
@@ -130,17 +135,19 @@ def _evidence(ccfg, reg: dict, neg, sf, ii, cc, sim, length=None):
     return regulation_evidence(dataclasses.replace(ccfg, **reg), neg, (fi, ft, fi, ft), (sim, sim.T), length)[0]
 
 
-def ceiling_aucs(ckpt: str, world_root: str, split: str = "test", batch_size: int = 64) -> dict[str, dict]:
-    """The weight AUC (delta 1) of each ``CEILINGS`` evidence on ``split``, in the batches of
-    ``tasks.srcl_diagnostics.diagnose_checkpoint`` (same pairs, order and anchors)."""
+def ceiling_aucs(ckpt: str, world_root: str, split: str = "test", batch_size: int = 64,
+                 ceilings: Optional[dict] = None, momentum: bool = True) -> dict[str, dict]:
+    """The weight AUC (delta 1) of each ``ceilings`` evidence (default ``CEILINGS``) on ``split``, in
+    the batches of ``tasks.srcl_diagnostics.diagnose_checkpoint`` (same pairs, order and anchors),
+    from the checkpoint's momentum features (online ones without ``momentum``, as a helper's)."""
     import torch
 
-    cfg, _, sf = _checkpoint_split(ckpt, world_root, split, batch_size)
+    cfg, _, sf = _checkpoint_split(ckpt, world_root, split, batch_size, momentum)
     share = torch.as_tensor(sf.world.truth_matrix(sf.captions, sf.images)).double().mean(1).clamp(1e-3, 1 - 1e-3)
     prior = (share / (1 - share)).log()
     fns = {name: (lambda ii, cc, neg, sim, f=factor, r=reg:
                   prior[cc][None, :] + f * _evidence(cfg.loss.contrastive, r, neg, sf, ii, cc, sim))
-           for name, (factor, reg) in CEILINGS.items()}
+           for name, (factor, reg) in (CEILINGS if ceilings is None else ceilings).items()}
     return _pooled_weight_aucs(sf, batch_size, fns)
 
 
@@ -204,14 +211,18 @@ def main(argv: Optional[list[str]] = None) -> int:
                          "weight_auc": d["weight_auc"], "w_false_neg": d["weight_w_false_neg"],
                          "w_true_neg": d["weight_w_true_neg"], "false_negative_rate": d["false_negative_rate"]})
             print(f"{run.name} {name}: AUC {d['weight_auc']:.3f}", flush=True)
-        for name, d in [*caption_set_aucs(ckpt, world).items(), *ceiling_aucs(ckpt, world).items()]:
-            kind = "truth" if name in CEILINGS else "all captions of the image"
+        found = [*caption_set_aucs(ckpt, world).items(), *ceiling_aucs(ckpt, world).items()]
+        if helper:
+            found += ceiling_aucs(helper, world, ceilings=HELPER_CEILINGS, momentum=False).items()
+        for name, d in found:
+            kind = "truth" if name in CEILINGS or name in HELPER_CEILINGS else "all captions of the image"
             rows.append({"run": run.name, "world": Path(world).name, "setting": name, "regulation": kind, **d})
             print(f"{run.name} {name}: AUC {d['weight_auc']:.3f}", flush=True)
     runs = [r.name for r in map(Path, args.runs)]
     lines = ["| regulating evidence (delta 1) | " + " | ".join(f"{r}: AUC / w FN / w TN" for r in runs) + " |",
              "|" + "---|" * (len(runs) + 1)]
-    for name in [*SETTINGS, *(HELPER_SETTINGS if args.helpers else ()), *CAPTION_SETS, *CEILINGS]:
+    for name in [*SETTINGS, *(HELPER_SETTINGS if args.helpers else ()), *CAPTION_SETS, *CEILINGS,
+                 *(HELPER_CEILINGS if args.helpers else ())]:
         cells = [next(f"{x['weight_auc']:.3f} / {x['w_false_neg']:.2f} / {x['w_true_neg']:.2f}"
                       for x in rows if x["run"] == r and x["setting"] == name) for r in runs]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")

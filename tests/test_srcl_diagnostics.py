@@ -448,6 +448,43 @@ def test_judge_checkpoint_scores_and_aucs(tiny_run, world):
     assert math.isclose(mean_auc(torch.tensor(sim).T, torch.tensor(truth).T, 0), sum(cols) / len(cols), abs_tol=1e-6)
 
 
+def _logit_shares(shapes, pairs):
+    """Each caption's share of the pairs' images it is true of, as a logit (clamped as the ceilings)."""
+    images = sorted({p for p, _ in pairs})
+    share = {}
+    for c in {c for _, c in pairs}:
+        n = sum(shapes.is_true(c, p) for p in images) / len(images)
+        n = min(max(n, 1e-3), 1 - 1e-3)
+        share[c] = math.log(n / (1 - n))
+    return share
+
+
+def _plain_weight_auc(shapes, pairs, batch_size, evidence, tie_rtol=1e-9):
+    """The diagnostics' weight AUC with plain loops: ``evidence(img, negs)`` gives an image anchor's
+    evidence for its negative captions; weights exp(-e) / row mean over the negatives; pooled
+    Mann-Whitney AUC over all batches' negatives, ties counted half. Returns (auc, slack, mean w of
+    the false negatives), the slack bounding what rounding can move among near-ties (weights within
+    ``tie_rtol`` of each other)."""
+    fn, tn = [], []
+    for lo in range(0, len(pairs) - 1, batch_size):
+        chunk = pairs[lo:lo + batch_size]
+        for img, _ in chunk:
+            negs = [c for other, c in chunk if other != img]
+            if not negs:
+                continue
+            e = evidence(img, negs)
+            mean = sum(math.exp(-v) for v in e) / len(e)
+            for c, v in zip(negs, e):
+                (fn if shapes.is_true(c, img) else tn).append(math.exp(-v) / mean)
+    assert fn and tn
+    close = lambda a, b: abs(a - b) <= tie_rtol * max(a, b)  # noqa: E731  (ties up to rounding)
+    auc = sum(0.5 if close(a, b) else float(a < b) for a in fn for b in tn) / (len(fn) * len(tn))
+    # equal evidence ties in exact arithmetic; rounding may order such a pair either way, moving
+    # the AUC by at most half a pair each
+    slack = 0.5 * sum(close(a, b) for a in fn for b in tn) / (len(fn) * len(tn))
+    return auc, slack, sum(fn) / len(fn)
+
+
 def test_evidence_ceiling_rows_against_a_plain_recomputation(tiny_run, world):
     """benchmarks/srcl_evidence.py's ceiling rows: the truth's logit share of images per caption as
     the evidence; the weight AUC re-computed with plain loops (weights exp(-e) / row mean over the
@@ -459,31 +496,52 @@ def test_evidence_ceiling_rows_against_a_plain_recomputation(tiny_run, world):
     _, _, cfg = load_vlp_checkpoint(ckpt)
     shapes = ShapesWorld.load(world)
     pairs = _pairs(shapes, "train", cfg.data.max_words, cfg.data.clean_style, 0)
-    images = sorted({p for p, _ in pairs})
-    share = {}
-    for c in {c for _, c in pairs}:
-        n = sum(shapes.is_true(c, p) for p in images) / len(images)
-        n = min(max(n, 1e-3), 1 - 1e-3)
-        share[c] = math.log(n / (1 - n))
-    fn, tn = [], []
-    for lo in range(0, len(pairs) - 1, 8):
-        chunk = pairs[lo:lo + 8]
-        for i, (img, _) in enumerate(chunk):
-            negs = [(j, c) for j, (other, c) in enumerate(chunk) if other != img]
-            if not negs:
-                continue
-            mean = sum(math.exp(-share[c]) for _, c in negs) / len(negs)
-            for _, c in negs:
-                (fn if shapes.is_true(c, img) else tn).append(math.exp(-share[c]) / mean)
-    assert fn and tn
-    close = lambda a, b: abs(a - b) <= 1e-9 * max(a, b)  # noqa: E731  (ties up to rounding)
-    auc = sum(0.5 if close(a, b) else float(a < b) for a in fn for b in tn) / (len(fn) * len(tn))
-    # captions of one share tie in exact arithmetic; rounding may order such a pair either way, moving
-    # the AUC by at most half a pair each
-    slack = 0.5 * sum(close(a, b) for a in fn for b in tn) / (len(fn) * len(tn))
+    share = _logit_shares(shapes, pairs)
+    auc, slack, w_fn = _plain_weight_auc(shapes, pairs, 8, lambda img, negs: [share[c] for c in negs])
     row = res["ceiling: the truth's share of images per caption (oracle prior)"]
     assert abs(row["weight_auc"] - auc) <= slack + 1e-9 and slack < 0.05
-    assert row["w_false_neg"] == pytest.approx(sum(fn) / len(fn), rel=1e-9)
+    assert row["w_false_neg"] == pytest.approx(w_fn, rel=1e-9)
+
+
+def test_evidence_helper_ceiling_against_a_plain_recomputation(tiny_run, world):
+    """The helper ceiling (``--helpers``): the truth's logit share plus the helper's standardised
+    cross similarity from its *online* features (as the helper rows judge), re-computed with plain
+    loops; it differs from the same ceiling on the momentum features."""
+    import os
+
+    from tasks.srcl_diagnostics import _pairs
+    from tasks.zero_shot import itc_features
+    from tests.pretrain_helpers import load_benchmark
+    bench = load_benchmark("srcl_evidence")
+    ckpt = str(tiny_run[0] / "checkpoint_last.pth")
+    res = bench.ceiling_aucs(ckpt, str(world), split="train", batch_size=8, ceilings=bench.HELPER_CEILINGS,
+                             momentum=False)
+    assert set(res) == set(bench.HELPER_CEILINGS)
+    model, tok, cfg = load_vlp_checkpoint(ckpt)
+    shapes = ShapesWorld.load(world)
+    pairs = _pairs(shapes, "train", cfg.data.max_words, cfg.data.clean_style, 0)
+    images, captions = sorted({p for p, _ in pairs}), sorted({c for _, c in pairs})
+    fi, ft = itc_features(model, tok, [os.path.join(world, p) for p in images], captions, cfg.model.vision.img_size,
+                          8, cfg.tokenizer.max_length, progress=False, transform_cfg=cfg.data.transform)
+    vi = {p: [float(x) for x in fi[i]] for i, p in enumerate(images)}
+    vt = {c: [float(x) for x in ft[i]] for i, c in enumerate(captions)}
+    share = _logit_shares(shapes, pairs)
+
+    def evidence(img, negs, factor):
+        e = [sum(x * y for x, y in zip(vi[img], vt[c])) for c in negs]
+        mean = sum(e) / len(e)
+        sd = math.sqrt(sum((x - mean) ** 2 for x in e) / len(e))
+        return [share[c] + factor * ((x - mean) / sd if sd > 0 else 0.0) for c, x in zip(negs, e)]
+
+    for name, (factor, _) in bench.HELPER_CEILINGS.items():
+        # the run's similarities are float32 products (these loops take float64 ones) and the tiny run's
+        # spread per anchor is small: weights within 1e-3 of each other may come out in either order
+        auc, slack, w_fn = _plain_weight_auc(shapes, pairs, 8, lambda img, negs, f=factor: evidence(img, negs, f),
+                                             tie_rtol=1e-3)
+        assert abs(res[name]["weight_auc"] - auc) <= slack + 1e-9 and slack < 0.01
+        assert res[name]["w_false_neg"] == pytest.approx(w_fn, rel=1e-4)  # (float32 products, as above)
+    momentum = bench.ceiling_aucs(ckpt, str(world), split="train", batch_size=8, ceilings=bench.HELPER_CEILINGS)
+    assert any(momentum[k]["w_false_neg"] != res[k]["w_false_neg"] for k in res)
 
 
 def test_evidence_caption_set_rows_against_a_plain_recomputation(tiny_run, world):
@@ -558,7 +616,8 @@ def test_evidence_helper_rows(tiny_run, world, tmp_path, monkeypatch, capsys):
         assert r["weight_auc"] == ref["weight_auc"] and r["w_false_neg"] == ref["weight_w_false_neg"]
     own = diagnose_checkpoint(str(ckpt), str(world), "test", 64, progress=False, regulation={"delta": 1.0})
     assert own["weight_w_false_neg"] != rows[0]["w_false_neg"]  # the helper (online features) judged, not the run
-    assert "| helper: cross |" in (tmp_path / "e_table.md").read_text()
+    table = (tmp_path / "e_table.md").read_text()
+    assert "| helper: cross |" in table and all(f"| {name} |" in table for name in bench.HELPER_CEILINGS)
 
 
 @pytest.mark.parametrize("script", ["srcl_judge", "srcl_evidence"])
