@@ -692,6 +692,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_json = Path(args.out or (work / "srcl_study.json" if quick else "benchmarks/results/srcl_study.json"))
     model_over = QUICK_MODEL if quick else {}
     reuse = not args.no_reuse
+    base_ckpt = str(work / "base" / "checkpoint_last.pth")
+    if not args.finished_only:  # a helper that is not there would fail its runs only after the base has trained
+        for p in probs:
+            for m in methods:
+                h = method_overrides(m, variants, _fmt_prob(p), base_ckpt, args.from_scratch).get(
+                    "loss.contrastive.helper_checkpoint")
+                if h and h != base_ckpt and not Path(h).is_file():
+                    print(f"error: method {m} on the world {_fmt_prob(p)}: loss.contrastive.helper_checkpoint {h} "
+                          "is not a file", file=sys.stderr)
+                    return 2
     t_start = time.time()
 
     from engine.config import load_config
@@ -711,7 +721,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     if base is None:
         print("[study] --finished-only: the base run has no result for these settings; the report has none",
               flush=True)
-    base_ckpt = str(base_dir / "checkpoint_last.pth")
 
     # stage 4: the grid
     specs = []

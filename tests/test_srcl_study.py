@@ -120,3 +120,18 @@ def test_variant_values_name_the_world_and_the_base():
     assert study.method_overrides("srcl_lr", variants, "0.50", "base.pth", False)["optim.lr"] == "1e-3"
     scratch = study.method_overrides("infonce", variants, "0.00", "base.pth", True)
     assert scratch["optim.lr"] == study.SCRATCH_OVERRIDES["optim.lr"] and "schedule.warmup_steps" in scratch
+
+
+def test_a_missing_helper_is_refused_before_anything_trains(tmp_path, monkeypatch, capsys):
+    """A ``--variant`` whose helper checkpoint (after ``{prob}``) is not a file is refused with one line
+    naming the method, the world and the path, before the worlds and the base are made."""
+    monkeypatch.chdir(ROOT)
+    study = load_benchmark("srcl_study")
+    (tmp_path / "p0.00_h.pth").write_bytes(b"")  # the clean world's helper exists, the p 1.0 one does not
+    args = ["--quick", "--work-dir", str(tmp_path / "work"), "--methods", "srcl_h",
+            "--variant", f"srcl_h:loss.contrastive.kind=srcl,loss.contrastive.helper_checkpoint={tmp_path}/p{{prob}}_h.pth"]
+    assert study.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: method srcl_h on the world 1.00: loss.contrastive.helper_checkpoint {tmp_path}/p1.00_h.pth "
+                   "is not a file"]
+    assert not (tmp_path / "work").exists()
